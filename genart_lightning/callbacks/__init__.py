@@ -1,0 +1,1 @@
+"""Callbacks shared by every family: sample grids, EMA-aware evaluation, throughput."""

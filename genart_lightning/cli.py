@@ -1,0 +1,66 @@
+"""`genart`: LightningCLI for fit/validate/test/predict, plus the project's own subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+LIGHTNING_SUBCOMMANDS = {
+    "fit": "train a family from a YAML config (LightningCLI; any key overridable: --model.init_args.lr=1e-4)",
+    "validate": "run validation of a config/checkpoint",
+    "test": "run the test loop of a config/checkpoint",
+    "predict": "run prediction of a config/checkpoint",
+}
+COMMAND_MODULES = ["shards", "sample"]
+"""Modules in genart_lightning.commands, each adding one subcommand."""
+
+
+def lightning_cli(args: list[str]) -> None:
+    """Run LightningCLI restricted to this project's model and data base classes."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from datamodules.webdataset import TextImageDataModule
+    from genart_lightning.models.base import GenerativeModel
+
+    LightningCLI(
+        GenerativeModel,
+        TextImageDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Top-level parser; Lightning subcommands are listed here but parsed by LightningCLI."""
+    parser = argparse.ArgumentParser(
+        prog="genart",
+        description="Train, sample and evaluate generative image models (GAN, VAE, diffusion) with PyTorch Lightning.",
+        epilog="`genart fit --help` shows every config key; `genart COMMAND --help` for the others.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, text in LIGHTNING_SUBCOMMANDS.items():
+        subparsers.add_parser(name, help=text, add_help=False)
+    for module in COMMAND_MODULES:
+        importlib.import_module(f"genart_lightning.commands.{module}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `genart` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
+        lightning_cli(argv)
+        return
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        raise SystemExit(0 if not argv else 2)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

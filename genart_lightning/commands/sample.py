@@ -1,0 +1,30 @@
+"""`genart sample`: a grid of samples from any family checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+from genart_lightning.callbacks.image_logging import save_grid
+from genart_lightning.checkpoints import load_model
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("sample", help="draw a grid of samples from a checkpoint", description=__doc__)
+    p.add_argument("--ckpt", required=True, help="checkpoint written by `genart fit` (.ckpt)")
+    p.add_argument("--num", type=int, default=16, help="number of images (default 16)")
+    p.add_argument("--prompt", action="append", help="caption for conditional families; repeat for several (cycled)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed: same seed, same grid")
+    p.add_argument("--out", default="grid.png", help="output PNG (default grid.png)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    model = load_model(args.ckpt, map_location=args.device).to(args.device)
+    captions = None
+    if args.prompt:
+        if not model.conditional:
+            raise SystemExit(f"error: {type(model).__name__} is unconditional; drop --prompt")
+        captions = [args.prompt[i % len(args.prompt)] for i in range(args.num)]
+    images = model.sample(args.num, captions=captions, seed=args.seed)
+    print(f"wrote {save_grid(images, args.out)} ({args.num} samples)")

@@ -1,0 +1,1 @@
+"""Generator families: each a LightningModule holding one objective and its step."""

@@ -1,0 +1,1 @@
+"""Network building blocks: plain nn.Modules with typed keyword arguments, no Lightning."""

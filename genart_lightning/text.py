@@ -1,0 +1,119 @@
+"""Frozen OpenCLIP text encoder: the one way conditional families read captions."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+from torch import Tensor, nn
+
+TINY_MODEL = "genart-tiny"
+"""A random-init OpenCLIP config that ships with the package: offline runs and tests."""
+
+open_clip.add_model_config(Path(__file__).parent / "openclip_configs")
+
+
+class WeightsNotFoundError(RuntimeError):
+    """Pretrained weights are neither cached nor at the given path."""
+
+
+@dataclass
+class TextEmbedding:
+    """Per-token states for cross-attention and one pooled vector per caption."""
+
+    tokens: Tensor  # [B, L, D] final-layer token states
+    pooled: Tensor  # [B, E] projected embedding (what CLIP compares with images)
+    mask: Tensor  # [B, L] True where a real token (incl. start/end) stands
+
+
+def create_openclip(
+    model_name: str = TINY_MODEL,
+    pretrained: str | None = None,
+    cache_dir: str | None = None,
+    seed: int = 0,
+) -> tuple[nn.Module, open_clip.tokenizer.SimpleTokenizer]:
+    """Build an OpenCLIP model and tokenizer; random init is seeded so it is the same in every process.
+
+    `pretrained` is an OpenCLIP tag (e.g. "laion2b_s32b_b79k", fetched into `cache_dir` or the
+    hub cache) or a path to a local checkpoint file; None means random init.
+    """
+    if pretrained and not Path(pretrained).is_file() and ("/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors"))):
+        raise WeightsNotFoundError(
+            f"OpenCLIP weights not found: {pretrained}; copy the file there, or pass an OpenCLIP tag "
+            f"(see open_clip.list_pretrained_tags_by_model('{model_name}'))"
+        )
+    if model_name not in open_clip.list_models():
+        raise ValueError(f"unknown OpenCLIP model {model_name!r}; choose one of open_clip.list_models() or {TINY_MODEL!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model = open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir)
+        except Exception as err:  # hub/network failures come in many types; give one clear line
+            if pretrained and not Path(pretrained).is_file():
+                where = cache_dir or os.environ.get("HF_HOME", "~/.cache/huggingface")
+                raise WeightsNotFoundError(
+                    f"OpenCLIP weights {model_name}/{pretrained} are not cached in {where} and cannot be downloaded "
+                    f"here ({type(err).__name__}); on a login node run: python -c \"import open_clip; "
+                    f"open_clip.create_model('{model_name}', pretrained='{pretrained}', cache_dir='{where}')\""
+                ) from err
+            raise
+    return model.eval(), open_clip.get_tokenizer(model_name)
+
+
+class FrozenTextEncoder(nn.Module):
+    """OpenCLIP text tower, frozen; its weights stay out of checkpoints and are rebuilt from the name.
+
+    Keeping them out is what makes a 350M-parameter encoder cost nothing per checkpoint; the tiny
+    config is seeded, so it rebuilds to the same weights.
+    """
+
+    def __init__(self, model_name: str = TINY_MODEL, pretrained: str | None = None, cache_dir: str | None = None) -> None:
+        super().__init__()
+        clip, self.tokenizer = create_openclip(model_name, pretrained, cache_dir)
+        clip.visual = None  # the image tower is not needed to read captions
+        self.clip = clip.requires_grad_(False)
+        self.context_length: int = clip.context_length
+        self.token_dim: int = clip.transformer.width
+        self.pooled_dim: int = clip.text_projection.shape[-1] if clip.text_projection is not None else self.token_dim
+        self.register_state_dict_post_hook(_drop_own_keys)
+        self.register_load_state_dict_post_hook(_ignore_own_missing_keys)
+
+    def train(self, mode: bool = True) -> FrozenTextEncoder:
+        """Stay in eval mode: the encoder is frozen, dropout must not act."""
+        return super().train(False)
+
+    def tokenize(self, captions: Sequence[str]) -> Tensor:
+        """Token ids [B, context_length]; longer captions are truncated (the end token is kept)."""
+        return self.tokenizer(list(captions), context_length=self.context_length)
+
+    @torch.no_grad()
+    def forward(self, captions: Sequence[str]) -> TextEmbedding:
+        """Encode captions; an empty caption is the unconditional input for guidance."""
+        device = self.clip.token_embedding.weight.device
+        ids = self.tokenize(captions).to(device)
+        clip = self.clip
+        x = clip.token_embedding(ids) + clip.positional_embedding
+        x = clip.transformer(x, attn_mask=clip.attn_mask)
+        x = clip.ln_final(x)
+        pooled = open_clip.transformer.text_global_pool(x, ids, clip.text_pool_type)
+        if isinstance(pooled, tuple):
+            pooled = pooled[0]
+        if clip.text_projection is not None:
+            pooled = clip.text_projection(pooled) if isinstance(clip.text_projection, nn.Linear) else pooled @ clip.text_projection
+        return TextEmbedding(tokens=x, pooled=pooled, mask=ids != 0)
+
+
+def _drop_own_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        del state_dict[key]
+
+
+def _ignore_own_missing_keys(module: nn.Module, incompatible_keys) -> None:
+    prefix_free = {name for name, _ in module.named_parameters()} | {name for name, _ in module.named_buffers()}
+    incompatible_keys.missing_keys[:] = [
+        k for k in incompatible_keys.missing_keys if not any(k.endswith(name) for name in prefix_free)
+    ]
