@@ -18,12 +18,11 @@ COMMAND_MODULES = ["shards", "sample"]
 
 def lightning_cli(args: list[str]) -> None:
     """Run LightningCLI restricted to this project's model and data base classes."""
-    from lightning.pytorch.cli import LightningCLI
-
     from datamodules.webdataset import TextImageDataModule
+    from genart_lightning.lightning_cli import GenartCLI
     from genart_lightning.models.base import GenerativeModel
 
-    LightningCLI(
+    GenartCLI(
         GenerativeModel,
         TextImageDataModule,
         subclass_mode_model=True,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import lightning as L
+import torch
 from torch import Tensor
 
 FAMILY_KEY = "genart_family"
@@ -21,5 +23,14 @@ class GenerativeModel(L.LightningModule):
         """Draw `n` images in [-1, 1], shape [n, C, H, W]; the same seed gives the same images."""
         raise NotImplementedError(f"{type(self).__name__} does not implement sample()")
 
+    def on_fit_start(self) -> None:
+        """Give every rank its own random stream: the same seed on all ranks would repeat noise and timesteps."""
+        torch.manual_seed(rank_seed(int(os.environ.get("PL_GLOBAL_SEED", "0")), self.global_rank))
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[FAMILY_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Seed of one rank derived from the run's global seed (distinct per rank, stable across restarts)."""
+    return (seed * 1_000_003 + rank * 7_919 + 1) % (2**63 - 1)
