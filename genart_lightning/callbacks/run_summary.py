@@ -1,0 +1,38 @@
+"""The final metrics of a completed fit in one JSON file: what sweep reports read, whatever the family or logger."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import lightning as L
+
+
+class RunSummary(L.Callback):
+    """At the end of a completed fit, write the last value of every logged metric to `path`.
+
+    `path` defaults to `<log_dir>/metrics.json`. The file is written only when fit returns normally
+    (an exception or a kill never reaches `on_fit_end`), so sweeps treat its presence as "finished".
+    """
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        path = Path(self.path) if self.path else Path(trainer.log_dir or trainer.default_root_dir) / "metrics.json"
+        if not trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        summary = {
+            "metrics": {k: v for k, v in metrics.items() if math.isfinite(v)},
+            "nonfinite": sorted(k for k, v in metrics.items() if not math.isfinite(v)),
+            "global_step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "seed": int(os.environ.get("PL_GLOBAL_SEED", "-1")),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        tmp.replace(path)  # atomic: a reader never sees half a file, and its presence means complete
