@@ -1,0 +1,170 @@
+"""Text-conditional U-Net for diffusion (ADM layout, Dhariwal & Nichol 2021, with LDM's cross-attention)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from genart_lightning.nn.attention import SpatialTransformer, group_norm
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
+    """Sinusoidal features [B, dim] of (possibly fractional) timesteps t [B]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 convs with the time(+text) embedding as a per-channel scale and shift in between."""
+
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.in_layers = nn.Sequential(group_norm(in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_channels))
+        self.out_norm = group_norm(out_channels)
+        self.out_layers = nn.Sequential(nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        nn.init.zeros_(self.out_layers[-1].weight)  # the block starts as its skip path
+        nn.init.zeros_(self.out_layers[-1].bias)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.in_layers(x)
+        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
+        h = self.out_norm(h) * (1 + scale) + shift
+        return self.skip(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 conv halving the resolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour doubling then a 3x3 conv (no checkerboard artefacts of transposed convs)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Layer(nn.ModuleList):
+    """A few blocks run in order, each given what it needs (embedding for ResBlocks, text for attention)."""
+
+    def forward(self, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
+        for block in self:
+            if isinstance(block, ResBlock):
+                h = block(h, emb)
+            elif isinstance(block, SpatialTransformer):
+                h = block(h, context, mask)
+            else:
+                h = block(h)
+        return h
+
+
+class UNet(nn.Module):
+    """Predicts eps / v / x0 from a noisy image, its timestep and (optionally) text tokens and a pooled text vector.
+
+    Level i of `channel_mult` runs at 1/2**i of the input resolution with base_channels * mult channels;
+    `attention_levels` lists the levels that get self-attention (+ cross-attention when `context_dim`
+    is set); the middle block always has it.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        base_channels: int = 64,
+        channel_mult: Sequence[int] = (1, 2, 2),
+        num_res_blocks: int = 2,
+        attention_levels: Sequence[int] = (1, 2),
+        head_channels: int = 32,
+        context_dim: int | None = None,
+        pooled_dim: int | None = None,
+        dropout: float = 0.0,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        bad = [lv for lv in attention_levels if not 0 <= lv < len(channel_mult)]
+        if bad:
+            raise ValueError(f"attention_levels {bad} outside 0..{len(channel_mult) - 1} (one per channel_mult entry)")
+        self.gradient_checkpointing = gradient_checkpointing
+        self.num_levels = len(channel_mult)
+        emb_dim = 4 * base_channels
+        self.time_embed = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.pooled_embed = nn.Linear(pooled_dim, emb_dim) if pooled_dim else None
+
+        def attn(ch: int) -> SpatialTransformer:
+            return SpatialTransformer(ch, context_dim, head_channels)
+
+        ch = base_channels
+        self.input_conv = nn.Conv2d(in_channels, ch, 3, padding=1)
+        skips, self.down = [ch], nn.ModuleList()
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                blocks = [ResBlock(ch, base_channels * mult, emb_dim, dropout)]
+                ch = base_channels * mult
+                blocks += [attn(ch)] if level in attention_levels else []
+                self.down.append(Layer(blocks))
+                skips.append(ch)
+            if level < self.num_levels - 1:
+                self.down.append(Layer([Downsample(ch)]))
+                skips.append(ch)
+        self.middle = Layer([ResBlock(ch, ch, emb_dim, dropout), attn(ch), ResBlock(ch, ch, emb_dim, dropout)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                blocks = [ResBlock(ch + skips.pop(), base_channels * mult, emb_dim, dropout)]
+                ch = base_channels * mult
+                blocks += [attn(ch)] if level in attention_levels else []
+                blocks += [Upsample(ch)] if level > 0 and i == num_res_blocks else []
+                self.up.append(Layer(blocks))
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, out_channels or in_channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+        self.base_channels = base_channels
+
+    def _run(self, layer: Layer, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # recompute activations in backward: memory ~ one layer instead of the whole net
+            return checkpoint(layer, h, emb, context, mask, use_reentrant=False)
+        return layer(h, emb, context, mask)
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        pooled: Tensor | None = None,
+    ) -> Tensor:
+        """x [B, C, H, W] (H, W divisible by 2**(levels-1)), t [B]; context [B, L, D], mask [B, L], pooled [B, E]."""
+        if x.shape[-1] % 2 ** (self.num_levels - 1) or x.shape[-2] % 2 ** (self.num_levels - 1):
+            raise ValueError(f"U-Net input {tuple(x.shape[-2:])} must be divisible by {2 ** (self.num_levels - 1)}")
+        emb = self.time_embed(timestep_embedding(t, self.base_channels).to(x.dtype))
+        if self.pooled_embed is not None and pooled is not None:
+            emb = emb + self.pooled_embed(pooled.to(emb.dtype))
+        h = self.input_conv(x)
+        hs = [h]
+        for layer in self.down:
+            h = self._run(layer, h, emb, context, context_mask)
+            hs.append(h)
+        h = self._run(self.middle, h, emb, context, context_mask)
+        for layer in self.up:
+            h = self._run(layer, torch.cat([h, hs.pop()], dim=1), emb, context, context_mask)
+        return self.out(h)
