@@ -201,7 +201,7 @@ def settings(spec: SweepSpec) -> list[dict[str, Any]]:
     return [{**point, **draw} for point in grid_points for draw in draws]
 
 
-def _short_keys(keys: list[str]) -> dict[str, str]:
+def short_keys(keys: list[str]) -> dict[str, str]:
     """Shortest dotted suffix of each key that still tells the keys apart (`model.init_args.lr` -> `lr`)."""
     short = {}
     for key in keys:
@@ -214,7 +214,8 @@ def _short_keys(keys: list[str]) -> dict[str, str]:
     return short
 
 
-def _format(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A config value as a short, filename-safe string (floats to 4 significant digits)."""
     if isinstance(value, bool):
         text = str(value).lower()
     elif isinstance(value, float):
@@ -232,11 +233,11 @@ def _digest(value: Any) -> str:
 
 def expand(spec: SweepSpec) -> list[Run]:
     """All runs of a sweep, in a stable order (settings x seeds) with stable, readable names."""
-    short = _short_keys(spec.swept_keys + ["seed"])
+    short = short_keys(spec.swept_keys + ["seed"])
     runs, seen = [], set()
     for values in settings(spec):
         for seed in spec.seeds:
-            name = ",".join(f"{short[k]}={_format(v)}" for k, v in [*values.items(), ("seed", seed)])
+            name = ",".join(f"{short[k]}={format_value(v)}" for k, v in [*values.items(), ("seed", seed)])
             if len(name) > 100 or name in seen:  # long or rounded-together values: keep names short and unique
                 name = f"{name[:80]},{_digest([values, seed])}"
             seen.add(name)
@@ -367,5 +368,7 @@ def launch_slurm(spec: SweepSpec, runs: list[Run], dry_run: bool = False, wait: 
     if dry_run:
         print(f"wrote {script}; submit with: {shlex.join(cmd)}")
         return script
-    subprocess.run(cmd, check=True)
+    code = subprocess.call(cmd)
+    if code != 0:
+        raise RuntimeError(f"`{shlex.join(cmd)}` exited with {code}; see {spec.out_dir / 'slurm-logs'}")
     return script
