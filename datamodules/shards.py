@@ -57,3 +57,52 @@ def brace_pattern(paths: list[str]) -> str:
     first, last = paths[0], paths[-1]
     head, tail = first[: -len("000000.tar")], ".tar"
     return f"{head}{{{first[len(head):-len(tail)]}..{last[len(head):-len(tail)]}}}{tail}"
+
+
+def expand_urls(urls: str | list[str]) -> list[str]:
+    """Shard URLs from a brace pattern, a '::'-separated string or a list of either."""
+    from webdataset.shardlists import expand_urls as wds_expand
+
+    items = [urls] if isinstance(urls, str) else list(urls)
+    return [u for item in items for u in wds_expand(item)]
+
+
+def is_local(url: str) -> bool:
+    """Whether a shard URL is a plain file path (so it can be checked and scanned without streaming)."""
+    return not url.startswith("pipe:") and "://" not in url
+
+
+def count_samples(url: str, require_caption: bool = True) -> int:
+    """Samples of a shard that have an image (and a caption); from sizes.json beside it when present, else a scan."""
+    if is_local(url):
+        sizes = Path(url).parent / SIZES_FILE
+        if sizes.exists() and require_caption:
+            known = json.loads(sizes.read_text()).get(Path(url).name)
+            if known is not None:
+                return int(known)
+    return _scan_count(url, require_caption)
+
+
+def _scan_count(url: str, require_caption: bool) -> int:
+    import tarfile
+
+    from webdataset.gopen import gopen
+    from webdataset.tariterators import base_plus_ext
+
+    from datamodules.stream import has_image_and_caption
+
+    keys: dict[str, dict] = {}
+    # Local tars are read by seeking from header to header; streams (pipe:, http) must be read through.
+    mode, source = ("r:*", url) if is_local(url) else ("r|*", gopen(url))
+    try:
+        with tarfile.open(source, mode) if mode == "r:*" else tarfile.open(fileobj=source, mode=mode) as tar:
+            for member in tar:
+                key, ext = base_plus_ext(member.name)
+                if member.isreg() and key is not None:
+                    keys.setdefault(key, {})[ext.lower()] = True
+    except (tarfile.TarError, OSError, EOFError):
+        pass  # a truncated tail: count what is readable; the loader reports the error when it gets there
+    finally:
+        if not isinstance(source, str):
+            source.close()
+    return sum(has_image_and_caption(v, require_caption) for v in keys.values())

@@ -1,0 +1,278 @@
+"""Worker side of the text-image loader: read shards, decode with explicit decoders only, batch, report errors.
+
+Nothing here ever unpickles: members other than images, .txt and .json are not even read, so a crafted
+KEY.pyd / KEY.pkl in a shard is inert (webdataset's default decoders would `pickle.loads` it).
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+from torchvision.transforms.v2 import functional as F
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+READ_EXTENSIONS = frozenset((*IMAGE_EXTENSIONS, "txt"))
+MAX_PASSES = 2
+"""Exact mode re-reads a worker's shards at most once more when unreadable samples leave its quota unmet."""
+
+
+class BadSample(Exception):
+    """A sample or shard that cannot be used; `reason` is the counter name, the message names shard and key."""
+
+    def __init__(self, reason: str, shard: str, key: str, detail: str):
+        super().__init__(f"{reason}: shard {shard}, key {key}: {detail}")
+        self.reason = reason
+
+
+@dataclass
+class Skipped:
+    """Per-worker counts of skipped samples by reason, and the last message (names shard and key)."""
+
+    counts: Counter = field(default_factory=Counter)
+    last: str = ""
+
+    def add(self, exn: BadSample) -> None:
+        self.counts[exn.reason] += 1
+        self.last = str(exn)
+
+    def state(self) -> tuple[dict, str]:
+        return dict(self.counts), self.last
+
+
+@dataclass(frozen=True)
+class Transform:
+    """Image options of the datamodule: resize shorter side, centre-crop to a square, random horizontal flip."""
+
+    image_size: int
+    resize: bool = True
+    center_crop: bool = True
+    random_flip: bool = False
+
+    def __call__(self, image: Image.Image, flip: bool) -> np.ndarray:
+        size = self.image_size
+        if self.resize:
+            image = F.resize(image, [size] if self.center_crop else [size, size], antialias=True)
+        if self.center_crop:
+            image = F.center_crop(image, [size, size])
+        if image.size != (size, size):
+            raise ValueError(f"image is {image.size[0]}x{image.size[1]}, expected {size}x{size}; enable resize")
+        if flip:
+            image = F.horizontal_flip(image)
+        return np.asarray(image, dtype=np.uint8)
+
+
+def read_shard(url: str) -> Iterator[dict]:
+    """Yield samples {"__key__", ext: bytes} of one tar, reading only image and caption members."""
+    stream = gopen(url)
+    try:
+        current: dict | None = None
+        for member in tar_file_iterator(stream, select_files=_wanted, handler=_reraise):
+            key, ext = base_plus_ext(member["fname"])
+            if current is not None and key != current["__key__"]:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key}
+            current[ext.lower()] = member["data"]
+        if current is not None:
+            yield current
+    finally:
+        stream.close()
+
+
+def _wanted(fname: str) -> bool:
+    _, ext = base_plus_ext(fname)
+    return ext is not None and ext.lower() in READ_EXTENSIONS
+
+
+def _reraise(exn: Exception) -> bool:
+    raise exn
+
+
+def has_image_and_caption(sample: dict, require_caption: bool) -> bool:
+    """Whether a raw sample can become a training example (before decoding)."""
+    return any(e in sample for e in IMAGE_EXTENSIONS) and (not require_caption or "txt" in sample)
+
+
+@dataclass
+class StreamConfig:
+    """Everything a worker needs to produce its part of one epoch; plain data so it pickles into workers."""
+
+    urls: list[str]
+    stage: str  # "train" or "val"
+    mode: str  # "exact" or "resampled"
+    batch_size: int
+    transform: Transform
+    rank: int
+    world_size: int
+    num_workers: int
+    seed: int
+    epoch: int
+    require_caption: bool
+    strict: bool
+    shuffle_buffer: int
+    slot_shards: list[list[int]] = field(default_factory=list)  # exact train: shard ids per slot
+    slot_quotas: list[int] = field(default_factory=list)  # train: batches per slot
+    resume: dict[int, tuple[int, int]] = field(default_factory=dict)  # slot -> (pops, batches) already consumed
+
+
+class ShardStream(IterableDataset):
+    """Yields this worker's batches; each batch carries `__slot__`/`__pops__`/`__index__`/`__skipped__` for the loader."""
+
+    def __init__(self, config: StreamConfig):
+        self.config = config
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        cfg = self.config
+        if workers != max(1, cfg.num_workers):
+            raise RuntimeError(f"stream planned for {cfg.num_workers} workers, running in {workers}")
+        slot = cfg.rank * workers + worker
+        skipped = Skipped()
+        pops, index = cfg.resume.get(slot, (0, 0))
+        quota = cfg.slot_quotas[slot] if cfg.stage == "train" else None
+        if quota is not None and index >= quota:
+            return
+        samples = self._raw_samples(slot, skipped)
+        for _ in range(pops):  # resume: replay the stream (no decoding) to the consumed position
+            next(samples)
+        batch: list[tuple[str, str, np.ndarray]] = []
+        for raw in samples:
+            pops += 1
+            try:
+                batch.append(self._decode(raw))
+            except BadSample as exn:
+                if cfg.strict:
+                    raise
+                skipped.add(exn)
+                continue
+            if len(batch) == cfg.batch_size:
+                yield _collate(batch, slot, pops, index, skipped)
+                batch, index = [], index + 1
+                if quota is not None and index >= quota:
+                    break
+        else:
+            if quota is not None:
+                raise RuntimeError(
+                    f"loader slot {slot} (rank {cfg.rank}, worker {worker}) made {index} of {quota} batches: too many"
+                    " unreadable samples in its shards; repair or remove them (genart shards info URLS lists them)"
+                )
+        if batch:  # validation keeps its last partial batch: every sample is seen once
+            yield _collate(batch, slot, pops, index, skipped)
+        yield {"__slot__": slot, "__skipped__": skipped.state()}
+
+    def _raw_samples(self, slot: int, skipped: Skipped) -> Iterator[dict]:
+        """Usable raw samples of this slot in epoch order (shuffled for training); deterministic for replay."""
+        cfg = self.config
+        if cfg.stage == "val":
+            slots = cfg.world_size * max(1, cfg.num_workers)
+            # Every slot reads all validation shards and keeps every `slots`-th usable sample: no padding, no repeats.
+            return (s for i, s in enumerate(self._read(range(len(cfg.urls)), skipped)) if i % slots == slot)
+        rng = random.Random(f"{cfg.seed}-{cfg.epoch}-{cfg.rank}-{slot}")
+        if cfg.mode == "resampled":
+            shards = (rng.randrange(len(cfg.urls)) for _ in iter(int, 1))
+            return _shuffled(self._read(shards, skipped), cfg.shuffle_buffer, rng)
+        # One shuffle buffer per pass: the buffer must not read ahead into a re-read pass.
+        return (
+            sample
+            for p in range(MAX_PASSES)
+            for sample in _shuffled(self._read(_pass_order(cfg.slot_shards[slot], p, rng, skipped), skipped),
+                                    cfg.shuffle_buffer, rng)
+        )
+
+    def _read(self, shard_ids, skipped: Skipped) -> Iterator[dict]:
+        cfg = self.config
+        for shard in shard_ids:
+            url = cfg.urls[shard]
+            key = "-"
+            try:
+                for sample in read_shard(url):
+                    key = sample["__key__"]
+                    if not any(e in sample for e in IMAGE_EXTENSIONS):
+                        self._bad("no image", url, key, "no .jpg/.jpeg/.png/.webp member", skipped)
+                    elif cfg.require_caption and "txt" not in sample:
+                        self._bad("no caption", url, key, "no .txt member", skipped)
+                    else:
+                        yield sample | {"__url__": url}
+            except BadSample:
+                raise
+            except Exception as exn:  # a truncated or unreadable tar ends that shard, not the epoch
+                self._bad("unreadable shard", url, f"after {key}", f"{type(exn).__name__}: {exn}", skipped)
+
+    def _bad(self, reason: str, url: str, key: str, detail: str, skipped: Skipped) -> None:
+        exn = BadSample(reason, url, key, detail)
+        if self.config.strict:
+            raise exn
+        skipped.add(exn)
+
+    def _decode(self, raw: dict) -> tuple[str, str, np.ndarray]:
+        """Explicit decoders: PIL for the image, UTF-8 for the caption; nothing else is looked at."""
+        cfg, key, url = self.config, raw["__key__"], raw["__url__"]
+        ext = next(e for e in IMAGE_EXTENSIONS if e in raw)
+        try:
+            caption = raw["txt"].decode("utf-8").strip() if "txt" in raw else ""
+        except UnicodeDecodeError as exn:
+            raise BadSample("bad caption", url, key, str(exn)) from None
+        try:
+            with Image.open(io.BytesIO(raw[ext])) as image:
+                if cfg.transform.resize:
+                    image.draft("RGB", (cfg.transform.image_size, cfg.transform.image_size))  # JPEG: decode small
+                flip = cfg.transform.random_flip and cfg.stage == "train" and _coin(cfg.seed, cfg.epoch, key)
+                return key, caption, cfg.transform(image.convert("RGB"), flip)
+        except Exception as exn:
+            raise BadSample("corrupt image", url, key, f"{type(exn).__name__}: {exn}") from None
+
+
+def _pass_order(shards: list[int], pass_index: int, rng: random.Random, skipped: Skipped) -> list[int]:
+    if pass_index > 0:  # only reached when unreadable samples left the quota unmet
+        skipped.counts["shards re-read to fill the epoch"] += 1
+    order = list(shards)
+    rng.shuffle(order)
+    return order
+
+
+def _coin(seed: int, epoch: int, key: str) -> bool:
+    """Flip decision from the sample key, so it does not depend on stream position (resume replays no decoding)."""
+    return zlib.crc32(f"{seed}-{epoch}-{key}".encode()) & 1 == 1
+
+
+def _shuffled(items: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    """Shuffle buffer whose output depends only on the input order and rng, so a replay reproduces it."""
+    if size <= 1:
+        yield from items
+        return
+    buffer: list[dict] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = rng.randrange(size)
+        yield buffer[i]
+        buffer[i] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _collate(batch: list[tuple[str, str, np.ndarray]], slot: int, pops: int, index: int, skipped: Skipped) -> dict:
+    images = torch.from_numpy(np.stack([b[2] for b in batch])).permute(0, 3, 1, 2)
+    return {
+        "image": images.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0),
+        "caption": [b[1] for b in batch],
+        "key": [b[0] for b in batch],
+        "__slot__": slot,
+        "__pops__": pops,
+        "__index__": index,
+        "__skipped__": skipped.state(),
+    }

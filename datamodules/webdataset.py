@@ -1,0 +1,172 @@
+"""TextImageDataModule: WebDataset text-image shards (img2dataset layout) for every family, correct under DDP.
+
+Batches are dicts: `image` float [B,3,H,W] in [-1,1], `caption` list[str], `key` list[str].
+
+Training, mode "exact": shards are dealt to (rank, worker) slots, so every sample is read at most once per epoch,
+and every rank gets the same number of full batches (a few samples per epoch are left out to make them equal; the
+count is logged). Mode "resampled": each worker draws shards with replacement from its own seeded stream and every
+rank makes `batches_per_epoch` batches. Validation reads every sample exactly once over all ranks, without padding,
+so ranks may get one batch more or less than each other: log validation metrics through torchmetrics (or
+`sync_dist=True` in epoch-level `self.log`), never with collective calls inside `validation_step`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import lightning as L
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
+
+from datamodules.loader import ShardLoader, pin_memory_default
+from datamodules.shards import count_samples, expand_urls, is_local
+from datamodules.stream import StreamConfig, Transform
+
+
+class TextImageDataModule(L.LightningDataModule):
+    """Text-image WebDataset shards -> batches of {image, caption, key} for training and validation."""
+
+    def __init__(
+        self,
+        train_urls: str | list[str] | None = None,
+        val_urls: str | list[str] | None = None,
+        batch_size: int = 64,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        image_size: int = 32,
+        resize: bool = True,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        mode: Literal["exact", "resampled"] = "exact",
+        batches_per_epoch: int | None = None,
+        shuffle_buffer: int = 1000,
+        require_caption: bool = True,
+        strict: bool = False,
+        seed: int = 0,
+        pin_memory: bool | None = None,
+    ):
+        """
+        Args:
+            train_urls: training shards: brace pattern (data/train-{000000..000099}.tar), list, or pipe:/http URLs.
+            val_urls: validation shards, read in order, each sample once over all ranks.
+            batch_size: per-rank training batch size.
+            val_batch_size: per-rank validation batch size (default: batch_size).
+            num_workers: loader worker processes per rank; exact mode needs shards >= ranks x workers.
+            image_size: output side in pixels (images are square).
+            resize: resize the shorter side to image_size (else images must already be that size).
+            center_crop: crop the centre square (else the resize stretches to a square).
+            random_flip: horizontal flip of half the training images (decided from key, seed and epoch).
+            mode: "exact" (each sample at most once per epoch) or "resampled" (shards drawn with replacement).
+            batches_per_epoch: resampled mode: batches per rank per epoch (default: one pass over the data).
+            shuffle_buffer: training samples shuffled in a buffer of this many per worker (1 = off).
+            require_caption: skip samples without KEY.txt (False: they get caption "").
+            strict: raise at the first unusable sample (naming shard and key) instead of skipping and counting.
+            seed: shard order, shuffling and flips; same seed, same epoch order.
+            pin_memory: pin batches for faster GPU copies (default: when CUDA is available).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if batch_size < 1 or num_workers < 0 or image_size < 1:
+            raise ValueError(
+                f"batch_size={batch_size}, num_workers={num_workers}, image_size={image_size}: need batch_size >= 1,"
+                " num_workers >= 0, image_size >= 1 (--data.batch_size / --data.num_workers / --data.image_size)"
+            )
+        self.train_loader: ShardLoader | None = None
+        self.val_loader: ShardLoader | None = None
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def _urls(self, name: str) -> list[str]:
+        urls = expand_urls(getattr(self.hparams, name))
+        if not urls:
+            raise ValueError(f"no shards in --data.{name}={getattr(self.hparams, name)!r}; give a path or brace pattern")
+        for url in urls:
+            if is_local(url) and not os.path.isfile(url):
+                raise FileNotFoundError(
+                    f"shard not found: {url} (from --data.{name}); check the path and brace pattern,"
+                    " or write shards with `genart shards`"
+                )
+        return urls
+
+    def _loader(self, name: str, stage: str, batch_size: int) -> ShardLoader:
+        hp = self.hparams
+        rank, world = self._rank_world()
+        urls = self._urls(name)
+        counts = [count_samples(u, hp.require_caption) for u in urls]
+        config = StreamConfig(
+            urls=urls,
+            stage=stage,
+            mode=hp.mode,
+            batch_size=batch_size,
+            transform=Transform(hp.image_size, hp.resize, hp.center_crop, hp.random_flip),
+            rank=rank,
+            world_size=world,
+            num_workers=hp.num_workers,
+            seed=hp.seed,
+            epoch=0,
+            require_caption=hp.require_caption,
+            strict=hp.strict,
+            shuffle_buffer=hp.shuffle_buffer if stage == "train" else 1,
+        )
+        pin = pin_memory_default() if hp.pin_memory is None else hp.pin_memory
+        per_epoch = hp.batches_per_epoch or max(1, sum(counts) // (batch_size * world))
+        loader = ShardLoader(config, counts, pin, per_epoch)
+        if stage == "train":
+            self._check_train_plan(loader, len(urls), sum(counts), world)
+        return loader
+
+    def _check_train_plan(self, loader: ShardLoader, num_shards: int, num_samples: int, world: int) -> None:
+        """Fail at setup, not as a DDP hang: every worker of every rank needs shards and at least one batch."""
+        hp, workers = self.hparams, loader.workers
+        if hp.mode == "exact" and num_shards < world * workers:
+            raise ValueError(
+                f"{num_shards} shards for {world} ranks x {workers} workers: need >= {world * workers} in exact mode;"
+                " write more, smaller shards (genart shards ... --shard-size N) or lower --data.num_workers"
+                " (or use --data.mode=resampled)"
+            )
+        plan = loader.plan()
+        if plan.batches_per_rank < 1:
+            raise ValueError(
+                f"{num_samples} training samples give no full batch of {hp.batch_size} per rank for {world} ranks x"
+                f" {workers} workers; lower --data.batch_size or --data.num_workers, or add data"
+            )
+        rank_zero_info(
+            f"train data ({hp.mode}): {num_shards} shards, {num_samples} samples, {world} ranks x {workers} workers,"
+            f" {plan.batches_per_rank} batches of {hp.batch_size} per rank per epoch"
+            + (f"; {plan.dropped} samples left out in epoch 0 so ranks stay equal" if hp.mode == "exact" else "")
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Count samples per shard and plan the loaders (on every rank, once its rank is known)."""
+        if stage in (None, "fit") and self.hparams.train_urls and self.train_loader is None:
+            self.train_loader = self._loader("train_urls", "train", self.hparams.batch_size)
+        if stage in (None, "fit", "validate", "test") and self.hparams.val_urls and self.val_loader is None:
+            self.val_loader = self._loader("val_urls", "val", self.hparams.val_batch_size or self.hparams.batch_size)
+
+    def train_dataloader(self) -> ShardLoader:
+        """Stateful training loader (mid-epoch resume restores its position)."""
+        if self.train_loader is None:
+            if not self.hparams.train_urls:
+                raise ValueError("no training data: set --data.train_urls (e.g. data/train-{000000..000009}.tar)")
+            self.setup("fit")
+        return self.train_loader
+
+    def val_dataloader(self) -> ShardLoader | list:
+        """Validation loader: each sample once over all ranks; empty when no val_urls."""
+        if self.val_loader is None and self.hparams.val_urls:
+            self.setup("validate")
+        return self.val_loader if self.val_loader is not None else []
+
+    def test_dataloader(self) -> ShardLoader | list:
+        """The validation shards (the shapes dataset has no separate test split)."""
+        return self.val_dataloader()
+
+    def state_dict(self) -> dict:
+        """Nothing beyond the loader's own state, which Lightning saves through the fit loop."""
+        return {}
