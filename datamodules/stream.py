@@ -75,8 +75,8 @@ class Transform:
 def read_shard(url: str) -> Iterator[dict]:
     """Yield samples {"__key__", ext: bytes} of one tar, reading only image and caption members."""
     stream = gopen(url)
+    current: dict | None = None
     try:
-        current: dict | None = None
         for member in tar_file_iterator(stream, select_files=_wanted, handler=_reraise):
             key, ext = base_plus_ext(member["fname"])
             if current is not None and key != current["__key__"]:
@@ -85,10 +85,15 @@ def read_shard(url: str) -> Iterator[dict]:
             if current is None:
                 current = {"__key__": key}
             current[ext.lower()] = member["data"]
-        if current is not None:
+    except Exception:
+        # A truncated tail: the sample read so far is whole if it has its image and caption (the cut came later).
+        if current is not None and has_image_and_caption(current, require_caption=True):
             yield current
+        raise
     finally:
         stream.close()
+    if current is not None:
+        yield current
 
 
 def _wanted(fname: str) -> bool:
