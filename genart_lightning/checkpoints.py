@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 
 import torch
@@ -22,14 +23,33 @@ def family_class(dotted: str) -> type[GenerativeModel]:
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> GenerativeModel:
-    """Load a Lightning checkpoint of any family (weights_only: nothing in it is executed) in eval mode."""
+    """Load any family from a `genart fit` .ckpt or a `genart export` .safetensors (nothing in either is executed)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}; pass a .ckpt written by `genart fit`")
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    if FAMILY_KEY not in checkpoint:
-        raise ValueError(f"{path} has no '{FAMILY_KEY}' entry: it was not written by a genart family")
-    cls = family_class(checkpoint[FAMILY_KEY])
-    model = cls(**checkpoint.get("hyper_parameters", {}))
-    model.load_state_dict(checkpoint["state_dict"])
+        raise FileNotFoundError(f"checkpoint not found: {path}; pass a .ckpt written by `genart fit` or a `genart export` file")
+    if path.suffix == ".safetensors":
+        family, hyper_parameters, state_dict = read_export(path, map_location)
+    else:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        if FAMILY_KEY not in checkpoint:
+            raise ValueError(f"{path} has no '{FAMILY_KEY}' entry: it was not written by a genart family")
+        family, hyper_parameters, state_dict = (
+            checkpoint[FAMILY_KEY], checkpoint.get("hyper_parameters", {}), checkpoint["state_dict"]
+        )
+    # LightningCLI adds `_class_path` / `_instantiator` for its own reloading; they are not init arguments.
+    model = family_class(family)(**{k: v for k, v in hyper_parameters.items() if not k.startswith("_")})
+    model.load_state_dict(state_dict)
     return model.eval()
+
+
+def read_export(path: Path, map_location: str | torch.device = "cpu") -> tuple[str, dict, dict[str, torch.Tensor]]:
+    """Family name, hyperparameters and weights of a `genart export` safetensors file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if FAMILY_KEY not in metadata or "hyper_parameters" not in metadata:
+        raise ValueError(f"{path} lacks genart metadata ({FAMILY_KEY}, hyper_parameters); write it with `genart export`")
+    device = str(map_location) if isinstance(map_location, torch.device) else map_location
+    return metadata[FAMILY_KEY], json.loads(metadata["hyper_parameters"]), load_file(str(path), device=device)

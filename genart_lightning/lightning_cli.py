@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from genart_lightning.callbacks.preemption import Preemption
+from genart_lightning.callbacks.rng_state import RankRNGState
 from genart_lightning.callbacks.run_summary import RunSummary
 from genart_lightning.callbacks.sample_grid import SampleGrid
 from genart_lightning.callbacks.throughput import Throughput
+from genart_lightning.checkpoint_io import AtomicCheckpointIO
+from genart_lightning.provenance import RunRecord
+from genart_lightning.resume import RESUME_MODES, apply_resume
 
 
 class GenartCLI(LightningCLI):
     """Adds `checkpoint` (ModelCheckpoint, keeps `last.ckpt`), `sample_grid`, `throughput`, `lr_monitor` and
-    `run_summary` (final metrics.json) config sections to every run."""
+    `run_summary` (final metrics.json) config sections to every run.
+
+    Cluster side: `preemption` (SIGUSR1 -> checkpoint, requeue), per-rank RNG state in checkpoints,
+    atomic checkpoint writes, provenance beside the checkpoints, and `--resume` (auto: a requeued SLURM
+    job continues from `<default_root_dir>/checkpoints` with the same logger runs).
+    """
+
+    def __init__(self, *args, save_config_callback: type[RunRecord] | None = RunRecord, **kwargs) -> None:
+        super().__init__(*args, save_config_callback=save_config_callback, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -23,9 +37,21 @@ class GenartCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(RunSummary, "run_summary")
+        parser.add_lightning_class_args(Preemption, "preemption")
+        parser.add_argument(
+            "--resume", choices=RESUME_MODES, default="auto",
+            help="fit: continue from the newest checkpoint in the run's checkpoint dir (auto: inside SLURM jobs only)",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit":
+            apply_resume(self.config.fit, self.config.fit.resume)
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         if not trainer.loggers:  # LearningRateMonitor refuses to start without a logger (--trainer.logger=false)
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]
+        trainer.callbacks.append(RankRNGState())
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # keep a CheckpointIO the config chose
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer

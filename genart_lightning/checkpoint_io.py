@@ -1,0 +1,60 @@
+"""Checkpoint writes that a kill, preemption or full disk cannot tear."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.fabric.utilities.types import _PATH
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write `<name>.tmp-<pid>` beside the target, fsync it, then `os.replace` it over the target.
+
+    Lightning's own transaction stages local files in the system temp dir and moves them afterwards,
+    which becomes a non-atomic copy when /tmp is another filesystem; a rename within one directory
+    never leaves a half-written checkpoint under the real name. Remote (fsspec) paths keep Lightning's
+    behaviour.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        """Save `checkpoint` to `path` so that readers see either the old file or the complete new one."""
+        if not isinstance(get_filesystem(path), LocalFileSystem):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options; drop them from save_checkpoint")
+        atomic_torch_save(checkpoint, Path(path))
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """`torch.save` through a temporary file in the same directory, fsynced, then renamed over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    # Temporaries of writers killed before their rename (SIGKILL skips the cleanup above).
+    for stale in path.parent.glob(f"{path.name}.tmp-*"):
+        stale.unlink(missing_ok=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist the rename itself: without it a power loss can forget the new directory entry."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

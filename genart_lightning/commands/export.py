@@ -1,0 +1,54 @@
+"""`genart export`: a training checkpoint -> safetensors weights with the family, hyperparameters and config as metadata."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from genart_lightning.models.base import FAMILY_KEY
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("export", help="convert a .ckpt to .safetensors (weights + config metadata)", description=__doc__)
+    p.add_argument("--ckpt", required=True, help="checkpoint written by `genart fit` (.ckpt)")
+    p.add_argument("--out", help="output file (default: the checkpoint's path with .safetensors)")
+    p.add_argument("--config", help="resolved config to embed (default: config.yaml beside the checkpoint, if any)")
+    p.set_defaults(func=run)
+
+
+def export_checkpoint(ckpt: Path, out: Path, config: Path | None = None) -> dict[str, str]:
+    """Write `ckpt`'s model state (EMA weights included) to `out` as safetensors; returns the metadata written."""
+    from safetensors.torch import save_file
+
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {ckpt} (from --ckpt); pass a .ckpt written by `genart fit`")
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    if FAMILY_KEY not in checkpoint:
+        raise ValueError(f"{ckpt} has no '{FAMILY_KEY}' entry: it was not written by a genart family")
+    if config is not None and not config.is_file():
+        raise FileNotFoundError(f"config not found: {config} (from --config); omit it to use config.yaml beside the checkpoint")
+    config = config or ckpt.parent / "config.yaml"
+    metadata = {
+        FAMILY_KEY: checkpoint[FAMILY_KEY],
+        "hyper_parameters": json.dumps(checkpoint.get("hyper_parameters", {})),
+        "global_step": str(checkpoint.get("global_step", "")),
+        "source": ckpt.name,
+    }
+    if config.is_file():
+        metadata["config"] = config.read_text()
+    # safetensors refuses tensors that share storage or are views; each gets its own contiguous copy.
+    tensors = {name: t.detach().contiguous().clone() for name, t in checkpoint["state_dict"].items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata=metadata)
+    return metadata
+
+
+def run(args: argparse.Namespace) -> None:
+    ckpt = Path(args.ckpt)
+    out = Path(args.out) if args.out else ckpt.with_suffix(".safetensors")
+    metadata = export_checkpoint(ckpt, out, Path(args.config) if args.config else None)
+    config_note = "with config" if "config" in metadata else "no config.yaml found beside it"
+    print(f"wrote {out} ({metadata[FAMILY_KEY]}, step {metadata['global_step']}, {config_note})")

@@ -1,0 +1,91 @@
+"""A restarted run (requeued SLURM job) picks up its newest checkpoint and its tracking run by itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import Namespace
+from lightning.fabric.plugins.environments import SLURMEnvironment
+
+from genart_lightning.callbacks.preemption import PREEMPTED_CKPT
+from genart_lightning.provenance import TRACKING_FILE
+
+RESUME_MODES = ("auto", "always", "never")
+"""auto: resume inside a SLURM job (a requeue restarts the same script); always: also outside SLURM; never."""
+
+# Logger class -> the init argument that names its run (so the resumed run writes to the same one).
+RUN_ID_ARGUMENT = {"TensorBoardLogger": "version", "CSVLogger": "version", "WandbLogger": "id"}
+
+
+def run_checkpoint_dir(fit_config: Namespace) -> Path:
+    """`--checkpoint.dirpath`, or `<trainer.default_root_dir>/checkpoints` (the run's fixed place to resume from)."""
+    if fit_config.checkpoint.dirpath:
+        return Path(fit_config.checkpoint.dirpath)
+    return Path(fit_config.trainer.default_root_dir or os.getcwd()) / "checkpoints"
+
+
+def newest_checkpoint(directory: Path) -> Path | None:
+    """The most recently written of `last*.ckpt` and `preempted.ckpt` (the run's latest training state)."""
+    if not directory.is_dir():
+        return None
+    candidates = [p for p in directory.glob("*.ckpt") if p.name == PREEMPTED_CKPT or p.name.startswith("last")]
+    return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def should_resume(mode: str) -> bool:
+    """Whether `--resume=mode` resumes in this process (auto: only inside a SLURM batch job, like Lightning's hpc)."""
+    if mode not in RESUME_MODES:
+        raise ValueError(f"--resume={mode!r}: choose one of {', '.join(RESUME_MODES)}")
+    return mode == "always" or (mode == "auto" and SLURMEnvironment.detect())
+
+
+def apply_resume(fit_config: Namespace, mode: str) -> Path | None:
+    """Fix the checkpoint dir; when resuming, set ckpt_path and pin the loggers to the checkpoint's runs."""
+    ckpt_dir = run_checkpoint_dir(fit_config)
+    fit_config.checkpoint.dirpath = str(ckpt_dir)
+    if fit_config.ckpt_path or not should_resume(mode):
+        return None
+    ckpt = newest_checkpoint(ckpt_dir)
+    if ckpt is None:
+        return None
+    fit_config.ckpt_path = str(ckpt)
+    tracking = ckpt_dir / TRACKING_FILE
+    if tracking.is_file():
+        fit_config.trainer.logger = pin_loggers(fit_config.trainer.logger, json.loads(tracking.read_text()), fit_config)
+    print(
+        f"[genart] resuming from {ckpt} (--resume={mode}); pass --resume=never or another "
+        "--trainer.default_root_dir to start afresh",
+        file=sys.stderr,
+        flush=True,
+    )
+    return ckpt
+
+
+def pin_loggers(logger: Any, saved: list[dict[str, str]], fit_config: Namespace) -> Any:
+    """Logger config with each logger's version / run id set to the one saved, unless the user set it."""
+    if logger is None or logger is True:
+        # Lightning's default logger is a TensorBoardLogger in default_root_dir: make it explicit to pin it.
+        if not any(s["class"] == "TensorBoardLogger" for s in saved):
+            return logger
+        root = fit_config.trainer.default_root_dir or os.getcwd()
+        logger = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger", init_args=Namespace(save_dir=root))
+    entries = logger if isinstance(logger, list) else [logger]
+    remaining = list(saved)
+    for entry in entries:
+        if not isinstance(entry, Namespace) or "class_path" not in entry:
+            continue
+        name = entry.class_path.rpartition(".")[2]
+        match = next((s for s in remaining if s["class"] == name), None)
+        key = RUN_ID_ARGUMENT.get(name)
+        if match is None or key is None:
+            continue
+        remaining.remove(match)
+        init_args = entry.get("init_args") or Namespace()
+        if init_args.get("version") is None and init_args.get("id") is None:
+            init_args[key] = match["version"]
+        entry.init_args = init_args
+    return logger
