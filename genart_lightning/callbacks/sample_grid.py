@@ -48,10 +48,11 @@ class SampleGrid(L.Callback):
         pl_module.eval()
         images = pl_module.sample(self.num_samples, captions=self._captions(pl_module), seed=self.seed)
         pl_module.train(was_training)
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask, not rank 0 alone
         if not trainer.is_global_zero:
             return None
         grid = images_to_grid(images)
-        path = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"step{step:08d}.png"
+        path = Path(log_dir or trainer.default_root_dir) / "samples" / f"step{step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, path)
         log_image(trainer, "samples", grid, step)
