@@ -91,12 +91,13 @@ def _numeric(values: list[Any]) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
-def plot(summary: list[dict[str, Any]], keys: list[str], x: str, metric: str, path: Path) -> Path:
+def plot(summary: list[dict[str, Any]], keys: list[str], x: str, metric: str, path: Path, title: str = "") -> Path:
     """Mean ± std of `metric` against swept key `x`; one line per combination of the other swept keys."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on cluster nodes
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     others = [k for k in keys if k != x]
     short = short_keys(keys)
@@ -113,12 +114,13 @@ def plot(summary: list[dict[str, Any]], keys: list[str], x: str, metric: str, pa
         mean = [e[metric][0] for e in entries]
         std = [e[metric][1] for e in entries]
         ax.errorbar(pos, mean, yerr=std, marker="o", capsize=3, label=label)
-    if numeric and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 20:
+    if numeric and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 10:
         ax.set_xscale("log")
-    if not numeric:
-        ax.set_xticks(range(len(xs_all)), [format_value(v) for v in xs_all])
+    ax.set_xticks(xs_all if numeric else range(len(xs_all)), [format_value(v) for v in xs_all])
+    ax.xaxis.set_minor_formatter(NullFormatter())  # only the swept values are labelled
     ax.set_xlabel(x)
     ax.set_ylabel(f"{metric} (mean ± std over seeds)")
+    ax.set_title(title, fontsize="medium")
     if len(lines) > 1:
         ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
@@ -138,6 +140,8 @@ def report(spec: SweepSpec, runs: list[Run], metric: str | None = None, x: str |
     if metric is not None and metric not in metrics and any(r["finished"] for r in rows):
         raise ValueError(f"metric {metric!r} was not logged by the runs of {spec.path}; logged: {metrics}")
     keys = spec.swept_keys
+    if metric in metrics:  # the metric the sweep is judged by comes first in the table
+        metrics = [metric] + [m for m in metrics if m != metric]
     summary = summarize(rows, keys, metrics)
     pending = sum(not r["finished"] for r in rows)
     (spec.out_dir / "report.md").write_text(markdown(summary, keys, metrics, pending))
@@ -146,5 +150,5 @@ def report(spec: SweepSpec, runs: list[Run], metric: str | None = None, x: str |
     if x is not None and x not in keys:
         raise ValueError(f"--x {x!r} is not a swept key of {spec.path}; choose one of {keys}")
     if x is not None and metric is not None and summary:
-        out["plot"] = plot(summary, keys, x, metric, spec.out_dir / "report.png")
+        out["plot"] = plot(summary, keys, x, metric, spec.out_dir / "report.png", title=f"sweep {spec.name}")
     return out

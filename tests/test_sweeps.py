@@ -1,0 +1,133 @@
+"""Sweeps: spec -> runs with stable names and resolved configs; local runs, SLURM job arrays, reports."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from tracking_helpers import genart, tiny_config
+
+from genart_lightning.sweeps import SpecError, expand, load_spec, load_yaml, write_configs
+
+
+def write_spec(tmp_path: Path, base_config: dict, **spec) -> Path:
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base_config))
+    spec = {"base": str(tmp_path / "base.yaml"), "out_dir": str(tmp_path / "runs"), **spec}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_expand_grid_random_seeds_into_stable_runs_and_resolved_configs(tmp_path: Path) -> None:
+    base = {"model": {"class_path": "x.M", "init_args": {"lr": 0.1, "beta": 2}}, "trainer": {"max_steps": 5}}
+    path = write_spec(
+        tmp_path, base,
+        fixed={"trainer.max_steps": 7},
+        grid={"model.init_args.lr": [1e-3, 3e-3], "data.init_args.batch_size": [4]},
+        random={"samples": 2, "seed": 3, "params": {"model.init_args.beta": {"loguniform": [0.01, 1.0]}}},
+        seeds=[0, 1],
+    )
+    spec = load_spec(path)
+    runs = expand(spec)
+    assert len(runs) == 2 * 1 * 2 * 2
+    assert [r.index for r in runs] == list(range(8))
+    assert len({r.name for r in runs}) == 8
+    assert runs[0].name.startswith("lr=0.001,batch_size=4,beta=") and runs[0].name.endswith(",seed=0")
+    assert [r.name for r in expand(load_spec(path))] == [r.name for r in runs]  # same spec, same names
+    betas = {r.values["model.init_args.beta"] for r in runs}
+    assert len(betas) == 2 and all(0.01 <= b <= 1.0 for b in betas)
+
+    write_configs(spec, runs)
+    config = load_yaml(runs[5].config_path)
+    assert config["model"]["init_args"]["lr"] == runs[5].values["model.init_args.lr"]
+    assert config["model"]["init_args"]["beta"] == runs[5].values["model.init_args.beta"]
+    assert config["model"]["class_path"] == "x.M"  # base keys survive the merge
+    assert config["data"]["init_args"]["batch_size"] == 4
+    assert config["trainer"]["max_steps"] == 7
+    assert config["seed_everything"] == runs[5].seed
+    assert Path(config["trainer"]["default_root_dir"]) == runs[5].dir
+    assert Path(config["run_summary"]["path"]) == runs[5].metrics_path
+    lines = (tmp_path / "runs" / "runs.txt").read_text().splitlines()
+    assert lines == [str(r.config_path) for r in runs]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"grid": {"trainer.max_steps": []}}, "grid key 'trainer.max_steps' needs a non-empty list"),
+        ({"seeds": "0"}, "'seeds' must be a non-empty list of integers"),
+        ({"random": {"samples": 2, "params": {"a.b": {"normal": [0, 1]}}}}, "random key 'a.b'"),
+        ({"gird": {}}, "unknown key(s) ['gird']"),
+        ({"base": "missing.yaml"}, "base config not found: missing.yaml"),
+    ],
+)
+def test_bad_specs_fail_with_one_clear_line(tmp_path: Path, spec: dict, message: str) -> None:
+    with pytest.raises(SpecError) as err:
+        load_spec(write_spec(tmp_path, {"trainer": {}}, **spec))
+    assert message in str(err.value) and str(tmp_path / "spec.yaml") in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_slurm_dry_run_writes_array_whose_task_i_runs_config_i(tmp_path: Path) -> None:
+    path = write_spec(tmp_path, {"trainer": {}}, grid={"model.init_args.lr": [1e-3, 2e-3, 4e-3]}, seeds=[0],
+                      slurm={"partition": "debug", "time": "00:10:00"})
+    (tmp_path / "runs" / "lr=0.002,seed=0").mkdir(parents=True)
+    (tmp_path / "runs" / "lr=0.002,seed=0" / "metrics.json").write_text("{}")  # finished: no task for it
+    out = genart("sweep", str(path), "--launcher", "slurm", "--dry-run", cwd=tmp_path)
+    assert "2 of 3 runs pending" in out.stdout
+    runs = expand(load_spec(path))
+    script = (tmp_path / "runs" / "sweep.sbatch").read_text()
+    assert "#SBATCH --array=0,2\n" in script and "#SBATCH --partition=debug\n" in script
+    assert "#SBATCH --time=00:10:00\n" in script and "#SBATCH --job-name=sweep-spec\n" in script
+    # Execute the script as SLURM would for each task, with an `srun` that records its command line.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/sh\necho "$@" > "$SRUN_OUT"\n')
+    (bin_dir / "srun").chmod(stat.S_IRWXU)
+    for task in (0, 2):
+        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": str(task),
+               "SRUN_OUT": str(tmp_path / f"srun{task}")}
+        subprocess.run(["bash", str(tmp_path / "runs" / "sweep.sbatch")], env=env, check=True, cwd=tmp_path)
+        assert (tmp_path / f"srun{task}").read_text().split()[-4:] == ["fit", "--config", str(runs[task].config_path)]
+
+
+@pytest.mark.slow
+def test_local_sweep_2x2_report_and_rerun_launches_nothing(tmp_path: Path, shapes_shards_16px: dict) -> None:
+    path = write_spec(tmp_path, tiny_config(shapes_shards_16px), grid={"model.init_args.lr": [1e-3, 3e-3]},
+                      seeds=[1, 2], metric="train/loss")
+    first = genart("sweep", str(path), cwd=tmp_path)
+    assert first.stdout.count(": running") == 4, first.stdout
+    report = genart("sweep", "report", str(path), cwd=tmp_path)
+    with open(tmp_path / "runs" / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and all(float(r["train/loss"]) > 0 for r in rows)
+    assert {(r["model.init_args.lr"], r["seed"]) for r in rows} == {(a, b) for a in ("0.001", "0.003") for b in "12"}
+    table = (tmp_path / "runs" / "report.md").read_text().splitlines()
+    assert table[0].startswith("| lr | runs |") and len(table) == 4  # header, rule, one row per lr
+    assert all(line.split(" | ")[1] == "2" for line in table[2:])  # two seeds per setting
+    assert (tmp_path / "runs" / "report.png").stat().st_size > 1000 and "report.png" in report.stdout
+    losses = {r["run"]: r["train/loss"] for r in rows}
+    assert len(set(losses.values())) == 4  # the settings and seeds really differ
+
+    second = genart("sweep", str(path), cwd=tmp_path)
+    assert "running" not in second.stdout and second.stdout.count("finished, skipped") == 4
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_slurm_array_runs_every_config(tmp_path: Path, shapes_shards_16px: dict) -> None:
+    if shutil.which("sinfo") is None or subprocess.run(["sinfo"], capture_output=True).returncode != 0:
+        pytest.skip("no SLURM cluster here (start one with slurm/local-cluster.sh up)")
+    path = write_spec(tmp_path, tiny_config(shapes_shards_16px), seeds=[1, 2], slurm={"time": "00:05:00"})
+    genart("sweep", str(path), "--launcher", "slurm", "--wait", cwd=tmp_path, timeout=600)
+    runs = expand(load_spec(path))
+    assert all(r.finished for r in runs), list((tmp_path / "runs" / "slurm-logs").iterdir())
+    logs = sorted((tmp_path / "runs" / "slurm-logs").glob("*.out"))
+    assert len(logs) == 2 and all("array task" in log.read_text() for log in logs)
+    assert "all 2 runs finished" in genart("sweep", str(path), "--launcher", "slurm", cwd=tmp_path).stdout
