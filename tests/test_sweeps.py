@@ -80,7 +80,7 @@ def test_slurm_dry_run_writes_array_whose_task_i_runs_config_i(tmp_path: Path) -
     (tmp_path / "runs" / "lr=0.002,seed=0").mkdir(parents=True)
     (tmp_path / "runs" / "lr=0.002,seed=0" / "metrics.json").write_text("{}")  # finished: no task for it
     out = genart("sweep", str(path), "--launcher", "slurm", "--dry-run", cwd=tmp_path)
-    assert "2 of 3 runs pending" in out.stdout
+    assert "2 of 3 runs pending" in out
     runs = expand(load_spec(path))
     script = (tmp_path / "runs" / "sweep.sbatch").read_text()
     assert "#SBATCH --array=0,2\n" in script and "#SBATCH --partition=debug\n" in script
@@ -102,7 +102,7 @@ def test_local_sweep_2x2_report_and_rerun_launches_nothing(tmp_path: Path, shape
     path = write_spec(tmp_path, tiny_config(shapes_shards_16px), grid={"model.init_args.lr": [1e-3, 3e-3]},
                       seeds=[1, 2], metric="train/loss")
     first = genart("sweep", str(path), cwd=tmp_path)
-    assert first.stdout.count(": running") == 4, first.stdout
+    assert first.count(": running") == 4, first
     report = genart("sweep", "report", str(path), cwd=tmp_path)
     with open(tmp_path / "runs" / "report.csv") as f:
         rows = list(csv.DictReader(f))
@@ -111,12 +111,12 @@ def test_local_sweep_2x2_report_and_rerun_launches_nothing(tmp_path: Path, shape
     table = (tmp_path / "runs" / "report.md").read_text().splitlines()
     assert table[0].startswith("| lr | runs |") and len(table) == 4  # header, rule, one row per lr
     assert all(line.split(" | ")[1] == "2" for line in table[2:])  # two seeds per setting
-    assert (tmp_path / "runs" / "report.png").stat().st_size > 1000 and "report.png" in report.stdout
+    assert (tmp_path / "runs" / "report.png").stat().st_size > 1000 and "report.png" in report
     losses = {r["run"]: r["train/loss"] for r in rows}
     assert len(set(losses.values())) == 4  # the settings and seeds really differ
 
     second = genart("sweep", str(path), cwd=tmp_path)
-    assert "running" not in second.stdout and second.stdout.count("finished, skipped") == 4
+    assert "running" not in second and second.count("finished, skipped") == 4
 
 
 @pytest.mark.slow
@@ -130,4 +130,4 @@ def test_slurm_array_runs_every_config(tmp_path: Path, shapes_shards_16px: dict)
     assert all(r.finished for r in runs), list((tmp_path / "runs" / "slurm-logs").iterdir())
     logs = sorted((tmp_path / "runs" / "slurm-logs").glob("*.out"))
     assert len(logs) == 2 and all("array task" in log.read_text() for log in logs)
-    assert "all 2 runs finished" in genart("sweep", str(path), "--launcher", "slurm", cwd=tmp_path).stdout
+    assert "all 2 runs finished" in genart("sweep", str(path), "--launcher", "slurm", cwd=tmp_path)

@@ -31,13 +31,23 @@ def tiny_config(shards: dict, max_steps: int = 8) -> dict:
     }
 
 
-def genart(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `genart ARGS` as a user would (a fresh process) and fail with its output if it fails."""
+def start_genart(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start `genart ARGS` as a user would (a fresh process, one CPU thread); stdout and stderr together."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    out = subprocess.run([sys.executable, "-m", "genart_lightning.cli", *args], cwd=cwd, env=env,
-                         capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, f"genart {' '.join(args)} exited {out.returncode}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return subprocess.Popen([sys.executable, "-m", "genart_lightning.cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    """Wait for a started `genart` and fail with the end of its output if it failed; returns the output."""
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(proc.args[2:])} exited {proc.returncode}:\n{out[-4000:]}"
     return out
+
+
+def genart(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) -> str:
+    """Run `genart ARGS` to the end; returns its output."""
+    return finish(start_genart(*args, cwd=cwd, env=env), timeout)
 
 
 def step_losses(metrics_csv: Path, key: str = "train/loss") -> list[tuple[int, float]]:
