@@ -94,7 +94,9 @@ def test_slurm_dry_run_writes_array_whose_task_i_runs_config_i(tmp_path: Path) -
         env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": str(task),
                "SRUN_OUT": str(tmp_path / f"srun{task}")}
         subprocess.run(["bash", str(tmp_path / "runs" / "sweep.sbatch")], env=env, check=True, cwd=tmp_path)
-        assert (tmp_path / f"srun{task}").read_text().split()[-4:] == ["fit", "--config", str(runs[task].config_path)]
+        srun_args = (tmp_path / f"srun{task}").read_text().split()
+        at = srun_args.index("fit")
+        assert srun_args[at + 1 : at + 3] == ["--config", str(runs[task].config_path)]
 
 
 @pytest.mark.slow
