@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 
 from genart_lightning.callbacks.image_logging import save_grid
 from genart_lightning.checkpoints import load_model
+
+SAMPLING_OPTIONS = [
+    ("steps", int, "number of sampling steps"),
+    ("sampler", str, "sampler name, e.g. ddpm, ddim, dpmpp_2m"),
+    ("guidance", float, "classifier-free guidance scale (1 = plain conditional)"),
+    ("eta", float, "DDIM noise: 0 deterministic, 1 like DDPM"),
+]
+"""Options forwarded to `model.sample` only when set, so families without them still work."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,6 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed: same seed, same grid")
     p.add_argument("--out", default="grid.png", help="output PNG (default grid.png)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    for name, kind, text in SAMPLING_OPTIONS:
+        p.add_argument(f"--{name}", type=kind, default=None, help=f"{text} (families that take it; default: the checkpoint's config)")
     p.set_defaults(func=run)
 
 
@@ -26,5 +37,10 @@ def run(args: argparse.Namespace) -> None:
         if not model.conditional:
             raise SystemExit(f"error: {type(model).__name__} is unconditional; drop --prompt")
         captions = [args.prompt[i % len(args.prompt)] for i in range(args.num)]
-    images = model.sample(args.num, captions=captions, seed=args.seed)
+    options = {name: getattr(args, name) for name, _, _ in SAMPLING_OPTIONS if getattr(args, name) is not None}
+    accepted = inspect.signature(model.sample).parameters
+    unknown = [f"--{name}" for name in options if name not in accepted]
+    if unknown:
+        raise SystemExit(f"error: {type(model).__name__}.sample does not take {', '.join(unknown)}; drop them")
+    images = model.sample(args.num, captions=captions, seed=args.seed, **options)
     print(f"wrote {save_grid(images, args.out)} ({args.num} samples)")

@@ -1,0 +1,64 @@
+"""Latent diffusion (Rombach et al. 2022): the pixel family's objective over a frozen VAE's scaled latents."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from genart_lightning.checkpoints import family_class, load_model
+from genart_lightning.models.diffusion import DiffusionModel
+
+
+class LatentDiffusion(DiffusionModel):
+    """Diffuses `first_stage.encode(images)` (latents already multiplied by the VAE's latent scale).
+
+    The first stage is read once from `first_stage_ckpt` (a VAE checkpoint written by `genart fit`);
+    its family and hyperparameters are then kept in this model's hyperparameters and its weights in
+    this model's state_dict, so a latent-diffusion checkpoint is self-contained: sampling from it
+    does not need the VAE checkpoint any more. Images are decoded only for grids and evaluation.
+    """
+
+    def __init__(
+        self,
+        first_stage_ckpt: str = "",
+        first_stage_family: str | None = None,
+        first_stage_hparams: dict | None = None,
+        schedule: str = "scaled_linear",
+        **kwargs,
+    ) -> None:
+        super().__init__(schedule=schedule, **kwargs)
+        if first_stage_hparams is None:
+            if not first_stage_ckpt:
+                raise ValueError("LatentDiffusion needs first_stage_ckpt (--model.init_args.first_stage_ckpt=path/to/vae.ckpt)")
+            first_stage = load_model(first_stage_ckpt)
+            # recorded so the checkpoint rebuilds the first stage without the original file
+            self.hparams["first_stage_family"] = f"{type(first_stage).__module__}.{type(first_stage).__qualname__}"
+            self.hparams["first_stage_hparams"] = dict(first_stage.hparams)
+        else:
+            first_stage = family_class(first_stage_family)(**first_stage_hparams)  # weights come with our state_dict
+        for name in ("encode", "decode", "latent_shape"):
+            if not callable(getattr(first_stage, name, None)):
+                raise ValueError(f"first stage {type(first_stage).__name__} from {first_stage_ckpt!r} has no {name}(); use a VAE checkpoint")
+        self.first_stage = first_stage.eval().requires_grad_(False)
+        self.latent_shape = tuple(first_stage.latent_shape(self.hparams.image_size))
+        self.build_unet(self.latent_shape[0])
+
+    def train(self, mode: bool = True) -> LatentDiffusion:
+        """Keep the frozen first stage in eval mode while the U-Net trains."""
+        super().train(mode)
+        self.first_stage.eval()
+        return self
+
+    def diffusion_shape(self) -> tuple[int, int, int]:
+        return self.latent_shape
+
+    @torch.no_grad()
+    def to_diffusion_space(self, images: Tensor) -> Tensor:
+        return self.first_stage.encode(images)
+
+    @torch.no_grad()
+    def from_diffusion_space(self, x: Tensor, captions: Sequence[str] | None) -> Tensor:
+        conditional_decoder = getattr(self.first_stage, "conditional", False)
+        return self.first_stage.decode(x, captions) if conditional_decoder else self.first_stage.decode(x)
