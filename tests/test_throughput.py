@@ -1,0 +1,88 @@
+"""Throughput callback: images/s from a known clock, and gradient norms per optimizer in automatic and manual optimization."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
+
+import genart_lightning.callbacks.throughput as throughput_module
+from genart_lightning.callbacks.throughput import Throughput, batch_size
+
+BATCH = 4
+C0 = torch.tensor([3.0, 4.0, 0.0, 0.0])  # gradient of the first objective: norm 5
+C1 = torch.tensor([0.0, 0.0, 6.0, 8.0])  # gradient of the second: norm 10
+
+
+class OneOptimizer(L.LightningModule):
+    """Loss (w * C0).sum(): its gradient is C0 whatever w is, so the logged norm must be exactly 5."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(4))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return (self.w * C0).sum() + 0 * batch["image"].sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class TwoOptimizersManual(OneOptimizer):
+    """GAN-shaped step: manual optimization, two optimizers stepped one after the other."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.v = torch.nn.Parameter(torch.zeros(4))
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        opt_w, opt_v = self.optimizers()
+        for opt, loss in ((opt_w, (self.w * C0).sum()), (opt_v, (self.v * C1).sum())):
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.SGD([self.w], lr=0.1), torch.optim.SGD([self.v], lr=0.1)]
+
+
+def fit(module: L.LightningModule, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, steps: int = 6) -> list[dict]:
+    clock = itertools.count(start=100.0, step=1.0)  # every perf_counter call is one second later
+    monkeypatch.setattr(throughput_module.time, "perf_counter", lambda: next(clock))
+    data = DataLoader([{"image": torch.zeros(3, 8, 8)}] * 64, batch_size=BATCH)
+    trainer = L.Trainer(max_steps=steps, log_every_n_steps=2, callbacks=[Throughput()], logger=CSVLogger(tmp_path),
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, data)
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
+        return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(f)]
+
+
+def test_images_per_second_and_grad_norm_with_one_optimizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = fit(OneOptimizer(), tmp_path, monkeypatch)
+    speed = [r for r in rows if "throughput/images_per_sec" in r]
+    # Logged at steps 1, 3, 5 (every 2nd): 2 batches of 4 images per 1 s tick of the clock.
+    assert [r["step"] for r in speed] == [1, 3, 5]
+    assert [r["throughput/images_per_sec_per_device"] for r in speed] == [8.0, 8.0, 8.0]
+    assert [r["throughput/images_per_sec"] for r in speed] == [8.0, 8.0, 8.0]  # world size 1
+    assert [r["throughput/images_seen"] for r in speed] == [8.0, 16.0, 24.0]
+    assert [r["grad_norm"] for r in rows if "grad_norm" in r] == [5.0, 5.0, 5.0]
+
+
+def test_grad_norm_per_optimizer_under_manual_optimization(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = fit(TwoOptimizersManual(), tmp_path, monkeypatch, steps=12)  # 2 optimizer steps per batch: 6 batches
+    assert [r["grad_norm/optimizer0"] for r in rows if "grad_norm/optimizer0" in r] == [5.0] * 3
+    assert [r["grad_norm/optimizer1"] for r in rows if "grad_norm/optimizer1" in r] == [10.0] * 3
+
+
+def test_batch_size_of_the_batch_contract_and_a_clear_error() -> None:
+    assert batch_size({"image": torch.zeros(5, 3, 4, 4), "caption": [""] * 5}) == 5
+    assert batch_size([torch.zeros(2, 1)]) == 2
+    with pytest.raises(TypeError, match="yield dicts with an 'image' tensor"):
+        batch_size({"caption": ["a"]})
