@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tracking_helpers import genart, tiny_config
+from tracking_helpers import REPO, genart, tiny_config
 
 from genart_lightning.sweeps import SpecError, expand, load_spec, load_yaml, write_configs
 
@@ -55,6 +55,30 @@ def test_expand_grid_random_seeds_into_stable_runs_and_resolved_configs(tmp_path
     assert Path(config["run_summary"]["path"]) == runs[5].metrics_path
     lines = (tmp_path / "runs" / "runs.txt").read_text().splitlines()
     assert lines == [str(r.config_path) for r in runs]
+
+
+def test_example_specs_expand_into_configs_that_genart_fit_accepts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from genart_lightning.cli import lightning_cli
+
+    monkeypatch.chdir(REPO)  # spec paths are relative to the working directory, as when a user runs them
+    specs = [p for p in sorted((REPO / "experiments" / "sweeps").glob("*.yaml")) if p.name != "wandb_sweep.yaml"]
+    assert specs
+    for path in specs:
+        spec = load_spec(path)
+        spec.out_dir = tmp_path / spec.name
+        run = expand(spec)[-1]
+        write_configs(spec, [run])
+        with pytest.raises(SystemExit) as done:  # jsonargparse checks every key and type, then exits
+            lightning_cli(["fit", "--config", str(run.config_path), "--print_config"])
+        assert done.value.code in (0, None), path
+        resolved = yaml.safe_load(capsys.readouterr().out)
+        for key, value in {**run.values, "seed_everything": run.seed}.items():
+            node = resolved
+            for part in key.split("."):
+                node = node[part]
+            assert node == value, (path, key)
 
 
 @pytest.mark.parametrize(
