@@ -102,5 +102,5 @@ def build_features(spec: str, resolution: int, weights: str | Path | None = None
     if spec == "judge":
         from genart_lightning.metrics.judge import JudgeFeatures, load_or_train_judge
 
-        return JudgeFeatures(load_or_train_judge(image_size=resolution))
+        return JudgeFeatures(load_or_train_judge(resolution), resolution)
     return TorchScriptFeatures(spec, resolution, channels)

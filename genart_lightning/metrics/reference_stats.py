@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-import webdataset as wds
-from PIL import Image
 from torch import Tensor
-from torchvision.transforms.functional import pil_to_tensor
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-REAL_RESIZE = "center-crop+bicubic-antialias"
-"""How real images whose size differs from the evaluated resolution are brought to it."""
+from datamodules.shards import expand_urls, is_local
+
+REAL_RESIZE = "shorter-side-bilinear-antialias+center-crop"
+"""How the datamodule brings real images to the evaluated resolution (torchvision resize, then centre crop)."""
 KID_REFERENCE_MAX = 10_000
 """Real features kept in the cache for KID (its subsets need features, not moments); bounds the file size."""
 
@@ -64,32 +59,31 @@ class ReferenceStats:
         return self.mean * self.count, self.cov * (self.count - 1) + self.count * torch.outer(self.mean, self.mean)
 
 
-def shard_list(urls: str | list[str]) -> list[str]:
-    """Expand brace patterns; local shards must exist (a typo should fail here, not after an hour of sampling)."""
-    shards = wds.shardlists.expand_urls(urls) if isinstance(urls, str) else [u for url in urls for u in wds.shardlists.expand_urls(url)]
-    for shard in shards:
-        if "://" not in shard and not shard.startswith("pipe:") and not Path(shard).is_file():
-            raise FileNotFoundError(f"shard not found: {shard} (from --data {urls}); check the path and brace pattern")
-    return shards
+def real_loader(urls: str | list[str], resolution: int, batch_size: int, num_workers: int = 0):
+    """Batches of the real images for this rank: the datamodule's validation split reads each sample once over all
+    ranks, without padding (a padded set would bias FID), resized as in training."""
+    from datamodules.webdataset import TextImageDataModule
+
+    data = TextImageDataModule(
+        val_urls=urls, image_size=resolution, val_batch_size=batch_size, num_workers=num_workers, require_caption=False
+    )
+    return data.val_dataloader()
 
 
-def reference_key(urls: str | list[str], feature_id: str, resize: str, resolution: int, channels: int, max_samples: int | None) -> dict:
+def reference_key(urls: str | list[str], feature_id: str, resize: str, resolution: int) -> dict:
     """Everything the statistics depend on; local shards add size and mtime so rewritten data is not served stale."""
     shards = []
-    for shard in shard_list(urls):
-        if Path(shard).is_file():
-            stat = Path(shard).stat()
-            shards.append(f"{Path(shard).resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
-        else:
-            shards.append(shard)
+    for shard in expand_urls(urls):
+        if is_local(shard) and not Path(shard).is_file():
+            raise FileNotFoundError(f"shard not found: {shard} (from --data {urls}); check the path and brace pattern")
+        stat = Path(shard).stat() if is_local(shard) else None
+        shards.append(f"{Path(shard).resolve()}:{stat.st_size}:{stat.st_mtime_ns}" if stat else shard)
     return {
         "shards": shards,
         "feature_extractor": feature_id,
         "extractor_resize": resize,
         "resolution": resolution,
         "real_resize": REAL_RESIZE,
-        "channels": channels,
-        "max_samples": max_samples,
     }
 
 
@@ -97,41 +91,6 @@ def cache_path(key: dict, cache_dir: str | Path | None = None) -> Path:
     """File named by a hash of the key, in the cache directory."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return Path(cache_dir or default_cache_dir()) / f"{key['feature_extractor']}-{key['resolution']}px-{digest}.pt"
-
-
-def to_tensor(image: Image.Image, resolution: int, channels: int) -> Tensor:
-    """PIL image -> [C, R, R] in [-1, 1]; other sizes are centre-cropped to square, then resized (REAL_RESIZE)."""
-    x = pil_to_tensor(image.convert("L" if channels == 1 else "RGB")).float() / 127.5 - 1
-    h, w = x.shape[-2:]
-    if (h, w) != (resolution, resolution):
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        x = x[:, top : top + side, left : left + side]
-        x = F.interpolate(x[None], size=(resolution, resolution), mode="bicubic", antialias=True, align_corners=False)[0]
-    return x.clamp(-1, 1)
-
-
-def iter_real_batches(
-    urls: str | list[str], resolution: int, batch_size: int, rank: int = 0, world: int = 1,
-    max_samples: int | None = None, channels: int = 3,
-) -> Iterator[Tensor]:
-    """This rank's share of the real images: sample i goes to rank i % world, none padded, none dropped."""
-    samples = wds.DataPipeline(wds.SimpleShardList(shard_list(urls)), wds.tarfile_to_samples())
-    batch: list[Tensor] = []
-    for index, sample in enumerate(samples):
-        if max_samples is not None and index >= max_samples:
-            break
-        if index % world != rank:
-            continue  # decode only what this rank keeps
-        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-        if ext is None:
-            raise ValueError(f"sample {sample['__key__']} in {sample.get('__url__')} has no image ({', '.join(IMAGE_EXTENSIONS)})")
-        batch.append(to_tensor(Image.open(io.BytesIO(sample[ext])), resolution, channels))
-        if len(batch) == batch_size:
-            yield torch.stack(batch)
-            batch = []
-    if batch:
-        yield torch.stack(batch)
 
 
 def describe(stats: ReferenceStats) -> dict:

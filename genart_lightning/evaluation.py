@@ -1,0 +1,235 @@
+"""One evaluation runner for `genart eval` and the periodic callback: sample, extract features once, score.
+
+Under DDP every rank runs it: generated images are split in chunks (chunk c goes to rank c % world, seed
+derived from c, so the images do not depend on the number of ranks), real images come from the
+datamodule's unpadded validation split, and every rank calls each metric's `compute` (a collective).
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import random
+from functools import cache
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from datamodules import synthetic
+from datamodules.shards import expand_urls
+from datamodules.stream import read_shard
+from genart_lightning.metrics.features import FeatureExtractor, build_features
+from genart_lightning.metrics.fid import FeatureDistances, all_sum, world_info
+from genart_lightning.metrics.reference_stats import (
+    ReferenceStats,
+    cache_path,
+    describe,
+    real_loader,
+    reference_key,
+)
+from genart_lightning.models.base import GenerativeModel
+
+Prompts = Literal["auto", "shapes", "data"]
+
+
+@cache
+def _shapes_captions() -> frozenset[str]:
+    """Every caption the shapes dataset can have (a few thousand), to recognise shapes data by its captions."""
+    out = set()
+    for shape, colour, size, position, background in itertools.product(
+        synthetic.SHAPES, synthetic.COLOURS, synthetic.SIZES, synthetic.POSITIONS, synthetic.COLOURS
+    ):
+        attrs = {"shape": shape, "colour": colour, "size": size, "position": position, "background": background}
+        out.update(synthetic.caption_for(attrs, t) for t in range(len(synthetic.TEMPLATES)))
+    return frozenset(out)
+
+
+def data_captions(urls: str | list[str], limit: int) -> list[str]:
+    """The first `limit` captions of the shards, in order (prompts that follow the data's own caption style)."""
+    captions: list[str] = []
+    for url in expand_urls(urls):
+        for sample in read_shard(url):
+            if "txt" in sample:
+                captions.append(sample["txt"].decode("utf-8").strip())
+            if len(captions) >= limit:
+                return captions
+    if not captions:
+        raise ValueError(f"no captions (KEY.txt) in {urls}; a conditional model needs them, or use --prompts shapes")
+    return captions
+
+
+def shapes_prompts(n: int, seed: int) -> tuple[list[str], list[dict]]:
+    """Attribute sets drawn for evaluation and their captions (built, not parsed, so the truth is exact)."""
+    attrs = [synthetic.random_attributes(random.Random(f"eval-{seed}-{i}")) for i in range(n)]
+    return [synthetic.caption_for(a, a["template"]) for a in attrs], attrs
+
+
+def image_geometry(model: GenerativeModel) -> tuple[int, int]:
+    """(channels, side) of the model's samples: from its hyperparameters, else from one drawn sample."""
+    hp = model.hparams
+    side = hp.get("image_size")
+    channels = hp.get("channels", hp.get("in_channels"))
+    if side is None or channels is None:
+        probe = model.sample(1, captions=[""] if model.conditional else None, seed=0)
+        channels, side = probe.shape[1], probe.shape[-1]
+    return int(channels), int(side)
+
+
+class Evaluator:
+    """Metrics of a model's samples against a real dataset; keeps extractor, reference and judge between calls."""
+
+    def __init__(
+        self,
+        data_urls: str | list[str],
+        num_samples: int,
+        features: str | FeatureExtractor = "inception",
+        fid_weights: str | None = None,
+        prompts: Prompts = "auto",
+        clip_model: str | None = None,
+        clip_pretrained: str | None = None,
+        seed: int = 0,
+        batch_size: int = 64,
+        cache_dir: str | Path | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        if num_samples < 2:
+            raise ValueError(f"num_samples={num_samples}: FID needs at least 2 generated images (--num-samples)")
+        self.data_urls, self.num_samples, self.features_spec = data_urls, num_samples, features
+        self.fid_weights, self.prompts, self.seed, self.batch_size = fid_weights, prompts, seed, batch_size
+        self.clip_model, self.clip_pretrained = clip_model, clip_pretrained
+        self.cache_dir, self.num_workers = cache_dir, num_workers
+        self._setup_for: tuple | None = None
+
+    def _setup(self, model: GenerativeModel, device: torch.device) -> None:
+        """Build extractor, FID/KID with the real reference, judge and CLIP once per (resolution, device)."""
+        channels, side = image_geometry(model)
+        if self._setup_for == (channels, side, device):
+            return
+        spec = self.features_spec
+        extractor = spec if isinstance(spec, FeatureExtractor) else build_features(spec, side, self.fid_weights, channels)
+        self.extractor = extractor.to(device).eval()
+        self.distances = FeatureDistances(extractor.num_features, seed=self.seed).to(device)
+        self.reference = self._reference(side, device)
+        self.mode = self._prompt_mode(model)
+        self.attributes = self.clip = None
+        if self.mode == "shapes":
+            from genart_lightning.metrics.judge import AttributeAccuracy, JudgeFeatures, load_or_train_judge
+
+            judge = extractor.judge if isinstance(extractor, JudgeFeatures) else load_or_train_judge(side, None)
+            self.attributes = AttributeAccuracy(judge).to(device)
+        if self.clip_model and model.conditional:
+            from genart_lightning.metrics.clip_score import CLIPScore
+
+            self.clip = CLIPScore(self.clip_model, self.clip_pretrained).to(device)
+        self._setup_for = (channels, side, device)
+
+    def _reference(self, side: int, device: torch.device) -> dict:
+        """Load cached real statistics, or compute them over all ranks and cache them (rank 0 writes)."""
+        key = reference_key(self.data_urls, self.extractor.feature_id, self.extractor.resize, side)
+        path = cache_path(key, self.cache_dir)
+        rank, world = world_info()
+        # Decide together: a rank that cannot see the file would otherwise skip collectives the others run.
+        if all_sum(int(path.is_file()), device) == world:
+            stats = ReferenceStats.load(path)
+            self.distances.load_reference(stats)
+            return {**describe(stats), "cache": str(path), "reused": True}
+        for batch in real_loader(self.data_urls, side, self.batch_size, self.num_workers):
+            with torch.no_grad():
+                self.distances.update(self.extractor(batch["image"].to(device)), real=True)
+        stats = self.distances.gather_reference(key)
+        if rank == 0:
+            stats.save(path)
+        return {**describe(stats), "cache": str(path), "reused": False}
+
+    def _prompt_mode(self, model: GenerativeModel) -> str | None:
+        if not model.conditional:
+            return None
+        if self.prompts != "auto":
+            return self.prompts
+        return "shapes" if all(c in _shapes_captions() for c in data_captions(self.data_urls, 4)) else "data"
+
+    def _prompts(self) -> tuple[list[str] | None, list[dict] | None]:
+        if self.mode == "shapes":
+            return shapes_prompts(self.num_samples, self.seed)
+        if self.mode == "data":
+            captions = data_captions(self.data_urls, self.num_samples)
+            return [captions[i % len(captions)] for i in range(self.num_samples)], None
+        return None, None
+
+    @torch.no_grad()
+    def __call__(self, model: GenerativeModel, guidance: float | None = None, **sample_kwargs) -> dict:
+        """Evaluate `model` (on every rank); `guidance` and `sample_kwargs` go to `model.sample`."""
+        if guidance is not None:
+            sample_kwargs["guidance"] = guidance
+        accepted = inspect.signature(model.sample).parameters
+        unknown = [k for k in sample_kwargs if k not in accepted]
+        if unknown:
+            raise ValueError(f"{type(model).__name__}.sample() takes no {', '.join(unknown)}; drop --{unknown[0]} for this family")
+        device = model.device
+        self._setup(model, device)
+        self.distances.reset_generated()
+        for metric in (self.attributes, self.clip):
+            if metric is not None:
+                metric.reset()
+        captions, attributes = self._prompts()
+        was_training = model.training
+        model.eval()
+        rank, world = world_info()
+        starts = range(0, self.num_samples, self.batch_size)
+        for chunk, start in enumerate(starts):
+            if chunk % world != rank:
+                continue
+            stop = min(start + self.batch_size, self.num_samples)
+            chunk_captions = captions[start:stop] if captions else None
+            images = model.sample(stop - start, captions=chunk_captions, seed=self.seed * 1_000_003 + chunk, **sample_kwargs)
+            self._score(images.float().clamp(-1, 1).to(device), chunk_captions, attributes[start:stop] if attributes else None)
+        model.train(was_training)
+        return self._results(model, guidance, sample_kwargs, world)
+
+    def _score(self, images: Tensor, captions: list[str] | None, attributes: list[dict] | None) -> None:
+        self.distances.update(self.extractor(images), real=False)
+        if self.clip is not None:
+            self.clip.update(images, captions)
+        if self.attributes is not None:
+            self.attributes.update(images, attributes)
+
+    def _results(self, model: GenerativeModel, guidance: float | None, sample_kwargs: dict, world: int) -> dict:
+        channels, side, _ = self._setup_for
+        out: dict = {"family": type(model).__name__, "num_samples": self.num_samples, "seed": self.seed,
+                     "resolution": side, "channels": channels, "guidance": guidance, "world_size": world,
+                     "sample_kwargs": {k: v for k, v in sample_kwargs.items() if k != "guidance"}}
+        out.update(self.distances.compute())
+        out["feature_extractor"] = {
+            "id": self.extractor.feature_id, "resize": self.extractor.resize, "num_features": self.extractor.num_features,
+            "antialias": getattr(self.extractor, "antialias", None),
+        }
+        out["reference"] = self.reference
+        out["prompts"] = self.mode
+        if self.clip is not None:
+            clip = self.clip.compute()
+            out.update(clip_score=float(clip["clip_score"]), clip_truncated_captions=int(clip["truncated_captions"]))
+            out["clip_model"] = {"id": self.clip.model_id, "context_length": self.clip.context_length,
+                                 "truncation": f"captions longer than {self.clip.context_length} tokens are cut (end token kept)"}
+        if self.attributes is not None:
+            out.update({k: float(v) for k, v in self.attributes.compute().items()})
+        if hasattr(model, "reconstruction_metrics"):  # VAEs: how well they reconstruct the real data
+            loader = real_loader(self.data_urls, side, self.batch_size, self.num_workers)
+            out.update(model.reconstruction_metrics(loader))
+        return out
+
+
+def evaluate(
+    model: GenerativeModel,
+    data_urls: str | list[str],
+    num_samples: int,
+    features: str | FeatureExtractor = "inception",
+    guidance: float | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    **options,
+) -> dict:
+    """Evaluate one model once (see `Evaluator` for the options); returns metrics with how they were computed."""
+    evaluator = Evaluator(data_urls, num_samples, features, seed=seed, batch_size=batch_size, **options)
+    return evaluator(model, guidance=guidance)
