@@ -1,0 +1,208 @@
+"""The adversarial training step shared by every GAN family: alternating D/G updates under manual optimization.
+
+Why gradients are synchronised by hand: Lightning's DDP wraps the whole LightningModule, so one reducer covers G and
+D. A D update gives G no gradients (and a G update none to D), which DDP's reducer reports as unused parameters
+unless it searches the graph every backward (`find_unused_parameters=True`) and all-reduces both nets each time.
+Instead every backward runs under `block_backward_sync()` and, once per optimizer step, the gradients of the one net
+being stepped are averaged over ranks in a single all-reduce, together with its floating buffers (BatchNorm
+statistics, spectral-norm vectors: they would otherwise drift apart per rank) and the step's loss (so the divergence
+check sees the same number on every rank, and all ranks stop or skip together). StyleGAN2-ADA syncs the same way.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from genart_lightning.models.base import GenerativeModel
+from genart_lightning.models.gan_objectives import (
+    Loss,
+    check_loss,
+    discriminator_loss,
+    generator_loss,
+    r1_penalty,
+)
+from genart_lightning.nn.ema import make_ema
+
+COUNTERS_KEY = "adversarial_counters"
+
+
+class DivergenceError(FloatingPointError):
+    """A loss or gradient turned non-finite; the step was not applied."""
+
+
+def average_over_ranks(net: nn.Module, loss: Tensor) -> Tensor:
+    """Average `net`'s gradients, floating buffers and `loss` over all ranks in one all-reduce; returns the mean loss."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return loss
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    buffers = [b for b in net.buffers() if b.is_floating_point()]
+    tensors = grads + buffers + [loss.reshape(1)]
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return flat[-1]
+
+
+class AdversarialModel(GenerativeModel):
+    """A GAN objective and its alternating step; subclasses build `generator`, `discriminator` and call `finish_init`.
+
+    Counting: one D step per `accumulate_grad_batches` micro-batches, one G step per `n_critic` D steps; Lightning's
+    `global_step` counts both optimizers' steps (2 per iteration with n_critic=1), `train/g_steps` counts G steps.
+    """
+
+    generator: nn.Module
+    discriminator: nn.Module
+    z_dim: int
+
+    def __init__(
+        self,
+        loss: Loss = "nonsaturating",
+        r1_gamma: float = 0.0,
+        r1_interval: int = 16,
+        n_critic: int = 1,
+        lr_g: float = 2e-4,
+        lr_d: float = 2e-4,
+        betas_g: tuple[float, float] = (0.5, 0.999),
+        betas_d: tuple[float, float] = (0.5, 0.999),
+        ema_decay: float = 0.999,
+        accumulate_grad_batches: int = 1,
+        nonfinite: str = "raise",
+        nonfinite_check_every: int = 1,
+    ) -> None:
+        """Objective, regularisers and optimizer settings; `nonfinite` is "raise" (stop) or "skip" (drop the step)."""
+        super().__init__()
+        check_loss(loss)
+        for name, value in (("r1_interval", r1_interval), ("n_critic", n_critic), ("accumulate_grad_batches", accumulate_grad_batches)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value} (from --model.init_args.{name})")
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r} (from --model.init_args.nonfinite)")
+        self.automatic_optimization = False
+        self.loss_kind = loss
+        self.r1_gamma, self.r1_interval, self.n_critic = r1_gamma, r1_interval, n_critic
+        self.lr_g, self.lr_d, self.betas_g, self.betas_d = lr_g, lr_d, tuple(betas_g), tuple(betas_d)
+        self.ema_decay = ema_decay
+        self.accumulate = accumulate_grad_batches
+        self.nonfinite, self.nonfinite_check_every = nonfinite, nonfinite_check_every
+        self.d_steps = self.g_steps = self.skipped_steps = 0
+        self._pending: list[tuple[int, Tensor | None]] = []  # (batch size, condition) of micro-batches since the D step
+        self._d_loss_sum: Tensor | None = None
+
+    def finish_init(self) -> None:
+        """Build the EMA generator once the nets exist (it is what sampling, grids and evaluation use)."""
+        self.ema = make_ema(self.generator, self.ema_decay)
+
+    # --- hooks for families -------------------------------------------------------------------------------------
+
+    def condition(self, batch: dict) -> Tensor | None:
+        """Condition vector per sample for G and D; None for unconditional families."""
+        return None
+
+    def fake_logits(self, real: Tensor, fake: Tensor, cond: Tensor | None) -> list[Tensor]:
+        """Logits of every kind of pair D must call fake (a matching-aware D adds real images with wrong captions)."""
+        return [self.discriminator(fake, cond)]
+
+    def noise(self, n: int) -> Tensor:
+        """Latent noise for training (sampling uses its own seeded generator)."""
+        return torch.randn(n, self.z_dim, device=self.device)
+
+    # --- the step -----------------------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [
+            torch.optim.Adam(self.generator.parameters(), lr=self.lr_g, betas=self.betas_g),
+            torch.optim.Adam(self.discriminator.parameters(), lr=self.lr_d, betas=self.betas_d),
+        ]
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        """One micro-batch of D loss; after `accumulate_grad_batches` of them a D step, and every `n_critic` a G step."""
+        opt_g, opt_d = self.optimizers()
+        real = batch["image"]
+        cond = self.condition(batch)
+        with self.toggled_optimizer(opt_d):
+            with torch.no_grad():
+                fake = self.generator(self.noise(real.shape[0]), cond)
+            d_loss = discriminator_loss(self.loss_kind, self.discriminator(real, cond), self.fake_logits(real, fake, cond))
+            total = d_loss
+            if self.r1_gamma > 0 and self.d_steps % self.r1_interval == 0:
+                # Lazy R1 (StyleGAN2): every r1_interval D steps, weighted by the interval to keep its average strength.
+                r1 = r1_penalty(lambda x: self.discriminator(x, cond), real)
+                total = total + 0.5 * self.r1_gamma * self.r1_interval * r1
+                self.log("train/r1", r1.detach())
+            self._backward(total)
+        self._d_loss_sum = d_loss.detach() / self.accumulate + (0 if self._d_loss_sum is None else self._d_loss_sum)
+        self._pending.append((real.shape[0], cond))
+        if len(self._pending) < self.accumulate:
+            return
+        d_loss_mean, self._d_loss_sum = self._d_loss_sum, None
+        if self._step(opt_d, self.discriminator, "d_loss", d_loss_mean):
+            self.d_steps += 1
+            if self.d_steps % self.n_critic == 0:
+                self._generator_step(opt_g)
+        self._pending.clear()
+        self.log("train/g_steps", float(self.g_steps))
+
+    def _generator_step(self, opt_g) -> None:
+        """G step over the same micro-batches' conditions, against the D just updated (alternating, not simultaneous)."""
+        g_loss_mean = None
+        with self.toggled_optimizer(opt_g):
+            for n, cond in self._pending:
+                g_loss = generator_loss(self.loss_kind, self.discriminator(self.generator(self.noise(n), cond), cond))
+                self._backward(g_loss)
+                part = g_loss.detach() / self.accumulate
+                g_loss_mean = part if g_loss_mean is None else g_loss_mean + part
+        if self._step(opt_g, self.generator, "g_loss", g_loss_mean):
+            self.g_steps += 1
+            self.ema.update_parameters(self.generator)
+
+    def _backward(self, loss: Tensor) -> None:
+        """Accumulate this micro-batch's share of the gradient locally; ranks are averaged once per step."""
+        block_sync = getattr(self.trainer.strategy, "block_backward_sync", nullcontext)  # only parallel strategies have it
+        with block_sync():
+            self.manual_backward(loss / self.accumulate)
+
+    def _step(self, opt, net: nn.Module, name: str, loss: Tensor) -> bool:
+        """Average over ranks, check for divergence, step; returns False when a non-finite step was skipped."""
+        loss = average_over_ranks(net, loss)
+        self.log(f"train/{name}", loss, prog_bar=True)
+        steps = self.d_steps + self.g_steps + self.skipped_steps
+        if self.nonfinite_check_every and steps % self.nonfinite_check_every == 0:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in net.parameters() if p.grad is not None])
+            if not bool(torch.isfinite(loss + grad_norm)):  # the one host sync of the guard
+                message = (
+                    f"non-finite {name} at g_step {self.g_steps} (global_step {self.global_step}): "
+                    f"{name}={float(loss):.4g}, grad norm={float(grad_norm):.4g}; the step was not applied. "
+                    f"Lower lr_g/lr_d, raise r1_gamma or enable spectral_norm (or set nonfinite='skip')"
+                )
+                opt.zero_grad(set_to_none=True)
+                if self.nonfinite == "raise":
+                    raise DivergenceError(message)
+                self.skipped_steps += 1
+                self.log("train/skipped_steps", float(self.skipped_steps))
+                rank_zero_warn(message)
+                return False
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return True
+
+    # --- checkpoints --------------------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[COUNTERS_KEY] = {"d_steps": self.d_steps, "g_steps": self.g_steps, "skipped_steps": self.skipped_steps}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        counters = checkpoint.get(COUNTERS_KEY, {})
+        self.d_steps = counters.get("d_steps", 0)
+        self.g_steps = counters.get("g_steps", 0)
+        self.skipped_steps = counters.get("skipped_steps", 0)

@@ -1,0 +1,62 @@
+"""Unconditional DCGAN family (Radford et al. 2016): DCGAN nets trained with the shared adversarial step."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from genart_lightning.models.adversarial import AdversarialModel
+from genart_lightning.nn.dcgan import DCGANDiscriminator, DCGANGenerator, Norm
+
+
+class DCGAN(AdversarialModel):
+    """DCGAN generator and discriminator; objective, regularisers and optimizer settings go to AdversarialModel."""
+
+    conditional = False
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        channels: int = 3,
+        z_dim: int = 64,
+        g_channels: int = 64,
+        d_channels: int = 64,
+        g_norm: Norm = "batch",
+        d_norm: Norm = "none",
+        spectral_norm: bool = False,
+        **kwargs,
+    ) -> None:
+        """Net sizes here; `loss`, `r1_gamma`, `n_critic`, `lr_g`, `lr_d`, `ema_decay`, ... see AdversarialModel."""
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        self.z_dim = z_dim
+        cond_dim = self.condition_dim()
+        self.generator = DCGANGenerator(
+            z_dim=z_dim, cond_dim=cond_dim, image_size=image_size, channels=channels, base_channels=g_channels, norm=g_norm
+        )
+        self.discriminator = DCGANDiscriminator(
+            image_size=image_size,
+            channels=channels,
+            base_channels=d_channels,
+            cond_dim=cond_dim,
+            spectral_norm=spectral_norm,
+            norm=d_norm,
+        )
+        self.finish_init()
+
+    def condition_dim(self) -> int:
+        """Width of the condition vector the nets take (0: unconditional); conditional subclasses build their encoder here."""
+        return 0
+
+    def sampling_condition(self, n: int, captions: Sequence[str] | None) -> Tensor | None:
+        """Condition for `sample`; unconditional families ignore captions."""
+        return None
+
+    @torch.no_grad()
+    def sample(self, n: int, captions: Sequence[str] | None = None, seed: int = 0) -> Tensor:
+        """`n` images in [-1, 1] from the EMA generator; the same seed (and captions) give the same images."""
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        z = torch.randn(n, self.z_dim, generator=generator, device=self.device)
+        return self.ema.module(z, self.sampling_condition(n, captions)).float()
