@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 
 
@@ -24,12 +24,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         """Save `checkpoint` to `path` so that readers see either the old file or the complete new one."""
-        if not isinstance(get_filesystem(path), LocalFileSystem):
+        fs, local_path = url_to_fs(str(path))
+        if not isinstance(fs, LocalFileSystem):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options; drop them from save_checkpoint")
-        atomic_torch_save(checkpoint, Path(path))
+        atomic_torch_save(checkpoint, Path(local_path))
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

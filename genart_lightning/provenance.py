@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.cli import SaveConfigCallback
 
-from genart_lightning.callbacks.preemption import checkpoint_dir, slurm_job_id
+from genart_lightning.callbacks.preemption import checkpoint_dir, cluster_environment_name, slurm_job_id
 
 PACKAGES = ("torch", "torchvision", "lightning", "torchmetrics", "webdataset", "open_clip_torch", "numpy", "genart-lightning")
 TRACKING_FILE = "tracking.json"
@@ -67,12 +67,6 @@ def tracking_ids(trainer: L.Trainer) -> list[dict[str, str]]:
         if lg.version is not None:
             ids.append({"class": type(lg).__name__, "version": lg.version if isinstance(lg.version, str) else f"version_{lg.version}"})
     return ids
-
-
-def cluster_environment_name(trainer: L.Trainer) -> str | None:
-    """Which Lightning ClusterEnvironment set up the ranks (SLURMEnvironment under srun); None on one device."""
-    env = getattr(trainer.strategy, "cluster_environment", None)
-    return type(env).__name__ if env is not None else None
 
 
 def write_provenance(directory: Path, trainer: L.Trainer, config_yaml: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +29,12 @@ def checkpoint_dir(trainer: L.Trainer) -> Path:
 def rank_message(trainer: L.Trainer, text: str) -> None:
     """One line on stderr from every rank (job logs show what each rank did; rank_zero_info would hide it)."""
     print(f"[genart rank {trainer.global_rank}/{trainer.world_size}] {text}", file=sys.stderr, flush=True)
+
+
+def cluster_environment_name(trainer: L.Trainer) -> str | None:
+    """Which Lightning ClusterEnvironment set up the ranks (SLURMEnvironment under srun); None on one device."""
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    return type(env).__name__ if env is not None else None
 
 
 def slurm_job_id() -> str | None:
@@ -67,6 +74,12 @@ class Preemption(L.Callback):
             return
         self._previous_handler = signal.signal(self.signum, self._on_signal)
         self._installed = True
+        rank_message(
+            trainer,
+            f"{cluster_environment_name(trainer)} on {socket.gethostname()}, SLURM job {slurm_job_id()} "
+            f"(restart {os.environ.get('SLURM_RESTART_COUNT', '0')}); {signal.Signals(self.signum).name} -> checkpoint"
+            + (" and requeue" if self.requeue else ""),
+        )
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._installed:

@@ -40,8 +40,9 @@ def set_local_rng_state(state: dict[str, Any]) -> None:
 class RankRNGState(L.Callback):
     """Gathers all ranks' RNG states into the checkpoint; on resume each rank restores its own.
 
-    Restored at train start, after the family's `on_fit_start` has seeded each rank, so the
-    resumed run continues the interrupted streams instead of restarting them.
+    Restored just before the first batch after resume: after the family's `on_fit_start` seeds each
+    rank and after the epoch's DataLoader iterator draws its base seed from the global RNG, so the
+    resumed run continues the interrupted streams exactly where the checkpoint left them.
     """
 
     def __init__(self) -> None:
@@ -63,7 +64,7 @@ class RankRNGState(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = state_dict
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self._restored is None:
             return
         ranks = self._restored["ranks"]

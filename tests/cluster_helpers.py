@@ -1,0 +1,49 @@
+"""Shared by the cluster tests (preemption, SLURM, export): a tiny DCGAN fit config and checkpoint readers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CHECKPOINT_EVERY = 10  # optimizer steps; a DCGAN iteration is 2 (D and G)
+
+
+def dcgan_config(shards: dict, root: Path, max_steps: int) -> dict:
+    """A 16px DCGAN with 8-channel nets on the shapes shards: a real GAN fit in a few seconds per rank on CPU."""
+    return {
+        "seed_everything": 0,
+        "model": {
+            "class_path": "genart_lightning.models.gan.DCGAN",
+            "init_args": {"image_size": 16, "z_dim": 16, "g_channels": 8, "d_channels": 8},
+        },
+        "data": {
+            "class_path": "datamodules.webdataset.TextImageDataModule",
+            "init_args": {"train_urls": shards["train_urls"], "batch_size": 8, "num_workers": 0, "image_size": 16,
+                          "shuffle_buffer": 16, "seed": 0},
+        },
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": max_steps,
+            "default_root_dir": str(root),
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(root)}},
+            "log_every_n_steps": 5,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+        },
+        "sample_grid": {"every_n_steps": 0, "num_samples": 4},
+        "checkpoint": {"every_n_train_steps": CHECKPOINT_EVERY},
+    }
+
+
+def write_config(config: dict, path: Path) -> Path:
+    """Write a config as YAML and return its path."""
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint read the way users and `genart sample` read it: weights_only, nothing executed."""
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,186 @@
+"""SIGUSR1 -> checkpoint at a step boundary -> resume loses nothing (in-process, no SLURM needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from cluster_helpers import REPO, dcgan_config, load_checkpoint, write_config
+from jsonargparse import Namespace
+
+from datamodules.webdataset import TextImageDataModule
+from genart_lightning.callbacks.preemption import PREEMPTED_CKPT
+from genart_lightning.callbacks.rng_state import RankRNGState
+from genart_lightning.checkpoint_io import AtomicCheckpointIO
+from genart_lightning.checkpoints import load_model
+from genart_lightning.lightning_cli import GenartCLI
+from genart_lightning.models.base import GenerativeModel
+from genart_lightning.provenance import git_state
+from genart_lightning.resume import newest_checkpoint, pin_loggers, should_resume
+
+MAX_STEPS = 40  # 20 DCGAN iterations
+SIGNAL_AFTER_BATCH = 7
+
+
+class SignalAt(L.Callback):
+    """Sends this process SIGUSR1 at the end of one training batch, as `scancel -s USR1` would."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch, self.seen = batch, 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        self.seen += 1
+        if self.seen == self.batch:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def fit(config: Path, *args: str, callbacks: tuple[L.Callback, ...] = ()) -> L.Trainer:
+    """`genart fit --config CONFIG ARGS` in this process (extra callbacks as LightningCLI trainer defaults)."""
+    cli = GenartCLI(
+        GenerativeModel,
+        TextImageDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": list(callbacks)},
+        args=["fit", "--config", str(config), *args],
+    )
+    return cli.trainer
+
+
+@pytest.fixture(scope="module")
+def runs(shapes_shards_16px: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """An uninterrupted run, and the same run stopped by SIGUSR1 then resumed (--resume=always: no SLURM here)."""
+    tmp = tmp_path_factory.mktemp("preemption")
+    ref_root, run_root = tmp / "reference", tmp / "interrupted"
+    reference = fit(write_config(dcgan_config(shapes_shards_16px, ref_root, MAX_STEPS), tmp / "ref.yaml"))
+    run_config = write_config(dcgan_config(shapes_shards_16px, run_root, MAX_STEPS), tmp / "run.yaml")
+    stopped = fit(run_config, callbacks=(SignalAt(SIGNAL_AFTER_BATCH),))
+    preempted = load_checkpoint(run_root / "checkpoints" / PREEMPTED_CKPT)
+    resumed = fit(run_config, "--resume=always")
+    return {"reference": reference, "ref_root": ref_root, "stopped": stopped, "preempted": preempted,
+            "resumed": resumed, "run_root": run_root}
+
+
+@pytest.mark.slow
+def test_sigusr1_stops_after_a_whole_gan_iteration_and_saves(runs: dict) -> None:
+    stopped, preempted = runs["stopped"], runs["preempted"]
+    step = preempted["global_step"]
+    assert 0 < step < MAX_STEPS and stopped.global_step == step  # stopped right after the save, not at max_steps
+    # The signal lands mid-way through training; the save waits for the end of that batch's D and G updates.
+    assert step in (2 * SIGNAL_AFTER_BATCH, 2 * SIGNAL_AFTER_BATCH + 2)
+    counters = preempted["adversarial_counters"]
+    assert counters["d_steps"] == counters["g_steps"] == step // 2
+    assert preempted["callbacks"]["Preemption"]["history"]["preempted_at"] == [step]
+    assert preempted["optimizer_states"] and preempted["loops"]  # full training state, not just weights
+
+
+@pytest.mark.slow
+def test_resumed_run_continues_from_the_saved_step_and_ends_where_an_uninterrupted_run_does(runs: dict) -> None:
+    reference, resumed = runs["reference"], runs["resumed"]
+    step = runs["preempted"]["global_step"]
+    assert Path(resumed.ckpt_path).name == PREEMPTED_CKPT
+    assert resumed.global_step == reference.global_step == MAX_STEPS
+    final = load_checkpoint(runs["run_root"] / "checkpoints" / "last.ckpt")
+    assert final["global_step"] == MAX_STEPS
+    assert final["callbacks"]["Preemption"]["history"] == {"preempted_at": [step], "resumed_at": [step]}
+    # Weights, optimizer moments, EMA, data position and RNG streams all came back: the interrupted run's
+    # final weights are those of the run that was never interrupted.
+    ref_weights, run_weights = reference.lightning_module.state_dict(), resumed.lightning_module.state_dict()
+    assert ref_weights.keys() == run_weights.keys() and any(k.startswith("ema.") for k in ref_weights)
+    different = [k for k in ref_weights if not torch.equal(ref_weights[k], run_weights[k])]
+    assert not different, f"differ after resume: {different[:5]}"
+    # The same logger run continued (one CSV version dir), instead of a new one per restart.
+    assert sorted(p.name for p in (runs["run_root"] / "lightning_logs").iterdir()) == ["version_0"]
+
+
+@pytest.mark.slow
+def test_checkpoints_load_weights_only_and_carry_provenance(runs: dict, shapes_shards_16px: dict) -> None:
+    ckpt_dir = runs["ref_root"] / "checkpoints"
+    checkpoint = load_checkpoint(ckpt_dir / "last.ckpt")  # raises if anything in it needs pickle
+    assert checkpoint["hyper_parameters"]["g_channels"] == 8
+    model = load_model(ckpt_dir / "last.ckpt")
+    assert model.sample(2, seed=0).shape == (2, 3, 16, 16)
+    assert type(runs["reference"].strategy.checkpoint_io) is AtomicCheckpointIO
+    config = (ckpt_dir / "config.yaml").read_text()
+    assert "genart_lightning.models.gan.DCGAN" in config and f"max_steps: {MAX_STEPS}" in config
+    provenance = json.loads((ckpt_dir / "provenance.json").read_text())
+    commit = provenance["git"]["commit"]
+    assert subprocess.run(["git", "-C", str(REPO), "merge-base", "--is-ancestor", commit, "HEAD"]).returncode == 0
+    assert provenance["packages"]["torch"] == torch.__version__.split("+")[0]
+    assert provenance["packages"]["lightning"] == L.__version__
+    listed = [line.split("\t")[1] for line in (ckpt_dir / "shards.txt").read_text().splitlines()]
+    assert listed == shapes_shards_16px["train_shards"]
+
+
+def test_git_state_records_commit_and_the_uncommitted_diff(tmp_path: Path) -> None:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    (tmp_path / "train.py").write_text("lr = 1\n")
+    git("add", "train.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    clean = git_state(tmp_path)
+    assert clean["commit"] == git("rev-parse", "HEAD").strip() and clean["dirty"] is False and clean["diff"] == ""
+    (tmp_path / "train.py").write_text("lr = 2\n")
+    (tmp_path / "notes.txt").write_text("new\n")
+    dirty = git_state(tmp_path)
+    assert dirty["dirty"] is True and "+lr = 2" in dirty["diff"] and dirty["untracked"] == ["notes.txt"]
+    assert git_state(tmp_path / "missing")["commit"] is None
+
+
+def test_rng_states_come_back_after_the_family_reseeds(monkeypatch: pytest.MonkeyPatch) -> None:
+    callback = RankRNGState()
+    saved = callback.state_dict()
+    expected = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)  # what a restarted rank's on_fit_start does
+    callback.load_state_dict(saved)
+    callback.on_train_batch_start(SimpleNamespace(world_size=1, global_rank=0), None, {}, 0)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+    assert [random.random() for _ in range(3)] == expected[2]
+
+
+def test_resume_picks_the_newest_checkpoint_and_only_inside_slurm_by_default(tmp_path: Path, monkeypatch) -> None:
+    assert newest_checkpoint(tmp_path / "missing") is None
+    (tmp_path / "last.ckpt").write_bytes(b"")
+    (tmp_path / "epoch=0-step=10.ckpt").write_bytes(b"")  # a top-k checkpoint is not a resume point
+    os.utime(tmp_path / "last.ckpt", (1, 1))
+    (tmp_path / PREEMPTED_CKPT).write_bytes(b"")
+    assert newest_checkpoint(tmp_path).name == PREEMPTED_CKPT
+    os.utime(tmp_path / PREEMPTED_CKPT, (0, 0))
+    assert newest_checkpoint(tmp_path).name == "last.ckpt"
+    for var in ("SLURM_NTASKS", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    assert not should_resume("auto") and should_resume("always") and not should_resume("never")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_JOB_NAME", "genart")
+    assert should_resume("auto")
+    with pytest.raises(ValueError, match="--resume='sometimes'"):
+        should_resume("sometimes")
+
+
+def test_resume_pins_each_logger_to_its_saved_run() -> None:
+    saved = [{"class": "WandbLogger", "version": "abc123"}, {"class": "CSVLogger", "version": "version_3"}]
+    loggers = [
+        Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir="runs", version=None)),
+        Namespace(class_path="lightning.pytorch.loggers.WandbLogger", init_args=Namespace(project="p", id=None, version=None)),
+    ]
+    pinned = pin_loggers(loggers, saved, Namespace(trainer=Namespace(default_root_dir="runs")))
+    assert pinned[0].init_args.version == "version_3" and pinned[1].init_args.id == "abc123"
+    user_set = [Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(version="mine"))]
+    assert pin_loggers(user_set, saved, Namespace(trainer=Namespace(default_root_dir="runs")))[0].init_args.version == "mine"
+    default = pin_loggers(None, [{"class": "TensorBoardLogger", "version": "version_0"}],
+                          Namespace(trainer=Namespace(default_root_dir="runs/x")))
+    assert default.class_path.endswith("TensorBoardLogger") and default.init_args.version == "version_0"
+    assert default.init_args.save_dir == "runs/x"
