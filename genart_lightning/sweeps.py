@@ -15,6 +15,7 @@ import math
 import random
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -354,12 +355,25 @@ def array_script(spec: SweepSpec, indices: list[int], template: Path = TEMPLATE)
     return "\n".join(lines[: last + 1] + extra + lines[last + 1 :]) + "\n"
 
 
+def _queued_jobs(job_name: str) -> list[str]:
+    """Ids of this user's queued or running jobs with that name (none where squeue is missing)."""
+    if shutil.which("squeue") is None:
+        return []
+    out = subprocess.run(["squeue", "--me", "--noheader", f"--name={job_name}", "--format=%i"],
+                         capture_output=True, text=True)
+    return out.stdout.split() if out.returncode == 0 else []
+
+
 def launch_slurm(spec: SweepSpec, runs: list[Run], dry_run: bool = False, wait: bool = False) -> Path | None:
     """Write `<out_dir>/sweep.sbatch` (one array task per unfinished run) and submit it unless dry_run."""
     pending = [run.index for run in runs if not run.finished]
     if not pending:
         print(f"all {len(runs)} runs finished; nothing to submit")
         return None
+    queued = _queued_jobs(f"sweep-{spec.name}")
+    if queued and not dry_run:  # resubmitting would run the same unfinished runs twice, into the same dirs
+        raise RuntimeError(f"sweep {spec.name} still has SLURM jobs {queued} queued or running; "
+                           f"wait for them (squeue --name=sweep-{spec.name}) or scancel them, then re-run")
     script = spec.out_dir / "sweep.sbatch"
     script.write_text(array_script(spec, pending))
     (spec.out_dir / "slurm-logs").mkdir(exist_ok=True)
