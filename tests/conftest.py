@@ -20,3 +20,9 @@ def shapes_shards(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def shapes_shards_16px(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """512 shapes samples at 16px (tiny-net training tests): 4 train shards of <= 128, 1 val shard (51 samples)."""
     return write_shapes_shards(tmp_path_factory.mktemp("shapes16"), 512, image_size=16, seed=0, samples_per_shard=128)
+
+
+@pytest.fixture(scope="session")
+def genart_cache(tmp_path_factory: pytest.TempPathFactory):
+    """A GENART_CACHE directory for the whole session: the shapes judge is trained once (~15 s) and shared."""
+    return tmp_path_factory.mktemp("genart-cache")

@@ -88,25 +88,36 @@ def train_judge(image_size: int = 32, recipe: dict | None = None) -> JudgeNet:
     """Train the judge on freshly rendered shapes (CPU, well under a minute at 32px); deterministic for a recipe."""
     r = {**TRAIN_RECIPE, **(recipe or {})}
     images, labels = render_batch([f"judge-train-{i}" for i in range(r["num_images"])], image_size)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(r["seed"])
-        net = JudgeNet(r["width"], r["feature_dim"])
-        opt = torch.optim.AdamW(net.parameters(), lr=r["lr"], weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["lr"], total_steps=r["steps"])
-        net.train()
-        for _ in range(r["steps"]):
-            idx = torch.randint(0, len(images), (r["batch_size"],))
-            # Generated images are noisy and blurred; seeing both keeps the judge's reading stable on them.
-            x = images[idx] + torch.randn(len(idx), 1, 1, 1).abs() * 0.1 * torch.randn_like(images[idx])
-            blur = torch.rand(len(idx), 1, 1, 1) < 0.3
-            x = torch.where(blur, F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1), x)
-            logits = net(x)
-            loss = sum(F.cross_entropy(logits[name], labels[name][idx]) for name in ATTRIBUTES)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    threads = torch.get_num_threads()
+    # Convs this small gain nothing from threads on a shared machine (they slow down ~8x under contention),
+    # and one thread makes the weights independent of the core count.
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(r["seed"])
+            net = JudgeNet(r["width"], r["feature_dim"])
+            _fit(net, images, labels, r)
+    finally:
+        torch.set_num_threads(threads)
     return net.eval().requires_grad_(False)
+
+
+def _fit(net: JudgeNet, images: Tensor, labels: dict[str, Tensor], r: dict) -> None:
+    opt = torch.optim.AdamW(net.parameters(), lr=r["lr"], weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["lr"], total_steps=r["steps"])
+    net.train()
+    for _ in range(r["steps"]):
+        idx = torch.randint(0, len(images), (r["batch_size"],))
+        # Generated images are noisy and blurred; seeing both keeps the judge's reading stable on them.
+        x = images[idx] + torch.randn(len(idx), 1, 1, 1).abs() * 0.1 * torch.randn_like(images[idx])
+        blur = torch.rand(len(idx), 1, 1, 1) < 0.3
+        x = torch.where(blur, F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1), x)
+        logits = net(x)
+        loss = sum(F.cross_entropy(logits[name], labels[name][idx]) for name in ATTRIBUTES)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
 
 
 def judge_cache_dir() -> Path:
