@@ -9,11 +9,20 @@ from genart_lightning.sweeps import SpecError, expand, launch_local, launch_slur
 
 USAGE = "genart sweep SPEC.yaml [--launcher local|slurm] [--dry-run] [--wait] | genart sweep report SPEC.yaml [--metric M] [--x KEY]"
 
+EPILOG = """spec (YAML; keys are the dotted keys `genart fit` takes; paths relative to the working directory):
+  base: experiments/vae_shapes.yaml        # or a list, merged like repeated --config
+  fixed: {trainer.max_steps: 600}          # in every run
+  grid: {model.init_args.lr: [3.0e-4, 1.0e-3]}
+  random: {samples: 4, seed: 0, params: {model.init_args.beta: {loguniform: [1.0e-5, 1.0e-3]}}}
+  seeds: [0, 1, 2]
+  metric: val/psnr                         # optional: name, out_dir (runs/<name>), x, slurm: {time: ...}
+runs go to <out_dir>/<run name>/ (config.yaml, logs, metrics.json); runs with metrics.json are skipped."""
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "sweep", help="expand a sweep spec into runs and launch them; `sweep report SPEC` tabulates them",
-        description=__doc__, usage=USAGE,
+        description=__doc__, usage=USAGE, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("words", nargs="+", metavar="[report] SPEC.yaml", help="sweep spec (see experiments/sweeps/)")
     p.add_argument("--launcher", choices=["local", "slurm"], default="local",
