@@ -29,7 +29,8 @@ class Throughput(L.Callback):
     nothing waits for the device per step: the one sync is the logger's own. The global rate assumes
     every rank runs the same batches (the datamodules guarantee equal batch counts per rank).
     Gradient norms are the total 2-norm of each optimizer's gradients, taken in `on_before_optimizer_step`,
-    which Lightning calls in automatic and manual optimization alike (before clipping and stepping).
+    which Lightning calls in automatic and manual optimization alike, after AMP unscaling and before
+    clipping and the step; optimizers are numbered in `configure_optimizers` order.
     """
 
     def __init__(self, grad_norms: bool = True, norm_type: float = 2.0) -> None:

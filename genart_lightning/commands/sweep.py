@@ -20,6 +20,7 @@ runs go to <out_dir>/<run name>/ (config.yaml, logs, metrics.json); runs with me
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `genart sweep` (with `report` as its first word for the report)."""
     p = subparsers.add_parser(
         "sweep", help="expand a sweep spec into runs and launch them; `sweep report SPEC` tabulates them",
         description=__doc__, usage=USAGE, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -35,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    """Launch the sweep's unfinished runs, or write its report; bad specs end in one `error:` line."""
     words = args.words
     is_report = words[0] == "report"
     if is_report:
