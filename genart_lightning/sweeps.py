@@ -262,9 +262,11 @@ def set_key(config: dict, dotted: str, value: Any) -> None:
 
 
 def _merge(into: dict, other: dict) -> dict:
+    """Deep-merge `other` into `into`; a section naming another class_path replaces the old one whole."""
     for key, value in other.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
+        old = into.get(key)
+        if isinstance(value, dict) and isinstance(old, dict) and value.get("class_path", old.get("class_path")) == old.get("class_path"):
+            _merge(old, value)
         else:
             into[key] = value
     return into
@@ -278,6 +280,10 @@ def resolved_config(spec: SweepSpec, run: Run) -> dict:
     for key, value in {**spec.fixed, **run.values}.items():
         set_key(config, key, value)
     config["seed_everything"] = run.seed
+    data = config.get("data")
+    swept = {*spec.fixed, *spec.swept_keys}
+    if isinstance(data, dict) and str(data.get("class_path", "")).endswith("TextImageDataModule") and "data.init_args.seed" not in swept:
+        set_key(config, "data.init_args.seed", run.seed)  # a seed replicate also varies the data order
     set_key(config, "trainer.default_root_dir", str(run.dir))
     set_key(config, "run_summary.path", str(run.metrics_path))
     loggers = config["trainer"].get("logger")

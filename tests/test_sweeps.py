@@ -13,7 +13,7 @@ import pytest
 import yaml
 from tracking_helpers import REPO, genart, tiny_config
 
-from genart_lightning.sweeps import SpecError, expand, load_spec, load_yaml, write_configs
+from genart_lightning.sweeps import SpecError, expand, load_spec, load_yaml, resolved_config, write_configs
 
 
 def write_spec(tmp_path: Path, base_config: dict, **spec) -> Path:
@@ -25,7 +25,8 @@ def write_spec(tmp_path: Path, base_config: dict, **spec) -> Path:
 
 
 def test_expand_grid_random_seeds_into_stable_runs_and_resolved_configs(tmp_path: Path) -> None:
-    base = {"model": {"class_path": "x.M", "init_args": {"lr": 0.1, "beta": 2}}, "trainer": {"max_steps": 5}}
+    base = {"model": {"class_path": "x.M", "init_args": {"lr": 0.1, "beta": 2}}, "trainer": {"max_steps": 5},
+            "data": {"class_path": "datamodules.webdataset.TextImageDataModule", "init_args": {"seed": 0}}}
     path = write_spec(
         tmp_path, base,
         fixed={"trainer.max_steps": 7},
@@ -51,6 +52,7 @@ def test_expand_grid_random_seeds_into_stable_runs_and_resolved_configs(tmp_path
     assert config["data"]["init_args"]["batch_size"] == 4
     assert config["trainer"]["max_steps"] == 7
     assert config["seed_everything"] == runs[5].seed
+    assert config["data"]["init_args"]["seed"] == runs[5].seed  # a seed replicate also reshuffles the data
     assert Path(config["trainer"]["default_root_dir"]) == runs[5].dir
     assert Path(config["run_summary"]["path"]) == runs[5].metrics_path
     lines = (tmp_path / "runs" / "runs.txt").read_text().splitlines()
@@ -79,6 +81,22 @@ def test_example_specs_expand_into_configs_that_genart_fit_accepts(
             for part in key.split("."):
                 node = node[part]
             assert node == value, (path, key)
+
+
+def test_several_bases_merge_like_repeated_config_and_loggers_write_into_the_run(tmp_path: Path) -> None:
+    base = {"trainer": {"max_steps": 5, "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                                   "init_args": {"save_dir": "runs/x", "default_hp_metric": False}}}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({"name": "s", "base": [str(tmp_path / "base.yaml"),
+                                         str(REPO / "experiments" / "logger_wandb.yaml")], "seeds": [4]}))
+    spec = load_spec(spec_path)
+    (run,) = expand(spec)
+    logger = resolved_config(spec, run)["trainer"]["logger"]
+    assert logger["class_path"] == "lightning.pytorch.loggers.WandbLogger"
+    assert "default_hp_metric" not in logger["init_args"]  # another class: the TensorBoard arguments are gone
+    assert logger["init_args"]["save_dir"] == str(run.dir) and logger["init_args"]["group"] == "s"
+    assert logger["init_args"]["project"] == "genart"
 
 
 @pytest.mark.parametrize(
