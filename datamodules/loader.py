@@ -71,6 +71,9 @@ class ShardLoader:
         self._resume: dict[int, tuple[int, int]] = {}
         self._resume_epoch = -1
 
+    batch_sampler = None
+    """Read by Lightning's shuffle check next to `sampler`; there is none (batches are made in the workers)."""
+
     @property
     def sampler(self) -> ShardLoader:
         """Lightning sets the epoch through `dataloader.sampler.set_epoch`."""
