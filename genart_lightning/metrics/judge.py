@@ -93,7 +93,7 @@ def train_judge(image_size: int = 32, recipe: dict | None = None) -> JudgeNet:
     # and one thread makes the weights independent of the core count.
     torch.set_num_threads(1)
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():  # callers may be inside no_grad (evaluation)
             torch.manual_seed(r["seed"])
             net = JudgeNet(r["width"], r["feature_dim"])
             _fit(net, images, labels, r)

@@ -1,0 +1,96 @@
+"""Periodic evaluation during fit: FID/KID (and CLIP score / attribute accuracy) as curves over training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+
+from genart_lightning.evaluation import Evaluator, Prompts
+from genart_lightning.models.base import GenerativeModel
+
+
+class PeriodicEvaluation(L.Callback):
+    """Every `every_n_steps` optimizer steps, score `num_samples` samples against the validation shards.
+
+    Runs on every rank (each samples its share; `compute` is a collective, so a rank-zero-only call
+    would hang). Families sample with their EMA weights inside `sample()`, so the curve is the EMA
+    model's. Values are logged as `val/fid`, `val/kid`, ... (so ModelCheckpoint can monitor them) and
+    appended with how they were computed to `<log_dir>/eval/metrics.jsonl`. The real reference
+    statistics are computed at the first evaluation and cached for later ones and for `genart eval`.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        num_samples: int = 1000,
+        data_urls: str | list[str] | None = None,
+        features: str = "inception",
+        fid_weights: str | None = None,
+        prompts: Prompts = "auto",
+        clip_model: str | None = None,
+        clip_pretrained: str | None = None,
+        guidance: float | None = None,
+        batch_size: int = 64,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            every_n_steps: evaluate when `trainer.global_step` passes a multiple of this (a GAN counts 2 per iteration).
+            num_samples: generated images per evaluation (over all ranks).
+            data_urls: real shards; default: the datamodule's `val_urls`.
+            features: FID/KID features: inception, judge (shapes data, offline) or a TorchScript file.
+            fid_weights: local Inception weights file (offline nodes).
+            prompts: conditional families: auto, shapes (attribute accuracy) or data (the shards' captions).
+            clip_model: OpenCLIP model for CLIP score (none by default); clip_pretrained: its tag or file.
+            guidance: classifier-free guidance scale for diffusion families (default: the family's own).
+            batch_size: images sampled per call on each rank.
+            seed: sampling seed; the same at every evaluation, so curves compare like with like.
+        """
+        self.every_n_steps = every_n_steps
+        self.options = dict(
+            num_samples=num_samples, features=features, fid_weights=fid_weights, prompts=prompts, clip_model=clip_model,
+            clip_pretrained=clip_pretrained, batch_size=batch_size, seed=seed,
+        )
+        self.data_urls = data_urls
+        self.guidance = guidance
+        self.evaluator: Evaluator | None = None
+        self._last_bucket = 0
+
+    def _data_urls(self, trainer: L.Trainer) -> str | list[str]:
+        urls = self.data_urls or getattr(getattr(trainer.datamodule, "hparams", None), "val_urls", None)
+        if not urls:
+            raise ValueError("PeriodicEvaluation has no real data: set its data_urls or the datamodule's --data.val_urls")
+        return urls
+
+    def evaluate(self, trainer: L.Trainer, pl_module: GenerativeModel) -> dict:
+        """Evaluate now (all ranks), log the numbers and append the full record on rank 0."""
+        if self.evaluator is None:
+            self.evaluator = Evaluator(self._data_urls(trainer), **self.options)
+        guidance = {"guidance": self.guidance} if self.guidance is not None else {}
+        result = self.evaluator(pl_module, **guidance)
+        result["step"] = trainer.global_step
+        for name, value in result.items():
+            if isinstance(value, float) and name != "guidance":  # the scores; settings go to the JSON record
+                pl_module.log(f"val/{name}", value, on_step=True, on_epoch=False, sync_dist=False)
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask
+        if trainer.is_global_zero:
+            path = Path(log_dir or trainer.default_root_dir) / "eval" / "metrics.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+        return result
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: GenerativeModel, outputs, batch, batch_idx: int) -> None:
+        # Buckets, not `step % n == 0`: a GAN's global_step moves by 2 per batch and could skip the multiple.
+        bucket = trainer.global_step // self.every_n_steps if self.every_n_steps > 0 else 0
+        if bucket > self._last_bucket:
+            self._last_bucket = bucket
+            self.evaluate(trainer, pl_module)
+
+    def state_dict(self) -> dict:
+        return {"last_bucket": self._last_bucket}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._last_bucket = state_dict.get("last_bucket", 0)
