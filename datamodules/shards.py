@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
+import statistics
+import tarfile
+import zlib
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
 import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+from webdataset.gopen import gopen
+from webdataset.shardlists import expand_urls as wds_expand_urls
+from webdataset.tariterators import base_plus_ext
+
+from datamodules.stream import IMAGE_EXTENSIONS, has_image_and_caption, read_shard
 
 SIZES_FILE = "sizes.json"
 """Per-directory JSON {shard file name: sample count}; lets the datamodule plan epochs without scanning tars."""
@@ -61,10 +74,8 @@ def brace_pattern(paths: list[str]) -> str:
 
 def expand_urls(urls: str | list[str]) -> list[str]:
     """Shard URLs from a brace pattern, a '::'-separated string or a list of either."""
-    from webdataset.shardlists import expand_urls as wds_expand
-
     items = [urls] if isinstance(urls, str) else list(urls)
-    return [u for item in items for u in wds_expand(item)]
+    return [u for item in items for u in wds_expand_urls(item)]
 
 
 def is_local(url: str) -> bool:
@@ -84,13 +95,6 @@ def count_samples(url: str, require_caption: bool = True) -> int:
 
 
 def _scan_count(url: str, require_caption: bool) -> int:
-    import tarfile
-
-    from webdataset.gopen import gopen
-    from webdataset.tariterators import base_plus_ext
-
-    from datamodules.stream import has_image_and_caption
-
     keys: dict[str, dict] = {}
     # Local tars are read by seeking from header to header; streams (pipe:, http) must be read through.
     mode, source = ("r:*", url) if is_local(url) else ("r|*", gopen(url))
@@ -106,3 +110,170 @@ def _scan_count(url: str, require_caption: bool) -> int:
         if not isinstance(source, str):
             source.close()
     return sum(has_image_and_caption(v, require_caption) for v in keys.values())
+
+
+IMAGE_COLUMNS = ("file", "image", "filename", "path")
+CAPTION_COLUMNS = ("caption", "text")
+
+
+def read_captions(captions_file: str | os.PathLike) -> list[tuple[str, str, dict]]:
+    """(image file, caption, other columns) rows of a CSV with a header or a JSONL file."""
+    path = Path(captions_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"captions file not found: {path} (from --captions); give a CSV or JSONL file")
+    if path.suffix.lower() in (".jsonl", ".json"):
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exn:
+                    raise ValueError(f"{path} line {number} is not JSON ({exn.msg}); one object per line") from None
+    else:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    columns = list(rows[0]) if rows else []
+    image_col = next((c for c in IMAGE_COLUMNS if c in columns), None)
+    caption_col = next((c for c in CAPTION_COLUMNS if c in columns), None)
+    if image_col is None or caption_col is None:
+        raise ValueError(
+            f"{path} has columns {columns}; need an image column ({'|'.join(IMAGE_COLUMNS)}) and a caption column"
+            f" ({'|'.join(CAPTION_COLUMNS)}), e.g. a CSV header 'file,caption'"
+        )
+    extra = [c for c in columns if c not in (image_col, caption_col)]
+    return [(str(r[image_col]), str(r[caption_col] or ""), {c: r.get(c) for c in extra}) for r in rows]
+
+
+def from_folder(
+    images_dir: str | os.PathLike,
+    captions_file: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    resize: int | None = None,
+    samples_per_shard: int = 1000,
+    val_fraction: float = 0.0,
+    empty_captions: bool = False,
+) -> dict:
+    """Turn a folder of images plus a CSV/JSONL of captions into train (and val) shards; returns url patterns.
+
+    Images are stored as they are unless `resize` is given (shorter side to `resize`, re-encoded in their format).
+    The val split takes the samples whose key hashes into `val_fraction`, so it is stable when images are added.
+    """
+    root = Path(images_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root} (from --images)")
+    rows = read_captions(captions_file)
+    captions = {}
+    for number, (name, caption, extra) in enumerate(rows, 1):
+        if not (root / name).is_file():
+            raise FileNotFoundError(
+                f"image not found: {root / name} (row {number} of {captions_file}); fix the name or drop the row"
+            )
+        captions[(root / name).resolve()] = (caption, extra)
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+    missing = [p for p in images if p.resolve() not in captions]
+    if missing and not empty_captions:
+        raise ValueError(
+            f"{len(missing)} images in {root} have no caption in {captions_file} (first: {missing[0].relative_to(root)});"
+            " add rows for them, or pass --empty-captions to store them with empty captions"
+        )
+    samples = {"train": [], "val": []}
+    for path in images:
+        key = _key(path.relative_to(root))
+        split = "val" if zlib.crc32(key.encode()) % 10_000 < val_fraction * 10_000 else "train"
+        samples[split].append((key, path))
+    result = {}
+    with tqdm(total=len(images), desc="writing shards", unit="img") as progress:
+        for split, items in samples.items():
+            if not items:
+                continue
+            encoded = (_folder_sample(key, path, root, captions, resize, progress) for key, path in items)
+            written = write_shards(encoded, out_dir, split, samples_per_shard)
+            result[f"{split}_urls"] = brace_pattern([p for p, _ in written])
+            result[f"num_{split}"] = len(items)
+    return result
+
+
+def _key(relative: Path) -> str:
+    """Sample key from a relative path; WebDataset keys may not contain dots (the extension starts at the first)."""
+    return str(relative.with_suffix("")).replace(os.sep, "__").replace(".", "_")
+
+
+def _folder_sample(key: str, path: Path, root: Path, captions: dict, resize: int | None, progress: tqdm) -> dict:
+    caption, extra = captions.get(path.resolve(), ("", {}))
+    data = path.read_bytes()
+    ext = path.suffix.lower().lstrip(".")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            size = image.size
+            if resize is not None:
+                image = image.convert("RGB")
+                scale = resize / min(size)
+                image = image.resize((round(size[0] * scale), round(size[1] * scale)), Image.Resampling.LANCZOS)
+                size = image.size
+                buffer = io.BytesIO()
+                fmt = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[ext]
+                image.save(buffer, format=fmt, **({"quality": 95} if fmt != "PNG" else {}))
+                data = buffer.getvalue()
+    except Exception as exn:
+        raise ValueError(f"unreadable image: {path} ({type(exn).__name__}: {exn}); re-save or remove it") from None
+    progress.update()
+    meta = {"source": str(path.relative_to(root)), "width": size[0], "height": size[1], **extra}
+    return {"__key__": key, ext: data, "txt": caption.encode(), "json": json.dumps(meta, sort_keys=True).encode()}
+
+
+def inspect_shards(urls: str | list[str], require_caption: bool = True) -> dict:
+    """Decode every sample of the shards: counts, image sizes, caption lengths and every unusable entry."""
+    report: dict = {"shards": {}, "sizes": Counter(), "caption_chars": [], "unreadable": [], "ignored": Counter()}
+    for url in tqdm(expand_urls(urls), desc="reading shards", unit="shard"):
+        count, key = 0, "-"
+        try:
+            for sample in read_shard(url, everything=True):
+                key = sample["__key__"]
+                report["ignored"].update(e for e in sample if e != "__key__" and e not in (*IMAGE_EXTENSIONS, "txt", "json"))
+                problem = _sample_problem(sample, require_caption, report)
+                if problem:
+                    report["unreadable"].append(f"{url}: {key}: {problem}")
+                else:
+                    count += 1
+        except Exception as exn:
+            report["unreadable"].append(f"{url}: after {key}: unreadable tar ({type(exn).__name__}: {exn})")
+        report["shards"][url] = count
+    report["num_samples"] = sum(report["shards"].values())
+    return report
+
+
+def _sample_problem(sample: dict, require_caption: bool, report: dict) -> str:
+    if not has_image_and_caption(sample, require_caption):
+        return "no image" if not has_image_and_caption(sample, False) else "no caption"
+    ext = next(e for e in IMAGE_EXTENSIONS if e in sample)
+    try:
+        with Image.open(io.BytesIO(sample[ext])) as image:
+            image.load()
+            report["sizes"][image.size] += 1
+        report["caption_chars"].append(len(sample.get("txt", b"").decode("utf-8").strip()))
+    except Exception as exn:
+        return f"{type(exn).__name__}: {exn}"
+    return ""
+
+
+def format_report(report: dict) -> str:
+    """Human-readable summary of `inspect_shards`."""
+    lines = [f"{len(report['shards'])} shards, {report['num_samples']} usable samples"]
+    if report["sizes"]:
+        widths = [w for (w, _), n in report["sizes"].items() for _ in range(n)]
+        heights = [h for (_, h), n in report["sizes"].items() for _ in range(n)]
+        common = ", ".join(f"{w}x{h} ({n})" for (w, h), n in report["sizes"].most_common(3))
+        lines.append(f"image width {min(widths)}..{max(widths)}, height {min(heights)}..{max(heights)}; most common: {common}")
+    if report["caption_chars"]:
+        chars = report["caption_chars"]
+        empty = sum(c == 0 for c in chars)
+        lines.append(
+            f"caption length (chars) min {min(chars)}, median {statistics.median(chars):g}, mean {statistics.mean(chars):.1f},"
+            f" max {max(chars)}; {empty} empty"
+        )
+    if report["ignored"]:
+        lines.append("ignored members (never decoded): " + ", ".join(f".{e} x{n}" for e, n in report["ignored"].items()))
+    lines.append(f"{len(report['unreadable'])} unreadable entries" + (":" if report["unreadable"] else ""))
+    lines.extend("  " + entry for entry in report["unreadable"])
+    return "\n".join(lines)

@@ -72,12 +72,12 @@ class Transform:
         return np.asarray(image, dtype=np.uint8)
 
 
-def read_shard(url: str) -> Iterator[dict]:
-    """Yield samples {"__key__", ext: bytes} of one tar, reading only image and caption members."""
+def read_shard(url: str, everything: bool = False) -> Iterator[dict]:
+    """Yield samples {"__key__", ext: bytes} of one tar, reading only image and caption members (all: `everything`)."""
     stream = gopen(url)
     current: dict | None = None
     try:
-        for member in tar_file_iterator(stream, select_files=_wanted, handler=_reraise):
+        for member in tar_file_iterator(stream, select_files=None if everything else _wanted, handler=_reraise):
             key, ext = base_plus_ext(member["fname"])
             if current is not None and key != current["__key__"]:
                 yield current

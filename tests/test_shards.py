@@ -1,0 +1,97 @@
+"""Shard writers and inspection: a user's folder + captions -> shards the datamodule reads; `genart shards` CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from datamodules.shards import count_samples, expand_urls, from_folder, inspect_shards
+from datamodules.webdataset import TextImageDataModule
+from genart_lightning.cli import main
+
+
+def _folder(root: Path) -> dict[str, str]:
+    """Five images of mixed formats and sizes in a nested folder; returns file -> caption."""
+    captions = {}
+    for i, (ext, size) in enumerate([("jpg", (40, 30)), ("png", (20, 20)), ("png", (64, 48)), ("webp", (30, 60)),
+                                     ("jpeg", (33, 33))]):
+        name = f"{'sub/' if i == 2 else ''}img.{i}.{ext}"
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", size, (50 * i, 80, 120)).save(root / name)
+        captions[name] = f"picture number {i}, with a comma"
+    return captions
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_from_folder_roundtrip(tmp_path, fmt):
+    captions = _folder(tmp_path / "images")
+    table = tmp_path / f"captions.{fmt}"
+    if fmt == "csv":
+        lines = ["file,caption,license"] + [f'{f},"{c}",cc-by' for f, c in captions.items()]
+        table.write_text("\n".join(lines) + "\n")
+    else:
+        table.write_text("".join(json.dumps({"image": f, "text": c, "license": "cc-by"}) + "\n" for f, c in captions.items()))
+    info = from_folder(tmp_path / "images", table, tmp_path / "out", resize=16, samples_per_shard=2)
+    assert info["num_train"] == 5 and "val_urls" not in info
+    urls = expand_urls(info["train_urls"])
+    assert [count_samples(u) for u in urls] == [2, 2, 1]
+    dm = TextImageDataModule(info["train_urls"], info["train_urls"], batch_size=1, num_workers=0, image_size=16)
+    dm.setup("fit")
+    got = {k: c for b in dm.val_dataloader() for k, c in zip(b["key"], b["caption"], strict=True)}
+    assert got == {f.rsplit(".", 1)[0].replace("/", "__").replace(".", "_"): c for f, c in captions.items()}
+    with tarfile.open(urls[1]) as tar:
+        meta = json.loads(tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith(".json"))).read())
+    assert meta["license"] == "cc-by" and min(meta["width"], meta["height"]) == 16
+
+
+def test_from_folder_clear_errors(tmp_path):
+    captions = _folder(tmp_path / "images")
+    table = tmp_path / "c.csv"
+    with pytest.raises(FileNotFoundError, match=r"captions file not found: .*c.csv \(from --captions\)"):
+        from_folder(tmp_path / "images", table, tmp_path / "out")
+    table.write_text("name,words\na,b\n")
+    with pytest.raises(ValueError, match=r"need an image column \(file\|image\|filename\|path\)"):
+        from_folder(tmp_path / "images", table, tmp_path / "out")
+    table.write_text("file,caption\nimg.0.jpg,one\nnope.png,two\n")
+    with pytest.raises(FileNotFoundError, match=r"image not found: .*nope.png \(row 2 of .*c.csv\)"):
+        from_folder(tmp_path / "images", table, tmp_path / "out")
+    table.write_text("file,caption\nimg.0.jpg,one\n")
+    with pytest.raises(ValueError, match=r"4 images in .* have no caption .*--empty-captions"):
+        from_folder(tmp_path / "images", table, tmp_path / "out")
+    info = from_folder(tmp_path / "images", table, tmp_path / "out", empty_captions=True, val_fraction=0.5)
+    assert info["num_train"] + info["num_val"] == len(captions) and info["num_val"] > 0
+
+
+def test_info_counts_unreadable_entries(shapes_shards, tmp_path):
+    source = Path(shapes_shards["val_shards"][0])
+    with tarfile.open(source) as src, tarfile.open(tmp_path / "mixed.tar", "w") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read()
+            if member.name == "val00000217.png":
+                data = data[:40]  # corrupt image
+            if member.name == "val00000220.txt":
+                continue  # caption-less sample
+            member.size = len(data)
+            dst.addfile(member, io.BytesIO(data))
+    report = inspect_shards(str(tmp_path / "mixed.tar"))
+    assert report["num_samples"] == 22
+    assert len(report["unreadable"]) == 2
+    assert "val00000217" in report["unreadable"][0] and "no caption" in report["unreadable"][1]
+    assert report["sizes"] == {(32, 32): 22}
+
+
+def test_cli_shapes_then_info(tmp_path, capsys):
+    main(["shards", "shapes", "--out", str(tmp_path), "--num-samples", "50", "--image-size", "16", "--seed", "1",
+          "--shard-size", "20"])
+    out = capsys.readouterr().out
+    assert "train: 45 samples -> " in out and "train-{000000..000002}.tar" in out
+    main(["shards", "info", str(tmp_path / "train-{000000..000002}.tar")])
+    out = capsys.readouterr().out
+    assert "3 shards, 45 usable samples" in out and "16x16 (45)" in out and "0 unreadable entries" in out
+    with pytest.raises(SystemExit, match=r"shard not found: .*train-000008.tar \(2 missing\)"):
+        main(["shards", "info", str(tmp_path / "train-{000008..000009}.tar")])
