@@ -71,9 +71,13 @@ class PeriodicEvaluation(L.Callback):
         guidance = {"guidance": self.guidance} if self.guidance is not None else {}
         result = self.evaluator(pl_module, **guidance)
         result["step"] = trainer.global_step
-        for name, value in result.items():
-            if isinstance(value, float) and name != "guidance":  # the scores; settings go to the JSON record
-                pl_module.log(f"val/{name}", value, on_step=True, on_epoch=False, sync_dist=False)
+        scores = {f"val/{k}": v for k, v in result.items() if isinstance(v, float) and k != "guidance"}  # settings: JSON
+        for name, value in scores.items():
+            # callback_metrics only (ModelCheckpoint can monitor val/fid); loggers get the values directly below,
+            # since self.log would hold them back until a multiple of log_every_n_steps.
+            pl_module.log(name, value, on_step=True, on_epoch=False, logger=False)
+        for logger in trainer.loggers:
+            logger.log_metrics(scores, step=trainer.global_step)
         log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask
         if trainer.is_global_zero:
             path = Path(log_dir or trainer.default_root_dir) / "eval" / "metrics.jsonl"
