@@ -154,6 +154,18 @@ def test_resampled_epoch_length_and_seeded_stream(shapes_shards):
     assert len(first) == 40 and first == keys(1) and first != keys(2)
 
 
+def test_resampled_ranks_draw_distinct_streams_of_equal_length(shapes_shards):
+    streams = []
+    for rank in range(2):
+        dm = TextImageDataModule(shapes_shards["train_urls"], batch_size=8, num_workers=0, mode="resampled",
+                                 batches_per_epoch=5, shuffle_buffer=16)
+        dm._rank_world = lambda rank=rank: (rank, 2)  # what a 2-rank Trainer reports to rank `rank`
+        dm.setup("fit")
+        streams.append([k for b in dm.train_dataloader() for k in b["key"]])
+    assert len(streams[0]) == len(streams[1]) == 40
+    assert streams[0] != streams[1]
+
+
 def test_resume_mid_epoch_same_keys_in_order(tmp_path):
     """N steps vs N/2 + resume + N/2: identical keys in order (2 workers, checkpoint mid-epoch at an odd batch)."""
     info = write_shapes_shards(tmp_path / "data", 120, image_size=8, samples_per_shard=27)  # 4 shards, 108 train
@@ -174,3 +186,26 @@ def test_resume_mid_epoch_same_keys_in_order(tmp_path):
     first_epoch = full.keys[: 12 * 8]
     assert len(set(first_epoch)) == len(first_epoch)
     assert full.keys[12 * 8 : 20 * 8] != first_epoch[: 8 * 8]  # the next epoch is reshuffled
+
+
+def test_resampled_resume_continues_the_same_stream(shapes_shards):
+    """Loader-level resume with 2 workers: state after 5 batches + a fresh loader == the uninterrupted stream."""
+
+    def loader():
+        dm = TextImageDataModule(shapes_shards["train_urls"], batch_size=4, num_workers=2, mode="resampled",
+                                 batches_per_epoch=10, seed=3, shuffle_buffer=8, image_size=8)
+        dm.setup("fit")
+        return dm.train_dataloader()
+
+    first = loader()
+    first.set_epoch(1)
+    full, state = [], None
+    for i, batch in enumerate(first):
+        full.append(batch["key"])
+        if i == 4:
+            state = first.state_dict()
+    resumed = loader()
+    resumed.load_state_dict(state)
+    resumed.set_epoch(1)
+    rest = [batch["key"] for batch in resumed]
+    assert len(full) == 10 and rest == full[5:]
