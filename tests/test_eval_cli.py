@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 
 import pytest
 import torch
 
-from genart_lightning.commands.eval import register
+from genart_lightning.cli import main
 from genart_lightning.models.base import FAMILY_KEY
-
-
-def main(argv: list[str]) -> None:
-    """`genart eval ...` through its own parser."""
-    parser = argparse.ArgumentParser(prog="genart")
-    register(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    args.func(args)
 
 
 def write_checkpoint(model, path) -> str:

@@ -71,3 +71,29 @@ def test_missing_inception_weights_error_names_paths_and_fetch(tmp_path, monkeyp
     assert "--fid-weights" in message and "curl" in message
     with pytest.raises(WeightsMissingError, match="--fid-weights .*nowhere.pth"):
         build_features("inception", resolution=32, weights=tmp_path / "nowhere.pth")
+
+
+@pytest.mark.slow
+def test_inception_features_load_from_fid_weights_or_hub_cache(tmp_path, monkeypatch):
+    from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
+
+    # No network here: make a weights file of the right layout (random values) the way an offline user would copy one.
+    monkeypatch.setattr(tf_inception, "load_state_dict_from_url", lambda *a, **k: None)
+    monkeypatch.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+    layout = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict()
+    monkeypatch.undo()
+    weights = tmp_path / "my-inception.pth"
+    torch.save(layout, weights)
+
+    features = build_features("inception", resolution=32, weights=weights)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        out = features(images)
+    assert out.shape == (2, 2048) and features.antialias is False  # original TF-style resize, recorded in metrics.json
+
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / INCEPTION_FILE).symlink_to(weights)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with torch.no_grad():
+        assert torch.allclose(build_features("inception", resolution=32)(images), out)  # found in the hub cache
