@@ -115,6 +115,8 @@ class ShardLoader:
         else:
             cfg = replace(cfg, epoch=self.epoch)
         self._positions = dict(resume)
+        # A fresh DataLoader per epoch: the epoch's plan is baked into its workers. Starting them is cheap with fork
+        # (Linux's default); under spawn/forkserver each epoch pays the workers' imports once.
         loader = DataLoader(
             ShardStream(cfg),
             batch_size=None,

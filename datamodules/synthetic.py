@@ -170,24 +170,24 @@ def dominant_shape_colour(images: Tensor, min_distance: float = 60.0) -> list[st
     pixels, and pixels farther than `min_distance` (0-255 RGB units) and near the farthest from it vote for their
     nearest palette colour other than the background's.
     """
-    x = (images.detach().float().clamp(-1, 1) + 1) * 127.5
+    names = list(COLOURS)
+    return [names[i] if i >= 0 else "none" for chunk in images.split(256) for i in _shape_colour_index(chunk, min_distance)]
+
+
+def _shape_colour_index(images: Tensor, min_distance: float) -> list[int]:
+    x = (images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5
     x = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     rgb = x.permute(0, 2, 3, 1)  # [B,H,W,3]
     palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32)
-    names = list(COLOURS)
     border = torch.cat([rgb[:, 0], rgb[:, -1], rgb[:, :, 0], rgb[:, :, -1]], dim=1)  # [B,4W,3]
     background = border.median(dim=1).values  # [B,3]
-    out = []
-    for pixels, bg in zip(rgb.reshape(len(rgb), -1, 3), background, strict=True):
-        from_bg = (pixels - bg).norm(dim=1)
-        # Only the shape's core votes: smoothed edge pixels are blends that can sit nearer a third colour.
-        far = pixels[from_bg > max(min_distance, 0.7 * float(from_bg.max()))]
-        if len(far) == 0:
-            out.append("none")
-            continue
-        dist = torch.cdist(far, palette)
-        bg_index = int(torch.cdist(bg[None], palette).argmin())
-        dist[:, bg_index] = float("inf")  # a shape never has the background's colour
-        votes = torch.bincount(dist.argmin(dim=1), minlength=len(names))
-        out.append(names[int(votes.argmax())])
-    return out
+    pixels = rgb.reshape(len(rgb), -1, 3)  # [B,HW,3]
+    from_bg = (pixels - background[:, None]).norm(dim=2)  # [B,HW]
+    # Only the shape's core votes: smoothed edge pixels are blends that can sit nearer a third colour.
+    threshold = (0.7 * from_bg.amax(dim=1)).clamp(min=min_distance)
+    voters = from_bg > threshold[:, None]
+    dist = torch.cdist(pixels, palette.expand(len(pixels), -1, -1))  # [B,HW,P]
+    bg_index = torch.cdist(background[:, None], palette.expand(len(pixels), -1, -1)).argmin(dim=2)  # [B,1]
+    dist.scatter_(2, bg_index[:, None].expand(-1, dist.shape[1], 1), float("inf"))  # never the background's colour
+    votes = torch.nn.functional.one_hot(dist.argmin(dim=2), len(palette)).mul(voters[..., None]).sum(dim=1)
+    return torch.where(voters.any(dim=1), votes.argmax(dim=1), -1).tolist()
