@@ -36,7 +36,7 @@ def wandb_records(run_file: Path) -> list[dict]:
     """Every record of a run's .wandb log, decoded by wandb itself (`wandb leet inspect --json`)."""
     out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_file)],
                          capture_output=True, text=True, check=True, timeout=120)
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
 
 @pytest.mark.slow
