@@ -1,4 +1,7 @@
-"""Reproducible runs: same config and seed -> same loss curve on CPU; a run is reproducible from its saved config."""
+"""Reproducible runs: same config and seed -> same loss curve on CPU; a run is reproducible from its saved config.
+
+(That another seed gives another curve is checked by the sweep test: its four runs all end differently.)
+"""
 
 from __future__ import annotations
 
@@ -45,7 +48,3 @@ def test_identical_cpu_runs_give_identical_losses_and_saved_config_reproduces_th
     genart("fit", "--config", str(saved), cwd=elsewhere)
     assert step_losses(tmp_path / "a" / "lightning_logs" / "version_1" / "metrics.csv") == run_a
 
-    # And the seed matters: another seed, another curve.
-    genart("fit", "--config", str(saved), "--seed_everything=7", f"--trainer.max_steps={STEPS // 2}", cwd=elsewhere)
-    other = step_losses(tmp_path / "a" / "lightning_logs" / "version_2" / "metrics.csv")
-    assert len(other) == STEPS // 2 and other != run_a[: STEPS // 2]

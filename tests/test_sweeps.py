@@ -11,9 +11,23 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tracking_helpers import REPO, genart, tiny_config
+from tracking_helpers import REPO, tiny_config
 
+from genart_lightning.cli import lightning_cli, main
 from genart_lightning.sweeps import SpecError, expand, load_spec, load_yaml, resolved_config, write_configs
+
+
+@pytest.fixture
+def sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """`genart sweep ARGS` in this process, from tmp_path; the fits it launches are processes of their own."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # each fit on one core, as the tests share a small machine
+
+    def run(*args: str) -> str:
+        main(["sweep", *args])
+        return capsys.readouterr().out
+
+    return run
 
 
 def write_spec(tmp_path: Path, base_config: dict, **spec) -> Path:
@@ -62,8 +76,6 @@ def test_expand_grid_random_seeds_into_stable_runs_and_resolved_configs(tmp_path
 def test_example_specs_expand_into_configs_that_genart_fit_accepts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    from genart_lightning.cli import lightning_cli
-
     monkeypatch.chdir(REPO)  # spec paths are relative to the working directory, as when a user runs them
     specs = [p for p in sorted((REPO / "experiments" / "sweeps").glob("*.yaml")) if p.name != "wandb_sweep.yaml"]
     assert specs
@@ -116,12 +128,12 @@ def test_bad_specs_fail_with_one_clear_line(tmp_path: Path, spec: dict, message:
     assert "\n" not in str(err.value)
 
 
-def test_slurm_dry_run_writes_array_whose_task_i_runs_config_i(tmp_path: Path) -> None:
+def test_slurm_dry_run_writes_array_whose_task_i_runs_config_i(tmp_path: Path, sweep) -> None:
     path = write_spec(tmp_path, {"trainer": {}}, grid={"model.init_args.lr": [1e-3, 2e-3, 4e-3]}, seeds=[0],
                       slurm={"partition": "debug", "time": "00:10:00"})
     (tmp_path / "runs" / "lr=0.002,seed=0").mkdir(parents=True)
     (tmp_path / "runs" / "lr=0.002,seed=0" / "metrics.json").write_text("{}")  # finished: no task for it
-    out = genart("sweep", str(path), "--launcher", "slurm", "--dry-run", cwd=tmp_path)
+    out = sweep(str(path), "--launcher", "slurm", "--dry-run")
     assert "2 of 3 runs pending" in out
     runs = expand(load_spec(path))
     script = (tmp_path / "runs" / "sweep.sbatch").read_text()
@@ -142,12 +154,12 @@ def test_slurm_dry_run_writes_array_whose_task_i_runs_config_i(tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_local_sweep_2x2_report_and_rerun_launches_nothing(tmp_path: Path, shapes_shards_16px: dict) -> None:
+def test_local_sweep_2x2_report_and_rerun_launches_nothing(tmp_path: Path, shapes_shards_16px: dict, sweep) -> None:
     path = write_spec(tmp_path, tiny_config(shapes_shards_16px), grid={"model.init_args.lr": [1e-3, 3e-3]},
                       seeds=[1, 2], metric="train/loss")
-    first = genart("sweep", str(path), cwd=tmp_path)
+    first = sweep(str(path))
     assert first.count(": running") == 4, first
-    report = genart("sweep", "report", str(path), cwd=tmp_path)
+    report = sweep("report", str(path))
     with open(tmp_path / "runs" / "report.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 and all(float(r["train/loss"]) > 0 for r in rows)
@@ -159,19 +171,19 @@ def test_local_sweep_2x2_report_and_rerun_launches_nothing(tmp_path: Path, shape
     losses = {r["run"]: r["train/loss"] for r in rows}
     assert len(set(losses.values())) == 4  # the settings and seeds really differ
 
-    second = genart("sweep", str(path), cwd=tmp_path)
+    second = sweep(str(path))
     assert "running" not in second and second.count("finished, skipped") == 4
 
 
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_slurm_array_runs_every_config(tmp_path: Path, shapes_shards_16px: dict) -> None:
+def test_slurm_array_runs_every_config(tmp_path: Path, shapes_shards_16px: dict, sweep) -> None:
     if shutil.which("sinfo") is None or subprocess.run(["sinfo"], capture_output=True).returncode != 0:
         pytest.skip("no SLURM cluster here (start one with slurm/local-cluster.sh up)")
     path = write_spec(tmp_path, tiny_config(shapes_shards_16px), seeds=[1, 2], slurm={"time": "00:05:00"})
-    genart("sweep", str(path), "--launcher", "slurm", "--wait", cwd=tmp_path, timeout=600)
+    sweep(str(path), "--launcher", "slurm", "--wait")
     runs = expand(load_spec(path))
     assert all(r.finished for r in runs), list((tmp_path / "runs" / "slurm-logs").iterdir())
     logs = sorted((tmp_path / "runs" / "slurm-logs").glob("*.out"))
     assert len(logs) == 2 and all("array task" in log.read_text() for log in logs)
-    assert "all 2 runs finished" in genart("sweep", str(path), "--launcher", "slurm", cwd=tmp_path)
+    assert "all 2 runs finished" in sweep(str(path), "--launcher", "slurm")
