@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
-from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
+
+
+@torch.no_grad()
+def _ema_update(ema: list[Tensor], current: list[Tensor], num_averaged: Tensor, decay: float) -> None:
+    if ema[0].is_floating_point():
+        torch._foreach_lerp_(ema, current, 1.0 - decay)
+    else:  # integer buffers (BatchNorm's num_batches_tracked) follow the network
+        torch._foreach_copy_(ema, current)
 
 
 def make_ema(net: nn.Module, decay: float) -> AveragedModel:
-    """EMA copy of `net`; buffers are averaged too so norm statistics follow. Update with `.update_parameters(net)`."""
-    return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True).requires_grad_(False)
+    """EMA copy of `net`; buffers are averaged too so norm statistics follow. Update with `.update_parameters(net)`.
+
+    The update is a module-level function (not torch's closure), so the model pickles: `ddp_spawn` works.
+    """
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"EMA decay {decay} is outside [0, 1]; use e.g. 0.999")
+    return AveragedModel(net, multi_avg_fn=partial(_ema_update, decay=decay), use_buffers=True).requires_grad_(False)

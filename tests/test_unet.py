@@ -1,0 +1,75 @@
+"""U-Net: shapes, text conditioning that really reaches the output, masking, checkpointing and memory format."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from genart_lightning.nn.unet import UNet
+
+
+def tiny_unet(**kwargs) -> UNet:
+    torch.manual_seed(0)
+    config = dict(in_channels=3, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), head_channels=8)
+    net = UNet(**{**config, **kwargs})
+    with torch.no_grad():  # zero-initialised output layers would hide every input dependence
+        for p in net.parameters():
+            if not p.any():
+                p.normal_(0, 0.1)
+    return net.eval()
+
+
+def inputs(b: int = 2, size: int = 16, channels: int = 3, tokens: int = 5, dim: int = 12):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b, channels, size, size, generator=g)
+    t = torch.tensor([10, 900][:b])
+    context = torch.randn(b, tokens, dim, generator=g)
+    mask = torch.ones(b, tokens, dtype=torch.bool)
+    return x, t, context, mask, torch.randn(b, 6, generator=g)
+
+
+@pytest.mark.parametrize(("channel_mult", "attention_levels", "size"), [((1,), (0,), 8), ((1, 2), (1,), 16), ((1, 2, 2), (0, 2), 16)])
+def test_output_has_the_input_shape(channel_mult, attention_levels, size):
+    net = tiny_unet(in_channels=4, channel_mult=channel_mult, attention_levels=attention_levels)
+    x = torch.randn(3, 4, size, size)
+    assert net(x, torch.tensor([0, 1, 999])).shape == x.shape
+
+
+def test_timestep_and_text_change_the_output_but_masked_tokens_do_not():
+    net = tiny_unet(context_dim=12, pooled_dim=6)
+    x, t, context, mask, pooled = inputs()
+    with torch.no_grad():
+        base = net(x, t, context, mask, pooled)
+        assert not torch.allclose(base, net(x, t.flip(0), context, mask, pooled), atol=1e-4)
+        assert not torch.allclose(base, net(x, t, context + 1, mask, pooled), atol=1e-4)  # cross-attention path
+        assert not torch.allclose(base, net(x, t, context, mask, pooled + 1), atol=1e-4)  # pooled-embedding path
+        mask[:, 3:] = False
+        masked = net(x, t, context, mask, pooled)
+        context[:, 3:] = 100.0  # padding tokens: must be ignored
+        torch.testing.assert_close(net(x, t, context, mask, pooled), masked)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    x, t, context, mask, pooled = inputs()
+    grads = []
+    for checkpointing in (False, True):
+        net = tiny_unet(context_dim=12, pooled_dim=6, gradient_checkpointing=checkpointing).train()
+        net(x, t, context, mask, pooled).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_channels_last_gives_the_same_output():
+    net = tiny_unet(context_dim=12)
+    x, t, context, mask, _ = inputs()
+    with torch.no_grad():
+        expected = net(x, t, context, mask)
+        net.to(memory_format=torch.channels_last)
+        torch.testing.assert_close(net(x.contiguous(memory_format=torch.channels_last), t, context, mask), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_bad_configuration_and_input_size_are_named():
+    with pytest.raises(ValueError, match=r"attention_levels \[3\] outside 0..1"):
+        UNet(channel_mult=(1, 2), attention_levels=(3,))
+    with pytest.raises(ValueError, match="must be divisible by 2"):
+        tiny_unet()(torch.randn(1, 3, 15, 15), torch.tensor([1]))
