@@ -31,10 +31,15 @@ class EpochPlan:
 
 def plan_exact(counts: list[int], world_size: int, workers: int, batch_size: int, seed: int, epoch: int) -> EpochPlan:
     """Deal shards (shuffled per epoch, same on all ranks) to slots; equalise ranks by trimming whole batches."""
-    slots = world_size * workers
     order = list(range(len(counts)))
     random.Random(f"{seed}-{epoch}").shuffle(order)
-    slot_shards = [order[s::slots] for s in range(slots)]
+    # Largest shards first, each to the emptiest rank, then within a rank to its emptiest worker: totals end up
+    # close, so trimming ranks to equal batch counts drops little. Equal-sized shards go round robin, in the
+    # epoch's shuffled order.
+    by_size = sorted(order, key=lambda i: -counts[i])
+    slot_shards = []
+    for rank_shards in _deal(by_size, counts, world_size, minimum=workers):
+        slot_shards.extend(_deal(rank_shards, counts, workers))
     available = [sum(counts[i] for i in shards) // batch_size for shards in slot_shards]
     per_rank = min(sum(available[r * workers : (r + 1) * workers]) for r in range(world_size))
     quotas = list(available)
@@ -43,6 +48,20 @@ def plan_exact(counts: list[int], world_size: int, workers: int, batch_size: int
         for _ in range(sum(quotas[s] for s in mine) - per_rank):
             quotas[max(mine, key=lambda s: quotas[s])] -= 1  # trim the fullest worker first
     return EpochPlan(slot_shards, quotas, per_rank, sum(counts) - per_rank * world_size * batch_size)
+
+
+def _deal(shards: list[int], counts: list[int], bins: int, minimum: int = 1) -> list[list[int]]:
+    """Greedy balance: each shard (in order) to the bin with the fewest samples, keeping `minimum` shards per bin."""
+    out: list[list[int]] = [[] for _ in range(bins)]
+    totals = [0] * bins
+    for done, shard in enumerate(shards):
+        short = [b for b in range(bins) if len(out[b]) < minimum]
+        # Once the shards left only just cover the bins still short of `minimum`, they go there.
+        candidates = short if sum(minimum - len(out[b]) for b in short) >= len(shards) - done else range(bins)
+        target = min(candidates, key=lambda b: (totals[b], b))
+        out[target].append(shard)
+        totals[target] += counts[shard]
+    return out
 
 
 def plan_resampled(batches_per_rank: int, world_size: int, workers: int) -> EpochPlan:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import random
 import tarfile
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from datamodules.loader import plan_exact
 from datamodules.synthetic import write_shapes_shards
 from datamodules.webdataset import TextImageDataModule
 
@@ -209,3 +211,21 @@ def test_resampled_resume_continues_the_same_stream(shapes_shards):
     resumed.set_epoch(1)
     rest = [batch["key"] for batch in resumed]
     assert len(full) == 10 and rest == full[5:]
+
+
+def test_exact_plan_gives_every_slot_shards_and_every_rank_equal_batches():
+    rng = random.Random(0)
+    for trial in range(200):
+        ranks, workers, batch = rng.randint(1, 4), rng.randint(1, 3), rng.choice([1, 4, 16])
+        counts = [rng.choice([3, 40, 100, 1000]) for _ in range(rng.randint(ranks * workers, ranks * workers + 7))]
+        plan = plan_exact(counts, ranks, workers, batch, seed=0, epoch=trial)
+        assert sorted(s for shards in plan.slot_shards for s in shards) == list(range(len(counts)))
+        assert all(plan.slot_shards)  # no worker without shards
+        for r in range(ranks):
+            mine = range(r * workers, (r + 1) * workers)
+            assert sum(plan.slot_quotas[s] for s in mine) == plan.batches_per_rank
+            for s in mine:  # a quota never exceeds what the slot's shards hold
+                assert plan.slot_quotas[s] * batch <= sum(counts[i] for i in plan.slot_shards[s])
+        assert plan.dropped == sum(counts) - plan.batches_per_rank * ranks * batch
+    # Balanced dealing: 9 full shards and a small one over 2 ranks leave out far less than one shard per rank.
+    assert plan_exact([1000] * 9 + [300], 2, 2, 64, seed=0, epoch=0).dropped < 1000
