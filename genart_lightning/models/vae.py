@@ -195,6 +195,10 @@ class VAE(GenerativeModel):
         self.log_dict({"train/loss": loss, "train/latent_scale": self._latent_scale}, prog_bar=True)
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        # trainer.log_dir is a DDP broadcast: every rank asks here, not rank 0 alone inside validation_step
+        self._image_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "reconstructions"
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         images = batch["image"]
         recon = self.reconstruct(images, batch["caption"] if self.conditional else None)
@@ -206,7 +210,7 @@ class VAE(GenerativeModel):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # one optimizer for autoencoder and discriminator: _adversarial_terms keeps their gradients apart
         params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.Adam(params, lr=self.hparams.lr, betas=(0.5, 0.9))
+        return torch.optim.Adam(params, lr=self.hparams.lr, betas=(0.5, 0.9), fused=self.fused_optimizer())
 
     # ---- internals ----
 
@@ -272,7 +276,6 @@ class VAE(GenerativeModel):
         pairs = torch.stack([images[:k], recon[:k]], dim=1).flatten(0, 1)  # input, reconstruction, input, ...
         grid = images_to_grid(pairs, nrow=8)
         step = self.global_step
-        path = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "reconstructions" / f"step{step:08d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(grid, path)
+        self._image_dir.mkdir(parents=True, exist_ok=True)
+        save_image(grid, self._image_dir / f"step{step:08d}.png")
         log_image(self.trainer, "val/reconstructions", grid, step)
