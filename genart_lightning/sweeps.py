@@ -112,7 +112,7 @@ def load_spec(path: str | Path) -> SweepSpec:
         out_dir: runs/gan_lr               # default runs/<name>
         metric: val/fid                    # what `genart sweep report` plots
         x: model.init_args.lr              # against this swept key (default: the first one)
-        slurm: {partition: gpu, time: "04:00:00", gres: "gpu:1"}   # extra #SBATCH options
+        slurm: {partition: gpu, time: "04:00:00", gres: "gpu:1", max_parallel: 8}   # #SBATCH options
     """
     path = Path(path)
     if not path.is_file():
@@ -337,13 +337,24 @@ def launch_local(runs: list[Run], dry_run: bool = False) -> list[Run]:
     return failed
 
 
+def array_ranges(indices: list[int]) -> str:
+    """Sorted task indices in SLURM's --array syntax, runs of consecutive ones as ranges: [0,1,2,5] -> "0-2,5"."""
+    parts: list[str] = []
+    for _, group in itertools.groupby(enumerate(sorted(indices)), key=lambda pair: pair[1] - pair[0]):
+        block = [index for _, index in group]
+        parts.append(str(block[0]) if len(block) == 1 else f"{block[0]}-{block[-1]}")
+    return ",".join(parts)
+
+
 def array_script(spec: SweepSpec, indices: list[int], template: Path = TEMPLATE) -> str:
     """The sweep's sbatch script: the template with this sweep's array, job name, log path and runs file filled in."""
+    options = {k.replace("_", "-"): v for k, v in spec.slurm.items()}
+    throttle = options.pop("max-parallel", None)  # SLURM's %N: at most N tasks of the array at once
     fill = {
         "job-name": f"sweep-{spec.name}",
-        "array": ",".join(map(str, indices)),
+        "array": array_ranges(indices) + (f"%{throttle}" if throttle else ""),
         "output": str(spec.out_dir.resolve() / "slurm-logs" / "%x-%A_%a.out"),
-        **{k.replace("_", "-"): v for k, v in spec.slurm.items()},
+        **options,
     }
     lines, done = [], set()
     for line in template.read_text().splitlines():

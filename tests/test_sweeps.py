@@ -14,7 +14,15 @@ import yaml
 from tracking_helpers import REPO, tiny_config
 
 from genart_lightning.cli import lightning_cli, main
-from genart_lightning.sweeps import SpecError, expand, load_spec, load_yaml, resolved_config, write_configs
+from genart_lightning.sweeps import (
+    SpecError,
+    array_ranges,
+    expand,
+    load_spec,
+    load_yaml,
+    resolved_config,
+    write_configs,
+)
 
 
 @pytest.fixture
@@ -95,6 +103,10 @@ def test_example_specs_expand_into_configs_that_genart_fit_accepts(
             assert node == value, (path, key)
 
 
+def test_array_ranges() -> None:
+    assert array_ranges([5, 0, 1, 2, 7, 8]) == "0-2,5,7-8" and array_ranges([3]) == "3"
+
+
 def test_several_bases_merge_like_repeated_config_and_loggers_write_into_the_run(tmp_path: Path) -> None:
     base = {"trainer": {"max_steps": 5, "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                                    "init_args": {"save_dir": "runs/x", "default_hp_metric": False}}}}
@@ -130,14 +142,14 @@ def test_bad_specs_fail_with_one_clear_line(tmp_path: Path, spec: dict, message:
 
 def test_slurm_dry_run_writes_array_whose_task_i_runs_config_i(tmp_path: Path, sweep) -> None:
     path = write_spec(tmp_path, {"trainer": {}}, grid={"model.init_args.lr": [1e-3, 2e-3, 4e-3]}, seeds=[0],
-                      slurm={"partition": "debug", "time": "00:10:00"})
+                      slurm={"partition": "debug", "time": "00:10:00", "max_parallel": 2})
     (tmp_path / "runs" / "lr=0.002,seed=0").mkdir(parents=True)
     (tmp_path / "runs" / "lr=0.002,seed=0" / "metrics.json").write_text("{}")  # finished: no task for it
     out = sweep(str(path), "--launcher", "slurm", "--dry-run")
     assert "2 of 3 runs pending" in out
     runs = expand(load_spec(path))
     script = (tmp_path / "runs" / "sweep.sbatch").read_text()
-    assert "#SBATCH --array=0,2\n" in script and "#SBATCH --partition=debug\n" in script
+    assert "#SBATCH --array=0,2%2\n" in script and "#SBATCH --partition=debug\n" in script
     assert "#SBATCH --time=00:10:00\n" in script and "#SBATCH --job-name=sweep-spec\n" in script
     # Execute the script as SLURM would for each task, with an `srun` that records its command line.
     bin_dir = tmp_path / "bin"
