@@ -9,7 +9,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from genart_lightning.callbacks.log_run_record import LogRunRecord
 from genart_lightning.callbacks.preemption import Preemption
-from genart_lightning.callbacks.rng_state import RankRNGState
+from genart_lightning.callbacks.rank_state import RankState
 from genart_lightning.callbacks.run_summary import RunSummary
 from genart_lightning.callbacks.sample_grid import SampleGrid
 from genart_lightning.callbacks.throughput import Throughput
@@ -52,7 +52,7 @@ class GenartCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if not trainer.loggers:  # LearningRateMonitor refuses to start without a logger (--trainer.logger=false)
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]
-        trainer.callbacks.append(RankRNGState())
+        trainer.callbacks.append(RankState())
         trainer.callbacks.append(LogRunRecord())
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # keep a CheckpointIO the config chose
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()

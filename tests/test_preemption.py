@@ -19,7 +19,7 @@ from jsonargparse import Namespace
 
 from datamodules.webdataset import TextImageDataModule
 from genart_lightning.callbacks.preemption import PREEMPTED_CKPT
-from genart_lightning.callbacks.rng_state import RankRNGState
+from genart_lightning.callbacks.rank_state import RankState
 from genart_lightning.checkpoint_io import AtomicCheckpointIO
 from genart_lightning.checkpoints import load_model
 from genart_lightning.lightning_cli import GenartCLI
@@ -139,16 +139,31 @@ def test_git_state_records_commit_and_the_uncommitted_diff(tmp_path: Path) -> No
     assert git_state(tmp_path / "missing")["commit"] is None
 
 
-def test_rng_states_come_back_after_the_family_reseeds(monkeypatch: pytest.MonkeyPatch) -> None:
-    callback = RankRNGState()
-    saved = callback.state_dict()
+def test_each_rank_gets_its_own_rng_streams_and_data_position_back() -> None:
+    def checkpoint(position: int) -> dict:
+        return {"callbacks": {}, "loops": {"fit_loop": {"state_dict": {"combined_loader": [{"position": position}]}}}}
+
+    saved = checkpoint(5)
+    RankState().on_save_checkpoint(SimpleNamespace(), None, saved)
     expected = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    # As Lightning writes it from rank 0 under DDP: rank 1's position and streams beside rank 0's.
+    state = saved["callbacks"]["RankState"]
+    rank1 = {"rng": state["ranks"][0]["rng"], "loaders": [{"position": 7}]}
+    two_ranks = {"ranks": [{"rng": state["ranks"][0]["rng"], "loaders": [{"position": 9}]}, rank1]}
     torch.manual_seed(123), np.random.seed(123), random.seed(123)  # what a restarted rank's on_fit_start does
-    callback.load_state_dict(saved)
-    callback.on_train_batch_start(SimpleNamespace(world_size=1, global_rank=0), None, {}, 0)
+    callback, loaded = RankState(), checkpoint(9)
+    loaded["callbacks"]["RankState"] = two_ranks
+    callback.on_load_checkpoint(SimpleNamespace(world_size=2, global_rank=1), None, loaded)
+    assert loaded["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"position": 7}]
+    callback.on_train_batch_start(SimpleNamespace(), None, {}, 0)
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(3), expected[1])
     assert [random.random() for _ in range(3)] == expected[2]
+    mismatched = checkpoint(9)
+    mismatched["callbacks"]["RankState"] = two_ranks
+    with pytest.warns(UserWarning, match="2 ranks but this run has 4"):
+        RankState().on_load_checkpoint(SimpleNamespace(world_size=4, global_rank=3), None, mismatched)
+    assert mismatched["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"position": 9}]
 
 
 def test_resume_picks_the_newest_checkpoint_and_only_inside_slurm_by_default(tmp_path: Path, monkeypatch) -> None:
