@@ -9,12 +9,15 @@ from pathlib import Path
 
 import lightning as L
 
+from genart_lightning.callbacks.preemption import Preemption
+
 
 class RunSummary(L.Callback):
     """At the end of a completed fit, write the last value of every logged metric to `path`.
 
-    `path` defaults to `<log_dir>/metrics.json`. The file is written only when fit returns normally
-    (an exception or a kill never reaches `on_fit_end`), so sweeps treat its presence as "finished".
+    `path` defaults to `<log_dir>/metrics.json`. The file is written only when fit completes: an
+    exception or a kill never reaches `on_fit_end`, and a fit stopped by preemption (to be resumed
+    by its requeued job) is skipped, so sweeps treat the file's presence as "finished".
     """
 
     def __init__(self, path: str | None = None) -> None:
@@ -22,7 +25,7 @@ class RunSummary(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = Path(self.path) if self.path else Path(trainer.log_dir or trainer.default_root_dir) / "metrics.json"
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero or _preempted(trainer):
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         summary = {
@@ -36,3 +39,10 @@ class RunSummary(L.Callback):
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         tmp.replace(path)  # atomic: a reader never sees half a file, and its presence means complete
+
+
+def _preempted(trainer: L.Trainer) -> bool:
+    """Did the Preemption callback stop this fit at its current step (checkpoint written, job requeued)?"""
+    return any(
+        trainer.global_step in cb.history.get("preempted_at", []) for cb in trainer.callbacks if isinstance(cb, Preemption)
+    )
