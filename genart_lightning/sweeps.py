@@ -395,7 +395,7 @@ def launch_slurm(spec: SweepSpec, runs: list[Run], dry_run: bool = False, wait: 
     script.write_text(array_script(spec, pending))
     (spec.out_dir / "slurm-logs").mkdir(exist_ok=True)
     cmd = ["sbatch", *(["--wait"] if wait else []), str(script)]
-    print(f"{len(pending)} of {len(runs)} runs pending; array tasks {','.join(map(str, pending))}")
+    print(f"{len(pending)} of {len(runs)} runs pending; array tasks {array_ranges(pending)}")
     if dry_run:
         print(f"wrote {script}; submit with: {shlex.join(cmd)}")
         return script
