@@ -1,0 +1,135 @@
+"""slurm/train.sbatch on a real SLURM cluster (slurm/local-cluster.sh up): DDP over srun, SIGUSR1, requeue, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from cluster_helpers import CHECKPOINT_EVERY, REPO, dcgan_config, load_checkpoint, write_config
+
+from genart_lightning.callbacks.preemption import PREEMPTED_CKPT
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+MAX_STEPS = 60  # 30 DCGAN iterations per rank, about half an epoch of the 16px shapes shards over 2 ranks
+TASKS = 2
+JOB_TIMEOUT_S = 240
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL"}
+
+
+def cluster_problem() -> str | None:
+    """Why jobs cannot run here, or None when a controller answers and the node takes jobs."""
+    if shutil.which("sbatch") is None:
+        return "Slurm clients not installed; run `slurm/local-cluster.sh install` then `slurm/local-cluster.sh up`"
+    try:
+        result = subprocess.run(["sinfo", "-h", "-o", "%T %c"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return "sinfo got no answer in 20 s; start the cluster with `slurm/local-cluster.sh up`"
+    if result.returncode != 0:
+        return f"no SLURM controller answers ({result.stderr.strip()}); start one with `slurm/local-cluster.sh up`"
+    usable = [line for line in result.stdout.split() if line]
+    states = result.stdout.split()[0::2]
+    cpus = [int(c) for c in result.stdout.split()[1::2] if c.isdigit()]
+    if not usable or not any(s.rstrip("*~#") in ("idle", "mixed", "allocated") for s in states):
+        return f"no SLURM node takes jobs (states: {states}); see `slurm/local-cluster.sh status`"
+    if max(cpus, default=0) < TASKS:
+        return f"the SLURM node has {max(cpus, default=0)} CPUs; these tests run {TASKS}-task jobs"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster() -> None:
+    problem = cluster_problem()
+    if problem:
+        pytest.skip(problem)
+
+
+def submit(config: Path, run_dir: Path, log: Path) -> str:
+    """`sbatch slurm/train.sbatch CONFIG` from the repo root as a user would, 2 tasks on one node."""
+    result = subprocess.run(
+        ["sbatch", "--parsable", f"--ntasks-per-node={TASKS}", "--cpus-per-task=1", "--job-name=genart-test",
+         f"--output={log}", "slurm/train.sbatch", str(config)],
+        cwd=REPO, env={**os.environ, "GENART_RUN_DIR": str(run_dir)}, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, f"sbatch failed: {result.stderr}"
+    return result.stdout.strip().split(";")[0]
+
+
+def job(job_id: str) -> dict[str, str]:
+    """`scontrol show job` as a dict (JobState, Restarts, ...)."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True).stdout
+    return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+
+def wait_until(condition: Callable[[], bool], what: str, job_id: str, log: Path) -> None:
+    """Poll `condition` (the job runs in other processes) until true; fail with the job log after the timeout."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not condition():
+        if time.monotonic() > deadline or job(job_id).get("JobState") in FINISHED - {"COMPLETED"}:
+            subprocess.run(["scancel", job_id])
+            tail = log.read_text()[-4000:] if log.exists() else "(no log)"
+            pytest.fail(f"job {job_id}: {what} did not happen ({job(job_id).get('JobState')}); log:\n{tail}")
+        time.sleep(0.5)
+
+
+def finished(job_id: str) -> bool:
+    return job(job_id).get("JobState") in FINISHED
+
+
+@pytest.fixture(scope="module")
+def reference_job(cluster: None, shapes_shards_16px: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One uninterrupted 2-task job of slurm/train.sbatch (DDP over gloo on CPU)."""
+    tmp = tmp_path_factory.mktemp("slurm_reference")
+    config = write_config(dcgan_config(shapes_shards_16px, tmp / "unused", MAX_STEPS), tmp / "dcgan.yaml")
+    run_dir, log = tmp / "run", tmp / "job.out"
+    job_id = submit(config, run_dir, log)
+    wait_until(lambda: finished(job_id), "completion", job_id, log)
+    return {"job_id": job_id, "run_dir": run_dir, "log": log, "config": config, "info": job(job_id)}
+
+
+def test_two_task_job_trains_ddp_under_slurm_environment(reference_job: dict) -> None:
+    info, log, ckpt_dir = reference_job["info"], reference_job["log"].read_text(), reference_job["run_dir"] / "checkpoints"
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    for rank in range(TASKS):  # each srun task is one rank, set up by Lightning's SLURMEnvironment
+        assert f"[genart rank {rank}/{TASKS}] SLURMEnvironment" in log, log[-3000:]
+    provenance = json.loads((ckpt_dir / "provenance.json").read_text())
+    assert provenance["cluster_environment"] == "SLURMEnvironment" and provenance["world_size"] == TASKS
+    assert provenance["slurm_job_id"] == reference_job["job_id"]
+    final = load_checkpoint(ckpt_dir / "last.ckpt")
+    assert final["global_step"] == MAX_STEPS
+    ranks = final["callbacks"]["RankState"]["ranks"]  # each rank's own random stream and data position
+    assert len(ranks) == TASKS and not torch.equal(ranks[0]["rng"]["torch"], ranks[1]["rng"]["torch"])
+    assert ranks[0]["loaders"] != ranks[1]["loaders"]
+
+
+def test_sigusr1_requeues_and_the_job_resumes_to_the_uninterrupted_result(reference_job: dict, tmp_path: Path) -> None:
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    job_id = submit(reference_job["config"], run_dir, log)
+    first_checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    wait_until(first_checkpoint.exists, f"a checkpoint at step {CHECKPOINT_EVERY}", job_id, log)
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True)  # what --signal=USR1@90 sends before the limit
+    wait_until(lambda: int(job(job_id).get("Restarts", 0)) >= 1, "the requeue", job_id, log)
+    wait_until(lambda: finished(job_id), "completion after the requeue", job_id, log)
+    info, text = job(job_id), log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-3000:]
+
+    preempted = load_checkpoint(run_dir / "checkpoints" / PREEMPTED_CKPT)
+    step = preempted["global_step"]
+    assert CHECKPOINT_EVERY <= step < MAX_STEPS and step % 2 == 0  # at a GAN iteration boundary
+    final = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    reference = load_checkpoint(reference_job["run_dir"] / "checkpoints" / "last.ckpt")
+    assert final["global_step"] == reference["global_step"] == MAX_STEPS
+    assert final["callbacks"]["Preemption"]["history"] == {"preempted_at": [step], "resumed_at": [step]}
+    for rank in range(TASKS):
+        assert f"[genart rank {rank}/{TASKS}] resumed at global step {step}" in text, text[-3000:]
+    # Both ranks got back their weights, optimizers, EMA, data position and RNG streams: same result as the
+    # job that was never interrupted.
+    different = [k for k, v in reference["state_dict"].items() if not torch.equal(v, final["state_dict"][k])]
+    assert not different, f"differ from the uninterrupted job: {different[:5]}"
