@@ -29,6 +29,7 @@ from genart_lightning.resume import newest_checkpoint, pin_loggers, should_resum
 
 MAX_STEPS = 40  # 20 DCGAN iterations
 SIGNAL_AFTER_BATCH = 7
+CHECK_EVERY = 4  # batches between the ranks' agreements on the flag: the save comes at batch 8
 
 
 class SignalAt(L.Callback):
@@ -64,7 +65,7 @@ def runs(shapes_shards_16px: dict, tmp_path_factory: pytest.TempPathFactory) -> 
     ref_root, run_root = tmp / "reference", tmp / "interrupted"
     reference = fit(write_config(dcgan_config(shapes_shards_16px, ref_root, MAX_STEPS), tmp / "ref.yaml"))
     run_config = write_config(dcgan_config(shapes_shards_16px, run_root, MAX_STEPS), tmp / "run.yaml")
-    stopped = fit(run_config, callbacks=(SignalAt(SIGNAL_AFTER_BATCH),))
+    stopped = fit(run_config, f"--preemption.check_every_n_steps={CHECK_EVERY}", callbacks=(SignalAt(SIGNAL_AFTER_BATCH),))
     preempted = load_checkpoint(run_root / "checkpoints" / PREEMPTED_CKPT)
     resumed = fit(run_config, "--resume=always")
     return {"reference": reference, "ref_root": ref_root, "stopped": stopped, "preempted": preempted,
@@ -76,8 +77,8 @@ def test_sigusr1_stops_after_a_whole_gan_iteration_and_saves(runs: dict) -> None
     stopped, preempted = runs["stopped"], runs["preempted"]
     step = preempted["global_step"]
     assert 0 < step < MAX_STEPS and stopped.global_step == step  # stopped right after the save, not at max_steps
-    # The signal lands mid-way through training; the save waits for the end of that batch's D and G updates.
-    assert step in (2 * SIGNAL_AFTER_BATCH, 2 * SIGNAL_AFTER_BATCH + 2)
+    # The signal lands after batch 7; the save waits for the next agreement, after batch 8's D and G updates.
+    assert step == 2 * CHECK_EVERY * -(-SIGNAL_AFTER_BATCH // CHECK_EVERY)
     counters = preempted["adversarial_counters"]
     assert counters["d_steps"] == counters["g_steps"] == step // 2
     assert preempted["callbacks"]["Preemption"]["history"]["preempted_at"] == [step]

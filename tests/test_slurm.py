@@ -15,10 +15,9 @@ import torch
 from cluster_helpers import CHECKPOINT_EVERY, REPO, dcgan_config, load_checkpoint, write_config
 
 from genart_lightning.callbacks.preemption import PREEMPTED_CKPT
+from genart_lightning.cli import main
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-
-MAX_STEPS = 60  # 30 DCGAN iterations per rank, about half an epoch of the 16px shapes shards over 2 ranks
+MAX_STEPS = 60  # 30 DCGAN iterations per rank: past the end of epoch 0 (25 batches per rank) of the 16px shards
 TASKS = 2
 JOB_TIMEOUT_S = 240
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL"}
@@ -94,6 +93,8 @@ def reference_job(cluster: None, shapes_shards_16px: dict, tmp_path_factory: pyt
     return {"job_id": job_id, "run_dir": run_dir, "log": log, "config": config, "info": job(job_id)}
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_two_task_job_trains_ddp_under_slurm_environment(reference_job: dict) -> None:
     info, log, ckpt_dir = reference_job["info"], reference_job["log"].read_text(), reference_job["run_dir"] / "checkpoints"
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
@@ -109,6 +110,8 @@ def test_two_task_job_trains_ddp_under_slurm_environment(reference_job: dict) ->
     assert ranks[0]["loaders"] != ranks[1]["loaders"]
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_sigusr1_requeues_and_the_job_resumes_to_the_uninterrupted_result(reference_job: dict, tmp_path: Path) -> None:
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
     job_id = submit(reference_job["config"], run_dir, log)
@@ -132,4 +135,17 @@ def test_sigusr1_requeues_and_the_job_resumes_to_the_uninterrupted_result(refere
     # Both ranks got back their weights, optimizers, EMA, data position and RNG streams: same result as the
     # job that was never interrupted.
     different = [k for k, v in reference["state_dict"].items() if not torch.equal(v, final["state_dict"][k])]
-    assert not different, f"differ from the uninterrupted job: {different[:5]}"
+    assert not different, f"differ from the uninterrupted job after a save at step {step}: {different[:5]}; log:\n{text[-3000:]}"
+
+
+def test_submit_helper_builds_the_sbatch_line(capsys: pytest.CaptureFixture) -> None:
+    config = "tests/cluster_helpers.py"  # any existing file stands in for an experiment YAML here
+    main(["slurm", "submit", "--nodes", "2", "--gpus-per-node", "4", "--time", "24:00:00", "--dry-run",
+          config, "--trainer.max_steps=100"])
+    line = capsys.readouterr().out.split()
+    assert line[:5] == ["sbatch", "--job-name=cluster_helpers", "--nodes=2", "--ntasks-per-node=4",
+                        f"--output={REPO}/slurm/logs/%x-%j.out"]
+    assert "--gpus-per-node=4" in line and "--time=24:00:00" in line
+    assert line[-3:] == [str(REPO / "slurm" / "train.sbatch"), config, "--trainer.max_steps=100"]
+    with pytest.raises(SystemExit, match="config not found: missing.yaml"):
+        main(["slurm", "submit", "--dry-run", "missing.yaml"])

@@ -56,7 +56,10 @@ class Preemption(L.Callback):
     before Lightning's signal connector runs keeps Lightning from installing its own saving handler.
     """
 
-    def __init__(self, signal: str = "SIGUSR1", check_every_n_steps: int = 1, requeue: bool = True) -> None:
+    def __init__(self, signal: str = "SIGUSR1", check_every_n_steps: int = 10, requeue: bool = True) -> None:
+        """`check_every_n_steps` counts training batches: the agreement is an all-reduce, a GPU sync, so not every step."""
+        if check_every_n_steps < 1:
+            raise ValueError(f"check_every_n_steps must be >= 1, got {check_every_n_steps} (--preemption.check_every_n_steps)")
         self.signum = _parse_signal(signal)
         self.check_every_n_steps = check_every_n_steps
         self.requeue = requeue
