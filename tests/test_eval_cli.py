@@ -64,14 +64,16 @@ def test_guidance_sweep_writes_table_and_plot(shapes_shards, offline_cache, tmp_
     ckpt = write_checkpoint(model, tmp_path / "diffusion.ckpt")
     out = tmp_path / "sweep.json"
     main(["eval", "--ckpt", ckpt, "--data", shapes_shards["val_urls"], "--num-samples", "16", "--batch-size", "16",
-          "--fid-features", "judge", "--guidance", "1", "4", "--steps", "2", "--out", str(out)])
+          "--fid-features", "judge", "--clip-model", "genart-tiny", "--guidance", "1", "4", "--steps", "2", "--out", str(out)])
     sweep = json.loads(out.read_text())["sweep"]
     assert [r["guidance"] for r in sweep] == [1.0, 4.0]
     assert all(r["prompts"] == "shapes" and 0 <= r["attribute_accuracy"] <= 1 for r in sweep)
+    assert all(r["clip_score"] >= 0 and r["clip_truncated_captions"] == 0 for r in sweep)
+    assert "truncation" in sweep[0]["clip_model"] and sweep[0]["clip_model"]["context_length"] == 32
     assert sweep[0]["fid"] != sweep[1]["fid"]  # guidance changes the samples
     rows = list(csv.DictReader(out.with_suffix(".csv").open()))
     assert [float(r["guidance"]) for r in rows] == [1.0, 4.0] and float(rows[1]["fid"]) == pytest.approx(sweep[1]["fid"])
-    assert "| guidance | fid |" in out.with_suffix(".md").read_text()
+    assert "| guidance | fid | kid | clip_score | attribute_accuracy |" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

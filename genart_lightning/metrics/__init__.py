@@ -1,0 +1,1 @@
+"""Evaluation metrics (torchmetrics, so they synchronise across ranks): FID/KID, CLIP score, shapes attribute accuracy."""
