@@ -97,3 +97,16 @@ def test_inception_features_load_from_fid_weights_or_hub_cache(tmp_path, monkeyp
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with torch.no_grad():
         assert torch.allclose(build_features("inception", resolution=32)(images), out)  # found in the hub cache
+
+
+def test_any_torchscript_feature_extractor_plugs_in(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    path = tmp_path / "features.pt"
+    torch.jit.save(torch.jit.script(net), str(path))
+    features = build_features(str(path), resolution=16)
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(features(images), net(images))
+    assert features.num_features == 5 and features.feature_id.startswith("torchscript-")
+    with pytest.raises(FileNotFoundError, match="feature extractor not found: .*nope.pt \\(from --fid-features\\)"):
+        build_features(str(tmp_path / "nope.pt"), resolution=16)
