@@ -53,7 +53,8 @@ def test_offline_wandb_run_holds_losses_config_provenance_grids_and_checkpoint(t
     env = {"WANDB_MODE": "offline", "WANDB_DATA_DIR": str(wandb_home), "WANDB_CACHE_DIR": str(wandb_home),
            "WANDB_CONFIG_DIR": str(wandb_home)}
     genart(*args, f"--trainer.logger.init_args.save_dir={tmp_path / 'wb'}", "--trainer.logger.init_args.log_model=true",
-           "--sample_grid.every_n_steps=4", f"--trainer.default_root_dir={tmp_path}", cwd=tmp_path, env=env)
+           "--sample_grid.every_n_steps=4", f"--trainer.default_root_dir={tmp_path}", "--trainer.limit_val_batches=1",
+           "--trainer.val_check_interval=4", "--model.init_args.num_logged_reconstructions=2", cwd=tmp_path, env=env)
 
     (run_file,) = (tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb")
     records = wandb_records(run_file)
@@ -64,6 +65,8 @@ def test_offline_wandb_run_holds_losses_config_provenance_grids_and_checkpoint(t
     assert {"train/rec", "train/kl", "grad_norm", "lr-Adam", "throughput/images_per_sec",
             "throughput/images_per_sec_per_device"} <= logged
     assert [h["lr-Adam"] for h in history if "lr-Adam" in h][0] == pytest.approx(0.002)
+    psnr = [h[sweep["metric"]["name"]] for h in history if sweep["metric"]["name"] in h]  # what the W&B sweep optimizes
+    assert len(psnr) == 2 and all(0 < v < 60 for v in psnr)  # validation at steps 4 and 8 (dB)
 
     config = {}
     for r in records:
