@@ -60,8 +60,8 @@ class ReferenceStats:
 
 
 def real_loader(urls: str | list[str], resolution: int, batch_size: int, num_workers: int = 0):
-    """Batches of the real images for this rank: the datamodule's validation split reads each sample once over all
-    ranks, without padding (a padded set would bias FID), resized as in training."""
+    """This rank's batches of real images, resized as in training."""
+    # The datamodule's validation split reads each sample once over all ranks, unpadded: a padded set biases FID.
     from datamodules.webdataset import TextImageDataModule
 
     data = TextImageDataModule(
