@@ -119,8 +119,8 @@ class AdversarialModel(GenerativeModel):
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         return [
-            torch.optim.Adam(self.generator.parameters(), lr=self.lr_g, betas=self.betas_g),
-            torch.optim.Adam(self.discriminator.parameters(), lr=self.lr_d, betas=self.betas_d),
+            torch.optim.Adam(self.generator.parameters(), lr=self.lr_g, betas=self.betas_g, fused=self.fused_optimizer()),
+            torch.optim.Adam(self.discriminator.parameters(), lr=self.lr_d, betas=self.betas_d, fused=self.fused_optimizer()),
         ]
 
     def training_step(self, batch: dict, batch_idx: int) -> None:

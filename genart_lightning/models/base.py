@@ -23,6 +23,11 @@ class GenerativeModel(L.LightningModule):
         """Draw `n` images in [-1, 1], shape [n, C, H, W]; the same seed gives the same images."""
         raise NotImplementedError(f"{type(self).__name__} does not implement sample()")
 
+    def fused_optimizer(self) -> bool:
+        """Whether to ask Adam/AdamW for torch's fused kernel: one kernel over all parameters instead of a Python loop
+        over tensors, 3-6x faster optimizer steps (measured in benchmarks/); it exists for CPU and CUDA tensors."""
+        return self.device.type in ("cpu", "cuda")
+
     def on_fit_start(self) -> None:
         """Give every rank its own random stream: the same seed on all ranks would repeat noise and timesteps."""
         torch.manual_seed(rank_seed(int(os.environ.get("PL_GLOBAL_SEED", "0")), self.global_rank))
