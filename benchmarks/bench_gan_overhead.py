@@ -17,10 +17,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from benchmarks.common import CLOCK, Comparison, clock, fix_threads, interleaved_fit, loader, parameter_count
+from benchmarks.common import (
+    CLOCK,
+    Comparison,
+    clock,
+    fix_threads,
+    interleaved_fit,
+    loader,
+    optimizer_step_ms,
+    parameter_count,
+)
 from genart_lightning.models.gan import DCGAN
 
-IMAGE_SIZE, BATCH = 32, 64
+IMAGE_SIZE, BATCH = 32, 32
 
 
 def tutorial_loop(generator: nn.Module, discriminator: nn.Module, z_dim: int, batches: DataLoader) -> Callable[[int], float]:
@@ -57,7 +66,7 @@ def main(quick: bool = False) -> list[Comparison]:
     """Alternate blocks of our Trainer fit and the tutorial loop; median seconds per iteration of each."""
     threads = fix_threads()
     torch.manual_seed(0)
-    block, rounds = (5, 3) if quick else (10, 7)
+    block, rounds = (3, 3) if quick else (6, 7)
     model = DCGAN(image_size=IMAGE_SIZE)
     gen, disc = copy.deepcopy(model.generator), copy.deepcopy(model.discriminator)
     batch = {
@@ -65,6 +74,7 @@ def main(quick: bool = False) -> list[Comparison]:
         "caption": [""] * BATCH,
         "key": [f"{i:06d}" for i in range(BATCH)],
     }
+    opt_ms = optimizer_step_ms(model.configure_optimizers())
     baseline = tutorial_loop(gen, disc, model.z_dim, loader(batch, block * (rounds + 1) + 1))
     ours, theirs = interleaved_fit(model, batch, baseline, block, rounds)
     return [
@@ -84,6 +94,10 @@ def main(quick: bool = False) -> list[Comparison]:
                 "(log_every_n_steps=50), Throughput + LearningRateMonitor callbacks, EMA generator update and "
                 "non-finite guard every step (family defaults); progress bar, checkpointing, model summary off."
             ),
+            extra={
+                "fast path: fused Adam": f"G + D optimizer steps {opt_ms['as configured']:.2f} ms as configured (fused) vs "
+                f"{opt_ms['torch default']:.2f} ms with torch's default for-loop kernel (the tutorial's, which the baseline uses)"
+            },
         )
     ]
 

@@ -54,7 +54,7 @@ def main(quick: bool = False) -> list[Comparison]:
         "ours": lambda: IMAGES / timed(lambda: model.sample(IMAGES, CAPTIONS, 0, STEPS, "ddim", GUIDANCE), 1, device),
         "baseline": lambda: IMAGES / timed(lambda: two_pass_sample(model, CAPTIONS, 0), 1, device),
     }
-    times = alternate(blocks, rounds=2 if quick else 5, warmup=0 if quick else 1)
+    times = alternate(blocks, rounds=2 if quick else 4, warmup=0 if quick else 1)
     return [
         Comparison(
             section=f"4. Sampling: DDIM {STEPS} steps with guidance ({'GPU' if gpu else 'CPU'})",

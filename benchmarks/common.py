@@ -7,6 +7,7 @@ per-block numbers, and their ratio, are what we report.
 
 from __future__ import annotations
 
+import inspect
 import os
 import platform
 import statistics
@@ -182,6 +183,36 @@ def step_flops(fn: Callable[[], object]) -> float:
     with counter:
         fn()
     return float(counter.get_total_flops())
+
+
+def optimizer_step_ms(optimizers: list[torch.optim.Optimizer], repeats: int = 10) -> dict[str, float]:
+    """Median ms of one step of all `optimizers` as configured vs rebuilt with torch's default (non-fused) kernel.
+
+    Gradients are random; the optimizers are copies over the same parameters, so the family's own state is untouched.
+    """
+    params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+    saved = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.randn_like(p)
+
+    def rebuild(opt: torch.optim.Optimizer, **changes) -> torch.optim.Optimizer:
+        accepted = inspect.signature(type(opt)).parameters  # `defaults` may hold keys the constructor does not take
+        settings = {k: v for k, v in {**opt.defaults, **changes}.items() if k in accepted}
+        return type(opt)([p for g in opt.param_groups for p in g["params"]], **settings)
+
+    variants = {"as configured": [rebuild(o) for o in optimizers], "torch default": [rebuild(o, fused=None) for o in optimizers]}
+    out = {}
+    for opts in variants.values():
+        for opt in opts:
+            opt.step()  # the first step allocates the moment buffers: not part of a step's cost
+    for name, opts in variants.items():
+        blocks = [timed(lambda opts=opts: [opt.step() for opt in opts], repeats) for _ in range(3)]
+        out[name] = statistics.median(blocks) * 1000
+    with torch.no_grad():
+        for p, value in zip(params, saved, strict=True):
+            p.copy_(value)
+            p.grad = None
+    return out
 
 
 class FixedBatches(Dataset):
