@@ -67,17 +67,17 @@ def test_training_lowers_the_validation_denoising_loss(trained: dict) -> None:
 def test_guided_samples_follow_the_prompted_colour(trained: dict) -> None:
     model = trained["model"]
     rng = random.Random(0)
-    colours = [c for c in COLOURS for _ in range(4)]
+    colours = [c for c in COLOURS for _ in range(8)]
     prompts = [caption_with_colour(c, rng) for c in colours]
 
     def hit_rate(guidance: float) -> float:
         images = model.sample(len(prompts), prompts, seed=0, steps=20, sampler="ddim", guidance=guidance)
-        save_grid(images, trained["root"] / f"guidance{guidance:g}.png", nrow=8)  # rows of 4 per colour, in COLOURS order
+        save_grid(images, trained["root"] / f"guidance{guidance:g}.png", nrow=8)  # one row per colour, in COLOURS order
         return sum(got == want for got, want in zip(dominant_shape_colour(images), colours, strict=True)) / len(colours)
 
-    unguided, guided = hit_rate(0.0), hit_rate(4.0)  # 0 = the unconditional prediction only
-    print(f"prompted colour rate: guided (scale 4) {guided:.2f}, unguided {unguided:.2f}, chance {1 / len(COLOURS):.2f}")
-    assert guided >= unguided + 0.25 and guided >= 0.4, (guided, unguided)
+    unguided, guided = hit_rate(0.0), hit_rate(5.0)  # 0 = the unconditional prediction only
+    print(f"prompted colour rate: guided (scale 5) {guided:.2f}, unguided {unguided:.2f}, chance {1 / len(COLOURS):.2f}")
+    assert guided >= 2 * unguided and guided >= unguided + 0.15, (guided, unguided)
 
 
 @pytest.mark.slow
