@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from genart_lightning.callbacks.checkpoint import RunCheckpoint
 from genart_lightning.callbacks.log_run_record import LogRunRecord
 from genart_lightning.callbacks.preemption import Preemption
 from genart_lightning.callbacks.rank_state import RankState
@@ -19,7 +20,7 @@ from genart_lightning.resume import RESUME_MODES, apply_resume
 
 
 class GenartCLI(LightningCLI):
-    """Adds `checkpoint` (ModelCheckpoint, keeps `last.ckpt`), `sample_grid`, `throughput`, `lr_monitor` and
+    """Adds `checkpoint` (RunCheckpoint: `last.ckpt` always holds the final weights), `sample_grid`, `throughput`, `lr_monitor` and
     `run_summary` (final metrics.json) config sections to every run.
 
     Cluster side: `preemption` (SIGUSR1 -> checkpoint, requeue), per-rank RNG state in checkpoints,
@@ -31,7 +32,7 @@ class GenartCLI(LightningCLI):
         super().__init__(*args, save_config_callback=save_config_callback, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0, "checkpoint.every_n_train_steps": 500})
         parser.add_lightning_class_args(SampleGrid, "sample_grid")
         parser.add_lightning_class_args(Throughput, "throughput")
