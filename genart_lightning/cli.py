@@ -16,8 +16,8 @@ COMMAND_MODULES = ["shards", "sample", "sweep", "export", "eval", "slurm"]
 """Modules in genart_lightning.commands, each adding one subcommand."""
 
 
-def lightning_cli(args: list[str]) -> None:
-    """Run LightningCLI restricted to this project's model and data base classes."""
+def lightning_cli(args: list[str] | None) -> None:
+    """Run LightningCLI restricted to this project's model and data base classes (args None: sys.argv)."""
     from datamodules.webdataset import TextImageDataModule
     from genart_lightning.lightning_cli import GenartCLI
     from genart_lightning.models.base import GenerativeModel
@@ -49,9 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `genart` console script."""
+    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
-        lightning_cli(argv)
+        lightning_cli(None if from_command_line else argv)  # LightningCLI warns when given sys.argv twice
         return
     parser = build_parser()
     args = parser.parse_args(argv)
