@@ -152,7 +152,10 @@ class DiffusionModel(GenerativeModel):
         self.log("train/loss", loss, prog_bar=True)
         return {"loss": loss, "noise": noise.detach(), "t": t}  # noise and t are for callbacks (per-timestep stats)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # here, not in on_train_batch_end: once per real step under gradient accumulation, and before
+        # ModelCheckpoint (a callback, called first at batch end) saves, so a checkpoint's EMA matches its weights
+        super().optimizer_step(*args, **kwargs)
         self.ema.update_parameters(self.unet)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
