@@ -7,17 +7,19 @@ another sample's caption) as fake (GAN-CLS, Reed et al. 2016), so it must judge 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from genart_lightning.models.gan import DCGAN
 from genart_lightning.text import TINY_MODEL, FrozenTextEncoder
 
+TextFeatures = Literal["token_moments", "pooled"]
+
 
 class TextConditionalGAN(DCGAN):
-    """DCGAN whose G gets noise plus the pooled caption embedding and whose D projects that embedding onto its features."""
+    """DCGAN whose G gets noise plus a caption vector and whose D projects that vector onto its features."""
 
     conditional = True
 
@@ -26,24 +28,41 @@ class TextConditionalGAN(DCGAN):
         text_model: str = TINY_MODEL,
         text_pretrained: str | None = None,
         text_cache_dir: str | None = None,
+        text_features: TextFeatures = "token_moments",
         **kwargs,
     ) -> None:
-        """`text_model`/`text_pretrained`: an OpenCLIP name and tag or local checkpoint path (None: random init)."""
+        """`text_model`/`text_pretrained`: an OpenCLIP name and tag or local checkpoint path (None: random init);
+        `text_features`: the caption vector, "token_moments" (mean and position-weighted mean of the final token
+        states, see `encode`) or "pooled" (CLIP's projected end-of-text embedding)."""
+        if text_features not in ("token_moments", "pooled"):
+            raise ValueError(
+                f"unknown text_features {text_features!r} (from --model.init_args.text_features); use token_moments or pooled"
+            )
         super().__init__(**kwargs)  # saves these arguments too (Lightning collects the whole __init__ chain)
 
     def condition_dim(self) -> int:
         hp = self.hparams
         self.text_encoder = FrozenTextEncoder(hp.text_model, hp.text_pretrained, hp.text_cache_dir)
-        return self.text_encoder.pooled_dim
+        return 2 * self.text_encoder.token_dim if hp.text_features == "token_moments" else self.text_encoder.pooled_dim
 
     def encode(self, captions: Sequence[str]) -> Tensor:
-        """Pooled caption embeddings [B, E] in fp32, normalised to norm sqrt(E) (unit-scale entries, like the noise).
+        """Caption vectors [B, E] in fp32 (the nets standardise them per dimension).
 
-        CLIP embeddings are compared by direction; scaling them like the noise lets the caption weigh as much as z
-        in G's first layer from the start instead of entering as a small perturbation.
+        "token_moments" is the mean of the token states plus their mean weighted by relative position (-1/2 at the
+        first token, +1/2 at the last): the mean says which words occur, the second moment where. Word order is what
+        tells "red circle, blue background" from "blue circle, red background"; a pooled vector of a random-init
+        tower hardly keeps it (GANs conditioned on it painted the named colours in swapped roles). A ridge probe
+        reads the shape's colour from the tiny tower's features: pooled 81%, token mean 93%, moments 100%.
         """
-        pooled = self.text_encoder(list(captions)).pooled.float()
-        return F.normalize(pooled, dim=-1) * pooled.shape[-1] ** 0.5
+        text = self.text_encoder(list(captions))
+        if self.hparams.text_features == "pooled":
+            return text.pooled.float()
+        tokens, mask = text.tokens.float(), text.mask[..., None].float()
+        count = mask.sum(dim=1, keepdim=True)  # [B, 1, 1] real tokens per caption
+        position = (mask.cumsum(dim=1) - 1) / (count - 1).clamp(min=1) - 0.5
+        mean = (tokens * mask).sum(dim=1) / count[:, 0]
+        moment = (tokens * mask * position).sum(dim=1) / count[:, 0]
+        return torch.cat([mean, moment], dim=1)
 
     def condition(self, batch: dict) -> Tensor:
         return self.encode(batch["caption"])

@@ -28,6 +28,15 @@ def _norm2d(norm: Norm, width: int) -> nn.Module:
     raise ValueError(f"unknown norm {norm!r}; use 'batch' or 'none'")
 
 
+def condition_norm(cond_dim: int) -> nn.Module | None:
+    """Standardise each dimension of the condition over the data (running statistics when sampling).
+
+    A frozen text embedding's dimensions carry arbitrary offsets and scales, and most of its length is shared by all
+    captions; standardising hands the nets' linear maps the part that tells captions apart.
+    """
+    return nn.BatchNorm1d(cond_dim, affine=False) if cond_dim else None
+
+
 class ConditionalBatchNorm2d(nn.Module):
     """BatchNorm whose per-channel gain and bias are predicted from the condition (as in BigGAN, Brock et al. 2019).
 
@@ -78,6 +87,7 @@ class DCGANGenerator(nn.Module):
         super().__init__()
         steps = _num_doublings(image_size)
         self.z_dim, self.cond_dim = z_dim, cond_dim
+        self.cond_norm = condition_norm(cond_dim)
         width = base_channels * 2**steps
         self.stem = nn.Linear(z_dim + cond_dim, width * 16)
         self.stem_act = nn.Sequential(_norm2d(norm, width), nn.ReLU(inplace=True))
@@ -87,6 +97,7 @@ class DCGANGenerator(nn.Module):
     def forward(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
         """Images in [-1, 1] [B, channels, image_size, image_size]."""
         if self.cond_dim:
+            cond = self.cond_norm(cond)
             z = torch.cat([z, cond], dim=1)
         x = self.stem(z)
         x = self.stem_act(x.view(x.shape[0], -1, 4, 4))
@@ -98,8 +109,9 @@ class DCGANGenerator(nn.Module):
 class DCGANDiscriminator(nn.Module):
     """Strided convs down to 4x4, then a real/fake logit; a condition enters as a projection term (Miyato & Koyama 2018).
 
-    The projection term <embed(cond), features> makes the logit depend on how well image and condition match,
-    which is what a matching-aware discriminator needs.
+    The projection term <embed(cond), spatially averaged features> makes the logit depend on how well image and
+    condition match, which is what a matching-aware discriminator needs. Features are averaged over positions as in
+    the projection discriminator: a caption says what is in the image more than where.
     """
 
     def __init__(
@@ -120,14 +132,15 @@ class DCGANDiscriminator(nn.Module):
         for _ in range(steps - 1):
             layers += [sn(nn.Conv2d(width, width * 2, 4, 2, 1)), _norm2d(norm, width * 2), nn.LeakyReLU(0.2, inplace=True)]
             width *= 2
-        self.body = nn.Sequential(*layers, nn.Flatten())
+        self.body = nn.Sequential(*layers)
         self.head = sn(nn.Linear(width * 16, 1))
-        self.embed = sn(nn.Linear(cond_dim, width * 16, bias=False)) if cond_dim else None
+        self.cond_norm = condition_norm(cond_dim)
+        self.embed = sn(nn.Linear(cond_dim, width, bias=False)) if cond_dim else None
 
     def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
         """Logits [B]: high for real (and, with a condition, matching) inputs."""
-        h = self.body(x)
-        logit = self.head(h).squeeze(1)
+        h = self.body(x)  # [B, width, 4, 4]
+        logit = self.head(h.flatten(1)).squeeze(1)
         if self.embed is not None:
-            logit = logit + (self.embed(cond) * h).sum(dim=1)
+            logit = logit + (self.embed(self.cond_norm(cond)) * h.mean(dim=(2, 3))).sum(dim=1)
         return logit
