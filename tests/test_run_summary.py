@@ -48,7 +48,7 @@ def test_completed_fit_writes_last_logged_values(tmp_path: Path) -> None:
 def test_preempted_fit_writes_no_marker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID"):  # no requeue outside a job
         monkeypatch.delenv(var, raising=False)
-    preemption = Preemption()
+    preemption = Preemption(check_every_n_steps=1)
     preemption.requested = True  # as if SIGUSR1 had arrived: stop and checkpoint after the first step
     fit(tmp_path, [preemption, RunSummary(path=str(tmp_path / "metrics.json"))])
     assert preemption.history["preempted_at"] == [1]

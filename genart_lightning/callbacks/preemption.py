@@ -117,6 +117,13 @@ class Preemption(L.Callback):
         self.history = {key: list(value) for key, value in state_dict["history"].items()}
 
 
+def stopped_by_preemption(trainer: L.Trainer) -> bool:
+    """Did a Preemption callback stop this fit at its current step (checkpoint written, job requeued)?"""
+    return any(
+        trainer.global_step in cb.history["preempted_at"] for cb in trainer.callbacks if isinstance(cb, Preemption)
+    )
+
+
 def requeue(job_id: str) -> None:
     """Put the job back in the queue; SLURM then ends this allocation and restarts the batch script."""
     if not re.fullmatch(r"[0-9]+(_[0-9]+)?", job_id):

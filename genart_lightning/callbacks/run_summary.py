@@ -9,7 +9,7 @@ from pathlib import Path
 
 import lightning as L
 
-from genart_lightning.callbacks.preemption import Preemption
+from genart_lightning.callbacks.preemption import stopped_by_preemption
 
 
 class RunSummary(L.Callback):
@@ -25,7 +25,7 @@ class RunSummary(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = Path(self.path) if self.path else Path(trainer.log_dir or trainer.default_root_dir) / "metrics.json"
-        if not trainer.is_global_zero or _preempted(trainer):
+        if not trainer.is_global_zero or stopped_by_preemption(trainer):
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         summary = {
@@ -40,9 +40,3 @@ class RunSummary(L.Callback):
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         tmp.replace(path)  # atomic: a reader never sees half a file, and its presence means complete
 
-
-def _preempted(trainer: L.Trainer) -> bool:
-    """Did the Preemption callback stop this fit at its current step (checkpoint written, job requeued)?"""
-    return any(
-        trainer.global_step in cb.history.get("preempted_at", []) for cb in trainer.callbacks if isinstance(cb, Preemption)
-    )
