@@ -45,14 +45,19 @@ def test_dcgan_learns_shape_colours_and_samples_from_its_checkpoint(shapes_shard
     )
     data.setup("fit")
     real = torch.cat([b["image"] for _, b in zip(range(8), data.train_dataloader(), strict=False)])
-    model = DCGAN(**{**TINY, "g_channels": 16, "d_channels": 16}, lr_g=5e-4, lr_d=5e-4, ema_decay=0.99)
+    model = DCGAN(
+        **{**TINY, "g_channels": 16, "d_channels": 16},
+        lr_g=1e-3, lr_d=1e-3, betas_g=(0.0, 0.99), betas_d=(0.0, 0.99), ema_decay=0.95,
+    )
     before = (colour_histogram(model.sample(256, seed=1)) - colour_histogram(real)).abs().sum()
 
-    fit = trainer(tmp_path, steps=800, enable_checkpointing=True)  # 800 optimizer steps = 400 G steps
+    fit = trainer(tmp_path, steps=400, enable_checkpointing=True)  # 400 optimizer steps = 200 G steps
     fit.fit(model, datamodule=data)
-    assert model.g_steps == 400 and model.d_steps == 400 and fit.global_step == 800
+    assert model.g_steps == 200 and model.d_steps == 200 and fit.global_step == 400
     after = (colour_histogram(model.eval().sample(256, seed=1)) - colour_histogram(real)).abs().sum()
-    # Untrained: ~2.0 (grey noise shares no colour cell with the palette); trained for 400 G steps: ~1.1 measured.
+    print(f"colour-histogram L1 to real data: untrained {float(before):.3f}, after 200 G steps {float(after):.3f}")
+    # Untrained ~2.0 (grey noise shares no colour cell with the palette); after 200 G steps ~0.49x that (scratch run of
+    # these settings; 0.48-0.52x from 150 to 400 G steps).
     assert after < 0.7 * before, (float(before), float(after))
 
     ckpt = tmp_path / "gan.ckpt"

@@ -4,13 +4,15 @@ Why gradients are synchronised by hand: Lightning's DDP wraps the whole Lightnin
 D. A D update gives G no gradients (and a G update none to D), which DDP's reducer reports as unused parameters
 unless it searches the graph every backward (`find_unused_parameters=True`) and all-reduces both nets each time.
 Instead every backward runs under `block_backward_sync()` and, once per optimizer step, the gradients of the one net
-being stepped are averaged over ranks in a single all-reduce, together with its floating buffers (BatchNorm
-statistics, spectral-norm vectors: they would otherwise drift apart per rank) and the step's loss (so the divergence
-check sees the same number on every rank, and all ranks stop or skip together). StyleGAN2-ADA syncs the same way.
+being stepped are averaged over ranks in a single all-reduce, together with the floating buffers of both nets
+(BatchNorm statistics, spectral-norm vectors: they would otherwise drift apart per rank, and each net also runs in
+train mode in the other's step) and the step's loss (so the divergence check sees the same number on every rank, and
+all ranks stop or skip together). StyleGAN2-ADA syncs the same way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
@@ -35,12 +37,13 @@ class DivergenceError(FloatingPointError):
     """A loss or gradient turned non-finite; the step was not applied."""
 
 
-def average_over_ranks(net: nn.Module, loss: Tensor) -> Tensor:
-    """Average `net`'s gradients, floating buffers and `loss` over all ranks in one all-reduce; returns the mean loss."""
+def average_over_ranks(net: nn.Module, loss: Tensor, buffers_of: Sequence[nn.Module] = ()) -> Tensor:
+    """Average `net`'s gradients, the floating buffers of `net` and `buffers_of`, and `loss` over all ranks in one
+    all-reduce; returns the mean loss."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return loss
     grads = [p.grad for p in net.parameters() if p.grad is not None]
-    buffers = [b for b in net.buffers() if b.is_floating_point()]
+    buffers = [b for module in (net, *buffers_of) for b in module.buffers() if b.is_floating_point()]
     tensors = grads + buffers + [loss.reshape(1)]
     flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
     dist.all_reduce(flat)
@@ -172,7 +175,8 @@ class AdversarialModel(GenerativeModel):
 
     def _step(self, opt, net: nn.Module, name: str, loss: Tensor) -> bool:
         """Average over ranks, check for divergence, step; returns False when a non-finite step was skipped."""
-        loss = average_over_ranks(net, loss)
+        other = self.discriminator if net is self.generator else self.generator
+        loss = average_over_ranks(net, loss, buffers_of=[other])
         self.log(f"train/{name}", loss, prog_bar=True)
         steps = self.d_steps + self.g_steps + self.skipped_steps
         if self.nonfinite_check_every and steps % self.nonfinite_check_every == 0:
