@@ -19,8 +19,8 @@ PROMPTS = [
     "a large blue triangle in the centre, yellow background",
     "a large yellow circle in the centre, purple background",
 ]
-TRAIN_STEPS = int(os.environ.get("DEMO_STEPS", "3000"))
-"""Optimizer steps of both nets (a GAN iteration counts 2); ~5 minutes on 2 CPU cores."""
+TRAIN_STEPS = int(os.environ.get("DEMO_STEPS", "2000"))
+"""Optimizer steps of both nets (a GAN iteration counts 2): 1000 generator steps, a few minutes on 2 CPU cores."""
 
 
 def genart(*args: str) -> None:
@@ -51,7 +51,7 @@ def main() -> None:
     print("\nDemo finished.")
     print(f"  data:          {DATA}/ (train-*.tar, val-*.tar; inspect with `genart shards info '{DATA}/val-000000.tar'`)")
     print(f"  checkpoint:    {ckpt}")
-    print(f"  prompt grid:   {grid}  (rows cycle through: {'; '.join(PROMPTS)})")
+    print(f"  prompt grid:   {grid}  (one column per prompt: {'; '.join(PROMPTS)})")
     print(f"  training grids: {RUN}/tb/version_*/samples/   dashboard: tensorboard --logdir {RUN}")
     print(f"  metrics:       {metrics}")
     for key, value in summary.items():
