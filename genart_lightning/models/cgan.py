@@ -19,7 +19,8 @@ TextFeatures = Literal["token_moments", "pooled"]
 
 
 class TextConditionalGAN(DCGAN):
-    """DCGAN whose G gets noise plus a caption vector and whose D projects that vector onto its features."""
+    """DCGAN whose G takes its BatchNorm gains and biases from a caption vector and whose D projects that vector onto
+    its features."""
 
     conditional = True
 
@@ -49,7 +50,7 @@ class TextConditionalGAN(DCGAN):
         """Caption vectors [B, E] in fp32 (the nets standardise them per dimension).
 
         "token_moments" is the mean of the token states plus their mean weighted by relative position (-1/2 at the
-        first token, +1/2 at the last): the mean says which words occur, the second moment where. Word order is what
+        first token, +1/2 at the last): the mean says which words occur, the weighted mean where. Word order is what
         tells "red circle, blue background" from "blue circle, red background"; a pooled vector of a random-init
         tower hardly keeps it (GANs conditioned on it painted the named colours in swapped roles). A ridge probe
         reads the shape's colour from the tiny tower's features: pooled 81%, token mean 93%, moments 100%.
