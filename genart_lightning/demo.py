@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ def main() -> None:
     """Build shapes shards, train the text-conditional GAN, draw prompted grids, evaluate, say where it all is."""
     if not (DATA / "val-000000.tar").exists():
         genart("shards", "shapes", "--out", str(DATA), "--num-samples", "6000", "--image-size", "32", "--seed", "0")
+    shutil.rmtree(RUN, ignore_errors=True)  # a rerun starts fresh (else Lightning writes last-v1.ckpt beside the old one)
     genart(
         "fit", "--config", "experiments/cgan_shapes.yaml",
         f"--trainer.max_steps={TRAIN_STEPS}", f"--trainer.default_root_dir={RUN}",
