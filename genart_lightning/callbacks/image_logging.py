@@ -30,3 +30,12 @@ def log_image(trainer: L.Trainer, key: str, grid: Tensor, step: int) -> None:
             logger.log_image(key=key, images=[grid], step=step)
         elif hasattr(logger.experiment, "add_image"):  # TensorBoard's SummaryWriter
             logger.experiment.add_image(key, grid, global_step=step)
+
+
+def publish_grid(trainer: L.Trainer, key: str, grid: Tensor, step: int, path: str | Path) -> Path:
+    """Write a [3, H, W] grid in [0, 1] as PNG at `path` and send it to every logger; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid, path)
+    log_image(trainer, key, grid, step)
+    return path

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torchvision.utils import save_image
 
-from genart_lightning.callbacks.image_logging import images_to_grid, log_image
+from genart_lightning.callbacks.image_logging import images_to_grid, publish_grid
 from genart_lightning.models.base import GenerativeModel
 
 
@@ -51,12 +50,8 @@ class SampleGrid(L.Callback):
         log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask, not rank 0 alone
         if not trainer.is_global_zero:
             return None
-        grid = images_to_grid(images)
         path = Path(log_dir or trainer.default_root_dir) / "samples" / f"step{step:08d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(grid, path)
-        log_image(trainer, "samples", grid, step)
-        return path
+        return publish_grid(trainer, "samples", images_to_grid(images), step, path)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: GenerativeModel, outputs, batch, batch_idx: int) -> None:
         if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0 and trainer.global_step > 0:

@@ -12,9 +12,8 @@ from torch.func import functional_call
 from torch.nn import functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
-from torchvision.utils import save_image
 
-from genart_lightning.callbacks.image_logging import images_to_grid, log_image
+from genart_lightning.callbacks.image_logging import images_to_grid, publish_grid
 from genart_lightning.models.base import GenerativeModel
 from genart_lightning.nn.autoencoder import (
     Decoder,
@@ -274,8 +273,6 @@ class VAE(GenerativeModel):
     def _log_reconstructions(self, images: Tensor, recon: Tensor) -> None:
         k = min(self.hparams.num_logged_reconstructions, images.shape[0])
         pairs = torch.stack([images[:k], recon[:k]], dim=1).flatten(0, 1)  # input, reconstruction, input, ...
-        grid = images_to_grid(pairs, nrow=8)
         step = self.global_step
-        self._image_dir.mkdir(parents=True, exist_ok=True)
-        save_image(grid, self._image_dir / f"step{step:08d}.png")
-        log_image(self.trainer, "val/reconstructions", grid, step)
+        publish_grid(self.trainer, "val/reconstructions", images_to_grid(pairs, nrow=8), step,
+                     self._image_dir / f"step{step:08d}.png")
