@@ -30,6 +30,20 @@ def lightning_cli(args: list[str] | None) -> None:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+    release_process_group()
+
+
+def release_process_group() -> None:
+    """Destroy the DDP process group after a run that ended normally.
+
+    Lightning leaves it alive; at interpreter exit gloo's worker threads are then torn down unjoined and
+    one rank can abort with "terminate called without an active exception", failing a finished SLURM job.
+    Not done after an exception: ranks still inside a collective would deadlock the teardown.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
 import yaml
+from lightning.pytorch import Callback
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT_EVERY = 10  # optimizer steps; a DCGAN iteration is 2 (D and G)
@@ -47,3 +49,16 @@ def write_config(config: dict, path: Path) -> Path:
 def load_checkpoint(path: Path) -> dict:
     """A training checkpoint read the way users and `genart sample` read it: weights_only, nothing executed."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class PaceSteps(Callback):
+    """Sleep after each training batch so a job outside the test process is still running when signalled.
+
+    Without it a fast machine can finish the whole job between the first checkpoint and the signal.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args: object) -> None:
+        time.sleep(self.seconds)

@@ -18,6 +18,7 @@ from genart_lightning.callbacks.preemption import PREEMPTED_CKPT
 from genart_lightning.cli import main
 
 MAX_STEPS = 60  # 30 DCGAN iterations per rank: past the end of epoch 0 (25 batches per rank) of the 16px shards
+PACE_S = 0.5  # per DCGAN iteration: the 20 iterations after the first checkpoint take >= 10 s, time to signal
 TASKS = 2
 JOB_TIMEOUT_S = 240
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL"}
@@ -55,7 +56,8 @@ def submit(config: Path, run_dir: Path, log: Path) -> str:
     result = subprocess.run(
         ["sbatch", "--parsable", f"--ntasks-per-node={TASKS}", "--cpus-per-task=1", "--job-name=genart-test",
          f"--output={log}", "slurm/train.sbatch", str(config)],
-        cwd=REPO, env={**os.environ, "GENART_RUN_DIR": str(run_dir)}, capture_output=True, text=True,
+        cwd=REPO, env={**os.environ, "GENART_RUN_DIR": str(run_dir), "PYTHONPATH": str(REPO / "tests")},
+        capture_output=True, text=True,
     )
     assert result.returncode == 0, f"sbatch failed: {result.stderr}"
     return result.stdout.strip().split(";")[0]
@@ -86,7 +88,9 @@ def finished(job_id: str) -> bool:
 def reference_job(cluster: None, shapes_shards_16px: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One uninterrupted 2-task job of slurm/train.sbatch (DDP over gloo on CPU)."""
     tmp = tmp_path_factory.mktemp("slurm_reference")
-    config = write_config(dcgan_config(shapes_shards_16px, tmp / "unused", MAX_STEPS), tmp / "dcgan.yaml")
+    config = dcgan_config(shapes_shards_16px, tmp / "unused", MAX_STEPS)
+    config["trainer"]["callbacks"] = [{"class_path": "cluster_helpers.PaceSteps", "init_args": {"seconds": PACE_S}}]
+    config = write_config(config, tmp / "dcgan.yaml")
     run_dir, log = tmp / "run", tmp / "job.out"
     job_id = submit(config, run_dir, log)
     wait_until(lambda: finished(job_id), "completion", job_id, log)
