@@ -83,15 +83,16 @@ def grads_of_first_steps(model: DCGAN, data: list[dict], tmp_path: Path) -> dict
     return seen
 
 
-def test_gradient_accumulation_equals_one_big_batch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reuse_fakes", [True, False])
+def test_gradient_accumulation_equals_one_big_batch(tmp_path: Path, reuse_fakes: bool) -> None:
     torch.manual_seed(0)
     images = torch.rand(8, 3, 16, 16) * 2 - 1
-    noise = torch.randn(16, TINY["z_dim"])  # D step draws 8, then G step draws 8, in either setting
+    noise = torch.randn(16, TINY["z_dim"])  # D step draws 8, then (without reuse) G step draws 8, in either setting
 
     def model(k: int) -> DCGAN:
         torch.manual_seed(1)
         # No BatchNorm, spectral norm or R1: these make a micro-batch differ from its share of the big batch.
-        m = DCGAN(**TINY, g_norm="none", accumulate_grad_batches=k)
+        m = DCGAN(**TINY, g_norm="none", accumulate_grad_batches=k, reuse_fakes=reuse_fakes)
         pool = iter(noise.split(8 // k))
         m.noise = lambda n: next(pool)
         return m

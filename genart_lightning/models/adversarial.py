@@ -80,8 +80,14 @@ class AdversarialModel(GenerativeModel):
         accumulate_grad_batches: int = 1,
         nonfinite: str = "raise",
         nonfinite_check_every: int = 1,
+        reuse_fakes: bool = True,
     ) -> None:
-        """Objective, regularisers and optimizer settings; `nonfinite` is "raise" (stop) or "skip" (drop the step)."""
+        """Objective, regularisers and optimizer settings; `nonfinite` is "raise" (stop) or "skip" (drop the step).
+
+        `reuse_fakes`: the G step scores the fakes the D step just drew (as the PyTorch DCGAN tutorial does), one G
+        forward per iteration instead of two; the G graph of each micro-batch is kept until the G step. False draws
+        fresh noise for the G step.
+        """
         super().__init__()
         check_loss(loss)
         for name, value in (("r1_interval", r1_interval), ("n_critic", n_critic), ("accumulate_grad_batches", accumulate_grad_batches)):
@@ -96,8 +102,10 @@ class AdversarialModel(GenerativeModel):
         self.ema_decay = ema_decay
         self.accumulate = accumulate_grad_batches
         self.nonfinite, self.nonfinite_check_every = nonfinite, nonfinite_check_every
+        self.reuse_fakes = reuse_fakes
         self.d_steps = self.g_steps = self.skipped_steps = 0
-        self._pending: list[tuple[int, Tensor | None]] = []  # (batch size, condition) of micro-batches since the D step
+        # (batch size, condition, fake kept for the G step or None) of the micro-batches since the last D step
+        self._pending: list[tuple[int, Tensor | None, Tensor | None]] = []
         self._d_loss_sum: Tensor | None = None
 
     def finish_init(self) -> None:
@@ -131,10 +139,13 @@ class AdversarialModel(GenerativeModel):
         opt_g, opt_d = self.optimizers()
         real = batch["image"]
         cond = self.condition(batch)
+        keep = self.reuse_fakes and (self.d_steps + 1) % self.n_critic == 0  # a G step follows this D step
+        with torch.set_grad_enabled(keep):
+            fake = self.generator(self.noise(real.shape[0]), cond)
         with self.toggled_optimizer(opt_d):
-            with torch.no_grad():
-                fake = self.generator(self.noise(real.shape[0]), cond)
-            d_loss = discriminator_loss(self.loss_kind, self.discriminator(real, cond), self.fake_logits(real, fake, cond))
+            d_loss = discriminator_loss(
+                self.loss_kind, self.discriminator(real, cond), self.fake_logits(real, fake.detach(), cond)
+            )
             total = d_loss
             if self.r1_gamma > 0 and self.d_steps % self.r1_interval == 0:
                 # Lazy R1 (StyleGAN2): every r1_interval D steps, weighted by the interval to keep its average strength.
@@ -143,11 +154,13 @@ class AdversarialModel(GenerativeModel):
                 self.log("train/r1", r1.detach())
             self._backward(total)
         self._d_loss_sum = d_loss.detach() / self.accumulate + (0 if self._d_loss_sum is None else self._d_loss_sum)
-        self._pending.append((real.shape[0], cond))
+        self._pending.append((real.shape[0], cond, fake if keep else None))
         if len(self._pending) < self.accumulate:
             return
         d_loss_mean, self._d_loss_sum = self._d_loss_sum, None
-        if self._step(opt_d, self.discriminator, "d_loss", d_loss_mean):
+        # G's buffers (BatchNorm statistics) are saved in the kept fakes' graphs: averaging them in place now would
+        # break the G backward, so they are averaged at the G step that follows instead.
+        if self._step(opt_d, self.discriminator, "d_loss", d_loss_mean, buffers_of=[] if keep else [self.generator]):
             self.d_steps += 1
             if self.d_steps % self.n_critic == 0:
                 self._generator_step(opt_g)
@@ -158,12 +171,13 @@ class AdversarialModel(GenerativeModel):
         """G step over the same micro-batches' conditions, against the D just updated (alternating, not simultaneous)."""
         g_loss_mean = None
         with self.toggled_optimizer(opt_g):
-            for n, cond in self._pending:
-                g_loss = generator_loss(self.loss_kind, self.discriminator(self.generator(self.noise(n), cond), cond))
+            for n, cond, fake in self._pending:
+                fake = self.generator(self.noise(n), cond) if fake is None else fake
+                g_loss = generator_loss(self.loss_kind, self.discriminator(fake, cond))
                 self._backward(g_loss)
                 part = g_loss.detach() / self.accumulate
                 g_loss_mean = part if g_loss_mean is None else g_loss_mean + part
-        if self._step(opt_g, self.generator, "g_loss", g_loss_mean):
+        if self._step(opt_g, self.generator, "g_loss", g_loss_mean, buffers_of=[self.discriminator]):
             self.g_steps += 1
             self.ema.update_parameters(self.generator)
 
@@ -173,10 +187,9 @@ class AdversarialModel(GenerativeModel):
         with block_sync():
             self.manual_backward(loss / self.accumulate)
 
-    def _step(self, opt, net: nn.Module, name: str, loss: Tensor) -> bool:
+    def _step(self, opt, net: nn.Module, name: str, loss: Tensor, buffers_of: Sequence[nn.Module]) -> bool:
         """Average over ranks, check for divergence, step; returns False when a non-finite step was skipped."""
-        other = self.discriminator if net is self.generator else self.generator
-        loss = average_over_ranks(net, loss, buffers_of=[other])
+        loss = average_over_ranks(net, loss, buffers_of=buffers_of)
         self.log(f"train/{name}", loss, prog_bar=True)
         steps = self.d_steps + self.g_steps + self.skipped_steps
         if self.nonfinite_check_every and steps % self.nonfinite_check_every == 0:
