@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from jsonargparse import Namespace
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from genart_lightning.callbacks.preemption import PREEMPTED_CKPT
+from genart_lightning.continued_csv_logger import ContinuedCSVLogger
 from genart_lightning.provenance import TRACKING_FILE
 
 RESUME_MODES = ("auto", "always", "never")
@@ -55,7 +57,8 @@ def apply_resume(fit_config: Namespace, mode: str) -> Path | None:
     fit_config.ckpt_path = str(ckpt)
     tracking = ckpt_dir / TRACKING_FILE
     if tracking.is_file():
-        fit_config.trainer.logger = pin_loggers(fit_config.trainer.logger, json.loads(tracking.read_text()), fit_config)
+        step = logged_step(ckpt)
+        fit_config.trainer.logger = pin_loggers(fit_config.trainer.logger, json.loads(tracking.read_text()), fit_config, step)
     print(
         f"[genart] resuming from {ckpt} (--resume={mode}); pass --resume=never or another "
         "--trainer.default_root_dir to start afresh",
@@ -65,8 +68,21 @@ def apply_resume(fit_config: Namespace, mode: str) -> Path | None:
     return ckpt
 
 
-def pin_loggers(logger: Any, saved: list[dict[str, str]], fit_config: Namespace) -> Any:
-    """Logger config with each logger's version / run id set to the one saved, unless the user set it."""
+def logged_step(ckpt: Path) -> int:
+    """The step loggers had reached when the checkpoint was saved (memory-mapped: the weights are not read).
+
+    Loggers count batches that stepped, not `global_step` (which counts every optimizer's steps).
+    """
+    loops = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["loops"]
+    return int(loops["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"])
+
+
+def pin_loggers(logger: Any, saved: list[dict[str, str]], fit_config: Namespace, resumed_step: int) -> Any:
+    """Logger config with each logger's version / run id set to the one saved, unless the user set it.
+
+    The logs continue where the checkpoint was saved: TensorBoard hides the events logged after `resumed_step`
+    (work the checkpoint does not hold, done again now) and CSV keeps metrics.csv up to that step.
+    """
     if logger is None or logger is True:
         # Lightning's default logger is a TensorBoardLogger in default_root_dir: make it explicit to pin it.
         if not any(s["class"] == "TensorBoardLogger" for s in saved):
@@ -87,5 +103,10 @@ def pin_loggers(logger: Any, saved: list[dict[str, str]], fit_config: Namespace)
         init_args = entry.get("init_args") or Namespace()
         if init_args.get("version") is None and init_args.get("id") is None:
             init_args[key] = match["version"]
+        if name == "TensorBoardLogger" and init_args.get("purge_step") is None:
+            init_args["purge_step"] = resumed_step + 1
+        if name == "CSVLogger":
+            entry.class_path = f"{ContinuedCSVLogger.__module__}.{ContinuedCSVLogger.__name__}"
+            init_args["resumed_step"] = resumed_step
         entry.init_args = init_args
     return logger

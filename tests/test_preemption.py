@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
@@ -16,12 +17,14 @@ import pytest
 import torch
 from cluster_helpers import REPO, dcgan_config, load_checkpoint, write_config
 from jsonargparse import Namespace
+from lightning.pytorch.loggers import CSVLogger
 
 from datamodules.webdataset import TextImageDataModule
 from genart_lightning.callbacks.preemption import PREEMPTED_CKPT
 from genart_lightning.callbacks.rank_state import RankState
 from genart_lightning.checkpoint_io import AtomicCheckpointIO
 from genart_lightning.checkpoints import load_model
+from genart_lightning.continued_csv_logger import ContinuedCSVLogger
 from genart_lightning.lightning_cli import GenartCLI
 from genart_lightning.models.base import GenerativeModel
 from genart_lightning.provenance import git_state
@@ -100,8 +103,21 @@ def test_resumed_run_continues_from_the_saved_step_and_ends_where_an_uninterrupt
     assert ref_weights.keys() == run_weights.keys() and any(k.startswith("ema.") for k in ref_weights)
     different = [k for k in ref_weights if not torch.equal(ref_weights[k], run_weights[k])]
     assert not different, f"differ after resume: {different[:5]}"
-    # The same logger run continued (one CSV version dir), instead of a new one per restart.
+    # The same logger run continued (one CSV version dir), instead of a new one per restart, and its metrics.csv
+    # holds each step once, before and after the preemption: those of the uninterrupted run, plus the row Lightning
+    # logs when a run stops.
     assert sorted(p.name for p in (runs["run_root"] / "lightning_logs").iterdir()) == ["version_0"]
+    reference_steps, steps = (logged_steps(root / "lightning_logs" / "version_0" / "metrics.csv")
+                              for root in (runs["ref_root"], runs["run_root"]))
+    stop_row = runs["preempted"]["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"]
+    assert steps == sorted(set(steps)) == sorted({*reference_steps, stop_row})
+    assert min(steps) < stop_row < max(steps)
+
+
+def logged_steps(metrics_csv: Path) -> list[int]:
+    """The step of every row of a CSVLogger metrics.csv that has a training loss."""
+    with metrics_csv.open(newline="") as file:
+        return [int(row["step"]) for row in csv.DictReader(file) if row.get("train/d_loss")]
 
 
 @pytest.mark.slow
@@ -192,11 +208,25 @@ def test_resume_pins_each_logger_to_its_saved_run() -> None:
         Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir="runs", version=None)),
         Namespace(class_path="lightning.pytorch.loggers.WandbLogger", init_args=Namespace(project="p", id=None, version=None)),
     ]
-    pinned = pin_loggers(loggers, saved, Namespace(trainer=Namespace(default_root_dir="runs")))
+    pinned = pin_loggers(loggers, saved, Namespace(trainer=Namespace(default_root_dir="runs")), 20)
     assert pinned[0].init_args.version == "version_3" and pinned[1].init_args.id == "abc123"
+    assert pinned[0].class_path.endswith("ContinuedCSVLogger") and pinned[0].init_args.resumed_step == 20
     user_set = [Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(version="mine"))]
-    assert pin_loggers(user_set, saved, Namespace(trainer=Namespace(default_root_dir="runs")))[0].init_args.version == "mine"
+    assert pin_loggers(user_set, saved, Namespace(trainer=Namespace(default_root_dir="runs")), 20)[0].init_args.version == "mine"
     default = pin_loggers(None, [{"class": "TensorBoardLogger", "version": "version_0"}],
-                          Namespace(trainer=Namespace(default_root_dir="runs/x")))
+                          Namespace(trainer=Namespace(default_root_dir="runs/x")), 20)
     assert default.class_path.endswith("TensorBoardLogger") and default.init_args.version == "version_0"
-    assert default.init_args.save_dir == "runs/x"
+    assert default.init_args.save_dir == "runs/x" and default.init_args.purge_step == 21  # later events: redone
+
+
+def test_continued_csv_logger_keeps_rows_up_to_the_resumed_step_and_appends(tmp_path: Path) -> None:
+    first = CSVLogger(tmp_path, version="version_0")
+    for step in (4, 9, 14):  # 14: logged after the checkpoint at 9, by work the resumed run does again
+        first.log_metrics({"train/loss": float(step)}, step=step)
+    first.save()
+    resumed = ContinuedCSVLogger(tmp_path, version="version_0", resumed_step=9)
+    resumed.log_metrics({"train/loss": 14.5, "val/fid": 3.0}, step=14)  # a new column too
+    resumed.save()
+    with (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [(r["step"], r["train/loss"], r["val/fid"]) for r in rows] == [("4", "4.0", ""), ("9", "9.0", ""), ("14", "14.5", "3.0")]
