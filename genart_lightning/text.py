@@ -80,6 +80,7 @@ class FrozenTextEncoder(nn.Module):
         self.token_dim: int = clip.transformer.width
         self.pooled_dim: int = clip.text_projection.shape[-1] if clip.text_projection is not None else self.token_dim
         self.register_state_dict_post_hook(_drop_own_keys)
+        self.register_load_state_dict_pre_hook(_note_load_prefix)
         self.register_load_state_dict_post_hook(_ignore_own_missing_keys)
 
     def train(self, mode: bool = True) -> FrozenTextEncoder:
@@ -112,8 +113,11 @@ def _drop_own_keys(module: nn.Module, state_dict: dict, prefix: str, local_metad
         del state_dict[key]
 
 
+def _note_load_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    module._load_prefix = prefix  # where this encoder sits in the model being loaded, for the post hook
+
+
 def _ignore_own_missing_keys(module: nn.Module, incompatible_keys) -> None:
-    prefix_free = {name for name, _ in module.named_parameters()} | {name for name, _ in module.named_buffers()}
-    incompatible_keys.missing_keys[:] = [
-        k for k in incompatible_keys.missing_keys if not any(k.endswith(name) for name in prefix_free)
-    ]
+    """The frozen encoder is not saved with the model (it is rebuilt from its name): its keys are not missing."""
+    prefix = module.__dict__.pop("_load_prefix", "")
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(prefix)]
