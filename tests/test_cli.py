@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import torch
 import yaml
 from tracking_helpers import REPO, start_genart, tiny_config
@@ -33,3 +36,10 @@ def test_last_checkpoint_holds_final_step_when_interval_does_not_divide(shapes_s
     assert proc.returncode == 0, out[-3000:]
     last = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
     assert last["global_step"] == 5
+
+
+def test_top_level_help_does_not_import_torch() -> None:
+    # `genart --help` and `genart shards ...` answer at once: torch and Lightning load only in the commands using them.
+    code = "import sys; from genart_lightning.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

@@ -8,9 +8,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 TABLE_COLUMNS = ("guidance", "fid", "kid", "clip_score", "attribute_accuracy", "psnr", "ssim")
 
 
@@ -34,13 +31,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--batch-size", type=int, default=64, help="images per sampling call and per rank (default 64)")
     p.add_argument("--cache-dir", help="reference statistics cache (default $GENART_CACHE/fid_stats or ~/.cache/genart/fid_stats)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     p.add_argument("--out", default="metrics.json", help="output JSON (sweeps add .csv, .md and .png beside it)")
     p.set_defaults(func=run)
 
 
 def _init_distributed(device: str) -> str:
     """Join the torchrun process group when launched with several ranks; returns this rank's device."""
+    import torch
+    import torch.distributed as dist
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         if device.startswith("cuda"):
@@ -61,6 +63,8 @@ def run(args: argparse.Namespace) -> None:
 
 def evaluate_checkpoint(args: argparse.Namespace) -> None:
     """Evaluate at each guidance scale, write metrics.json (+ table and plot for a sweep) on rank 0."""
+    import torch.distributed as dist
+
     from genart_lightning.checkpoints import load_model
     from genart_lightning.evaluation import Evaluator
 

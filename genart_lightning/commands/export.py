@@ -6,10 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from genart_lightning.models.base import FAMILY_KEY
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="convert a .ckpt to .safetensors (weights + config metadata)", description=__doc__)
@@ -21,7 +17,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def export_checkpoint(ckpt: Path, out: Path, config: Path | None = None) -> dict[str, str]:
     """Write `ckpt`'s model state (EMA weights included) to `out` as safetensors; returns the metadata written."""
+    import torch
     from safetensors.torch import save_file
+
+    from genart_lightning.models.base import FAMILY_KEY
 
     if not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint not found: {ckpt} (from --ckpt); pass a .ckpt written by `genart fit`")
@@ -47,6 +46,8 @@ def export_checkpoint(ckpt: Path, out: Path, config: Path | None = None) -> dict
 
 
 def run(args: argparse.Namespace) -> None:
+    from genart_lightning.models.base import FAMILY_KEY
+
     ckpt = Path(args.ckpt)
     out = Path(args.out) if args.out else ckpt.with_suffix(".safetensors")
     metadata = export_checkpoint(ckpt, out, Path(args.config) if args.config else None)

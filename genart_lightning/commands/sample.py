@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 import inspect
 
-from genart_lightning.callbacks.image_logging import save_grid
-from genart_lightning.checkpoints import load_model
-
 SAMPLING_OPTIONS = [
     ("steps", int, "number of sampling steps"),
     ("sampler", str, "sampler name, e.g. ddpm, ddim, dpmpp_2m"),
@@ -31,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from genart_lightning.callbacks.image_logging import save_grid
+    from genart_lightning.checkpoints import load_model
+
     model = load_model(args.ckpt, map_location=args.device).to(args.device)
     captions = None
     if args.prompt:
