@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -142,7 +143,9 @@ class ShardLoader:
             num_workers=cfg.num_workers,
             pin_memory=self.pin_memory,
             prefetch_factor=4 if cfg.num_workers > 0 else None,
+            collate_fn=_as_sent,
         )
+        pin = self.pin_memory and torch.cuda.is_available()
         slots = range(cfg.rank * self.workers, (cfg.rank + 1) * self.workers)
         per_slot: dict[int, tuple[dict, str]] = {}
         last_warning = -math.inf
@@ -159,6 +162,7 @@ class ShardLoader:
                     warnings.warn(self._skipped_message(per_slot, "so far"), stacklevel=2)
             if "image" not in item:
                 continue  # a worker's end-of-epoch report
+            item["image"] = _image_tensor(item["image"], pin)
             position = (item.pop("__pops__"), item.pop("__index__"))
             if order is None:
                 yield item
@@ -209,6 +213,19 @@ def _batch_order(quotas: list[int], slots: range, resume: dict[int, tuple[int, i
         for s in slots:
             if start[s] <= index < quotas[s]:
                 yield index, s
+
+
+def _as_sent(item: dict) -> dict:
+    """Keep a worker's numpy batch as it is (the default would make it a tensor, sent through shared memory)."""
+    return item
+
+
+def _image_tensor(image: np.ndarray | torch.Tensor, pin: bool) -> torch.Tensor:
+    """The batch's image tensor; one that came through a worker's pipe is pinned here (the DataLoader pins tensors)."""
+    if isinstance(image, torch.Tensor):
+        return image
+    tensor = torch.from_numpy(image)
+    return tensor.pin_memory() if pin else tensor
 
 
 def pin_memory_default() -> bool:

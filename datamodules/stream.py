@@ -1,6 +1,6 @@
 """Worker side of the text-image loader: read shards, decode with explicit decoders only, batch, report errors.
 
-Nothing here ever unpickles: members other than images, .txt and .json are not even read, so a crafted
+Nothing here ever unpickles: members other than images and .txt are skipped undecoded, so a crafted
 KEY.pyd / KEY.pkl in a shard is inert (webdataset's default decoders would `pickle.loads` it).
 """
 
@@ -19,12 +19,18 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms.v2 import functional as F
 from webdataset.gopen import gopen
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+from datamodules.tarstream import tar_members
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 READ_EXTENSIONS = frozenset((*IMAGE_EXTENSIONS, "txt"))
 MAX_PASSES = 2
 """Exact mode re-reads a worker's shards at most once more when unreadable samples leave its quota unmet."""
+PIPE_MAX_BYTES = 2 << 20
+"""Image batches up to this size leave a loader worker as numpy arrays through its pipe, larger ones as tensors in
+shared memory. Measured on the 2-core build machine: torch's shared-memory handoff (a new segment per batch, a socket
+handshake to pass its descriptor) costs a worker more than copying a few MB through the pipe, and the main process
+as much as copying ~2 MB."""
 
 
 class BadSample(Exception):
@@ -60,6 +66,14 @@ class Transform:
     random_flip: bool = False
 
     def __call__(self, image: Image.Image, flip: bool) -> np.ndarray:
+        """HWC uint8 array of an RGB image; an image already at the output size is not resampled or copied."""
+        size = self.image_size
+        if image.size != (size, size):
+            image = self._fit(image)
+        array = np.asarray(image, dtype=np.uint8)
+        return array[:, ::-1] if flip else array  # a view: collate's stack makes it contiguous
+
+    def _fit(self, image: Image.Image) -> Image.Image:
         size = self.image_size
         if self.resize:
             image = F.resize(image, [size] if self.center_crop else [size, size], antialias=True)
@@ -67,9 +81,7 @@ class Transform:
             image = F.center_crop(image, [size, size])
         if image.size != (size, size):
             raise ValueError(f"image is {image.size[0]}x{image.size[1]}, expected {size}x{size}; enable resize")
-        if flip:
-            image = F.horizontal_flip(image)
-        return np.asarray(image, dtype=np.uint8)
+        return image
 
 
 def read_shard(url: str, everything: bool = False) -> Iterator[dict]:
@@ -77,14 +89,13 @@ def read_shard(url: str, everything: bool = False) -> Iterator[dict]:
     stream = gopen(url)
     current: dict | None = None
     try:
-        for member in tar_file_iterator(stream, select_files=None if everything else _wanted, handler=_reraise):
-            key, ext = base_plus_ext(member["fname"])
+        for (key, ext), data in tar_members(stream, _sample_member if everything else _wanted_member):
             if current is not None and key != current["__key__"]:
                 yield current
                 current = None
             if current is None:
                 current = {"__key__": key}
-            current[ext.lower()] = member["data"]
+            current[ext] = data
     except Exception:
         # A truncated tail: the sample read so far is whole if it has its image and caption (the cut came later).
         if current is not None and has_image_and_caption(current, require_caption=True):
@@ -96,13 +107,16 @@ def read_shard(url: str, everything: bool = False) -> Iterator[dict]:
         yield current
 
 
-def _wanted(fname: str) -> bool:
-    _, ext = base_plus_ext(fname)
-    return ext is not None and ext.lower() in READ_EXTENSIONS
+def _sample_member(name: str) -> tuple[str, str] | None:
+    """(key, lower-case extension) of a member name; the key ends at the first dot of the file name."""
+    start = name.rfind("/") + 1
+    dot = name.find(".", start)
+    return (name[:dot], name[dot + 1 :].lower()) if dot > start else None
 
 
-def _reraise(exn: Exception) -> bool:
-    raise exn
+def _wanted_member(name: str) -> tuple[str, str] | None:
+    parts = _sample_member(name)
+    return parts if parts is not None and parts[1] in READ_EXTENSIONS else None
 
 
 def has_image_and_caption(sample: dict, require_caption: bool) -> bool:
@@ -210,7 +224,8 @@ class ShardStream(IterableDataset):
                     elif cfg.require_caption and "txt" not in sample:
                         self._bad("no caption", url, key, "no .txt member", skipped)
                     else:
-                        yield sample | {"__url__": url}
+                        sample["__url__"] = url
+                        yield sample
             except BadSample:
                 raise
             except Exception as exn:  # a truncated or unreadable tar ends that shard, not the epoch
@@ -234,8 +249,10 @@ class ShardStream(IterableDataset):
             with Image.open(io.BytesIO(raw[ext])) as image:
                 if cfg.transform.resize:
                     image.draft("RGB", (cfg.transform.image_size, cfg.transform.image_size))  # JPEG: decode small
+                image.load()
                 flip = cfg.transform.random_flip and cfg.stage == "train" and _coin(cfg.seed, cfg.epoch, key)
-                return key, caption, cfg.transform(image.convert("RGB"), flip)
+                rgb = image if image.mode == "RGB" else image.convert("RGB")  # no copy of an RGB image
+                return key, caption, cfg.transform(rgb, flip)
         except Exception as exn:
             raise BadSample("corrupt image", url, key, f"{type(exn).__name__}: {exn}") from None
 
@@ -272,8 +289,9 @@ def _shuffled(items: Iterator[dict], size: int, rng: random.Random) -> Iterator[
 
 def _collate(batch: list[tuple[str, str, np.ndarray]], slot: int, pops: int, index: int, skipped: Skipped) -> dict:
     images = torch.from_numpy(np.stack([b[2] for b in batch])).permute(0, 3, 1, 2)
+    images = images.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
     return {
-        "image": images.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0),
+        "image": images.numpy() if images.nbytes <= PIPE_MAX_BYTES else images,  # ShardLoader makes it a tensor
         "caption": [b[1] for b in batch],
         "key": [b[0] for b in batch],
         "__slot__": slot,
