@@ -44,8 +44,9 @@ def write_shards(samples: Iterable[dict], out_dir: str | os.PathLike, prefix: st
         if writer is None or count >= samples_per_shard:
             close()
             path = out / f"{prefix}-{len(written):06d}.tar"
-            # Fixed mtime/owner/mode: the same samples give the same tar bytes.
-            writer = wds.TarWriter(str(path), encoder=False, mtime=0.0, user="genart", group="genart", mode=0o644)
+            # Fixed mtime/owner/mode: the same samples give the same tar bytes. An int mtime: a float one makes
+            # tarfile write a PAX header before every member, doubling what readers parse.
+            writer = wds.TarWriter(str(path), encoder=False, mtime=0, user="genart", group="genart", mode=0o644)
             written.append((str(path), 0))
             count = 0
         writer.write(sample)
