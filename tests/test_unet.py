@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from genart_lightning.nn.attention import SelfAttention2d
 from genart_lightning.nn.unet import UNet
 
 
@@ -28,9 +29,10 @@ def inputs(b: int = 2, size: int = 16, channels: int = 3, tokens: int = 5, dim: 
     return x, t, context, mask, torch.randn(b, 6, generator=g)
 
 
+@pytest.mark.parametrize("attention_block", ["transformer", "plain"])
 @pytest.mark.parametrize(("channel_mult", "attention_levels", "size"), [((1,), (0,), 8), ((1, 2), (1,), 16), ((1, 2, 2), (0, 2), 16)])
-def test_output_has_the_input_shape(channel_mult, attention_levels, size):
-    net = tiny_unet(in_channels=4, channel_mult=channel_mult, attention_levels=attention_levels)
+def test_output_has_the_input_shape(channel_mult, attention_levels, size, attention_block):
+    net = tiny_unet(in_channels=4, channel_mult=channel_mult, attention_levels=attention_levels, attention_block=attention_block)
     x = torch.randn(3, 4, size, size)
     assert net(x, torch.tensor([0, 1, 999])).shape == x.shape
 
@@ -68,8 +70,37 @@ def test_channels_last_gives_the_same_output():
         torch.testing.assert_close(net(x.contiguous(memory_format=torch.channels_last), t, context, mask), expected, atol=1e-5, rtol=1e-4)
 
 
+def test_plain_attention_block_starts_as_identity_and_mixes_all_positions():
+    torch.manual_seed(0)
+    block = SelfAttention2d(16, head_channels=8)
+    x = torch.randn(2, 16, 8, 8)
+    torch.testing.assert_close(block(x), x)  # zero output projection: the residual alone at init
+    torch.nn.init.normal_(block.proj_out.weight, std=0.1)
+    far = x.clone()
+    far[:, :, 7, 7] += 1.0
+    with torch.no_grad():
+        assert not torch.allclose(block(x)[:, :, 0, 0], block(far)[:, :, 0, 0], atol=1e-5)  # one corner reaches the other
+
+
+def test_plain_unet_has_no_transformer_parts_and_checkpoints_the_same():
+    plain = tiny_unet(attention_block="plain")
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in plain.modules())
+    assert sum(isinstance(m, SelfAttention2d) for m in plain.modules()) == 4  # level 1: 1 down + 2 up, and the middle
+    x, t, *_ = inputs()
+    grads = []
+    for checkpointing in (False, True):
+        net = tiny_unet(attention_block="plain", gradient_checkpointing=checkpointing).train()
+        net(x, t).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_bad_configuration_and_input_size_are_named():
     with pytest.raises(ValueError, match=r"attention_levels \[3\] outside 0..1"):
         UNet(channel_mult=(1, 2), attention_levels=(3,))
+    with pytest.raises(ValueError, match="unknown attention_block 'linear'"):
+        UNet(attention_block="linear")
+    with pytest.raises(ValueError, match="attention_block='plain' has no cross-attention"):
+        UNet(attention_block="plain", context_dim=12)
     with pytest.raises(ValueError, match="must be divisible by 2"):
         tiny_unet()(torch.randn(1, 3, 15, 15), torch.tensor([1]))

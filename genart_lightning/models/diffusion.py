@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,10 @@ class DiffusionModel(GenerativeModel):
     """Shared by the diffusion families: DDPM objective (Ho et al. 2020) with eps / v / x0 prediction,
     Min-SNR weighting, caption dropout for classifier-free guidance, EMA weights for sampling.
 
+    `attention_block` None picks the kind by conditioning: "transformer" (self + cross attention + MLP, as in
+    latent diffusion) with a text encoder, "plain" (DDPM's self-attention block) without one, as those papers'
+    unconditional models do; set it to override.
+
     Subclasses say what the U-Net diffuses (`to_diffusion_space`, `from_diffusion_space`,
     `diffusion_shape`) and call `build_unet(channels)` at the end of their __init__.
     """
@@ -42,6 +46,7 @@ class DiffusionModel(GenerativeModel):
         num_res_blocks: int = 2,
         attention_levels: Sequence[int] = (1, 2),
         head_channels: int = 32,
+        attention_block: str | None = None,
         dropout: float = 0.0,
         schedule: str = "cosine",
         timesteps: int = 1000,
@@ -73,6 +78,8 @@ class DiffusionModel(GenerativeModel):
         self.register_buffer("alphas_cumprod", make_schedule(schedule, timesteps, zero_terminal_snr), persistent=False)
         self.text_encoder = FrozenTextEncoder(text_encoder, text_pretrained, text_cache_dir) if text_encoder else None
         self.conditional = self.text_encoder is not None
+        # recorded resolved, so a checkpoint rebuilds the same net whatever the default becomes
+        self.hparams["attention_block"] = attention_block or ("transformer" if self.conditional else "plain")
 
     def build_unet(self, channels: int) -> None:
         """Create the U-Net over `channels`-channel inputs, its EMA copy, and apply the large-model switches."""
@@ -85,6 +92,7 @@ class DiffusionModel(GenerativeModel):
             num_res_blocks=hp.num_res_blocks,
             attention_levels=tuple(hp.attention_levels),
             head_channels=hp.head_channels,
+            attention_block=hp.attention_block,
             context_dim=text.token_dim if text else None,
             pooled_dim=text.pooled_dim if text else None,
             dropout=hp.dropout,
@@ -95,6 +103,17 @@ class DiffusionModel(GenerativeModel):
         self.ema = make_ema(self.unet, hp.ema_decay)
         if hp.compile:
             self.unet.compile()  # in place: parameter names (and checkpoints) stay those of the plain module
+
+    def load_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True, assign: bool = False):
+        """As torch's, but a U-Net whose attention blocks are of the other kind fails in one line naming the fix
+        (unconditional checkpoints saved before "plain" became their default hold transformer blocks)."""
+        saved = "transformer" if any(k.startswith("unet.") and ".self_attn." in k for k in state_dict) else "plain"
+        if strict and saved != self.hparams.attention_block:
+            raise ValueError(
+                f"checkpoint U-Net has {saved} attention blocks, this model {self.hparams.attention_block}; "
+                f"build it with attention_block={saved!r} (add it to the checkpoint's hyper_parameters)"
+            )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ---- what the U-Net diffuses (pixels here; latents in LatentDiffusion) ----
 

@@ -1,4 +1,5 @@
-"""Self- and cross-attention over feature maps (the transformer block of latent diffusion, Rombach et al. 2022)."""
+"""Attention over feature maps: DDPM's plain self-attention block (Ho et al. 2020) and latent diffusion's
+transformer block with cross-attention to text (Rombach et al. 2022)."""
 
 from __future__ import annotations
 
@@ -69,3 +70,28 @@ class SpatialTransformer(nn.Module):
         tokens = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
         tokens = self.block(tokens, context, mask)
         return x + self.proj_out(tokens.transpose(1, 2).reshape(b, c, h, w))
+
+
+class SelfAttention2d(nn.Module):
+    """DDPM's attention block: GroupNorm, multi-head self-attention over all positions, output projection, residual.
+
+    The same attention as a transformer block with under a third of its weights (no MLP, LayerNorms or 1x1
+    in/out projections): the block of DDPM's and ADM's U-Nets and of LDM's unconditional models.
+    """
+
+    def __init__(self, channels: int, head_channels: int = 32) -> None:
+        super().__init__()
+        self.heads = max(1, channels // head_channels)
+        self.norm = group_norm(channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj_out = nn.Linear(channels, channels)
+        nn.init.zeros_(self.proj_out.weight)  # zero residual at init: the block starts as the identity
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
+        # one matmul for q, k and v; the permute is a view, SDPA reads the strided heads directly
+        q, k, v = self.qkv(tokens).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        out = self.proj_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        return x + out.transpose(1, 2).reshape(b, c, h, w)

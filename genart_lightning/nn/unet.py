@@ -1,4 +1,4 @@
-"""Text-conditional U-Net for diffusion (ADM layout, Dhariwal & Nichol 2021, with LDM's cross-attention)."""
+"""U-Net for diffusion (ADM layout, Dhariwal & Nichol 2021), text-conditional through LDM's cross-attention."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from genart_lightning.nn.attention import SpatialTransformer, group_norm
+from genart_lightning.nn.attention import SelfAttention2d, SpatialTransformer, group_norm
+
+ATTENTION_BLOCKS = ("transformer", "plain")
+"""U-Net attention block kinds: latent diffusion's transformer block (self + cross attention + MLP), DDPM's plain one."""
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
@@ -19,6 +22,15 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Ten
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     angles = t.float()[:, None] * freqs[None]
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def check_attention_block(kind: str, context_dim: int | None) -> str:
+    """Return `kind` if it is a known attention block that can take the given text tokens, else fail naming the fix."""
+    if kind not in ATTENTION_BLOCKS:
+        raise ValueError(f"unknown attention_block {kind!r}; choose one of {', '.join(ATTENTION_BLOCKS)}")
+    if kind == "plain" and context_dim:
+        raise ValueError("attention_block='plain' has no cross-attention for text tokens (context_dim is set); use 'transformer'")
+    return kind
 
 
 class ResBlock(nn.Module):
@@ -81,8 +93,9 @@ class UNet(nn.Module):
     """Predicts eps / v / x0 from a noisy image, its timestep and (optionally) text tokens and a pooled text vector.
 
     Level i of `channel_mult` runs at 1/2**i of the input resolution with base_channels * mult channels;
-    `attention_levels` lists the levels that get self-attention (+ cross-attention when `context_dim`
-    is set); the middle block always has it.
+    `attention_levels` lists the levels that get attention; the middle block always has it.
+    `attention_block` picks its kind: "transformer" (self-attention, cross-attention to text when
+    `context_dim` is set, MLP) or "plain" (DDPM's self-attention block, no text tokens).
     """
 
     def __init__(
@@ -94,6 +107,7 @@ class UNet(nn.Module):
         num_res_blocks: int = 2,
         attention_levels: Sequence[int] = (1, 2),
         head_channels: int = 32,
+        attention_block: str = "transformer",
         context_dim: int | None = None,
         pooled_dim: int | None = None,
         dropout: float = 0.0,
@@ -103,13 +117,16 @@ class UNet(nn.Module):
         bad = [lv for lv in attention_levels if not 0 <= lv < len(channel_mult)]
         if bad:
             raise ValueError(f"attention_levels {bad} outside 0..{len(channel_mult) - 1} (one per channel_mult entry)")
+        check_attention_block(attention_block, context_dim)
         self.gradient_checkpointing = gradient_checkpointing
         self.num_levels = len(channel_mult)
         emb_dim = 4 * base_channels
         self.time_embed = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.pooled_embed = nn.Linear(pooled_dim, emb_dim) if pooled_dim else None
 
-        def attn(ch: int) -> SpatialTransformer:
+        def attn(ch: int) -> nn.Module:
+            if attention_block == "plain":
+                return SelfAttention2d(ch, head_channels)
             return SpatialTransformer(ch, context_dim, head_channels)
 
         ch = base_channels
