@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -103,17 +103,6 @@ class DiffusionModel(GenerativeModel):
         self.ema = make_ema(self.unet, hp.ema_decay)
         if hp.compile:
             self.unet.compile()  # in place: parameter names (and checkpoints) stay those of the plain module
-
-    def load_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True, assign: bool = False):
-        """As torch's, but a U-Net whose attention blocks are of the other kind fails in one line naming the fix
-        (unconditional checkpoints saved before "plain" became their default hold transformer blocks)."""
-        saved = "transformer" if any(k.startswith("unet.") and ".self_attn." in k for k in state_dict) else "plain"
-        if strict and saved != self.hparams.attention_block:
-            raise ValueError(
-                f"checkpoint U-Net has {saved} attention blocks, this model {self.hparams.attention_block}; "
-                f"build it with attention_block={saved!r} (add it to the checkpoint's hyper_parameters)"
-            )
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ---- what the U-Net diffuses (pixels here; latents in LatentDiffusion) ----
 
