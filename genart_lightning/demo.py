@@ -21,7 +21,7 @@ PROMPTS = [
     "a large yellow circle in the centre, purple background",
 ]
 TRAIN_STEPS = int(os.environ.get("DEMO_STEPS", "3000"))
-"""Optimizer steps of both nets (a GAN iteration counts 2): 1500 generator steps, about 4 minutes on 2 CPU cores."""
+"""Optimizer steps of both nets (a GAN iteration counts 2): 1500 generator steps, under 3 minutes on 2 idle CPU cores."""
 
 
 def genart(*args: str) -> None:
