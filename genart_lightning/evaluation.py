@@ -16,6 +16,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from datamodules import synthetic
 from datamodules.shards import expand_urls
@@ -93,6 +94,7 @@ class Evaluator:
         batch_size: int = 64,
         cache_dir: str | Path | None = None,
         num_workers: int = 0,
+        progress: bool = False,
     ) -> None:
         if num_samples < 2:
             raise ValueError(f"num_samples={num_samples}: FID needs at least 2 generated images (--num-samples)")
@@ -100,6 +102,7 @@ class Evaluator:
         self.fid_weights, self.prompts, self.seed, self.batch_size = fid_weights, prompts, seed, batch_size
         self.clip_model, self.clip_pretrained = clip_model, clip_pretrained
         self.cache_dir, self.num_workers = cache_dir, num_workers
+        self.progress = progress  # a bar on rank 0 (the CLI); off inside fit, where Lightning's bar runs
         self._setup_for: tuple | None = None
 
     def _setup(self, model: GenerativeModel, device: torch.device) -> None:
@@ -178,7 +181,8 @@ class Evaluator:
         model.eval()
         rank, world = world_info()
         starts = range(0, self.num_samples, self.batch_size)
-        for chunk, start in enumerate(starts):
+        label = "sampling" if guidance is None else f"sampling, guidance {guidance:g}"
+        for chunk, start in enumerate(tqdm(starts, desc=label, unit="batch", disable=not self.progress or rank != 0)):
             if chunk % world != rank:
                 continue
             stop = min(start + self.batch_size, self.num_samples)

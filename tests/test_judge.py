@@ -10,7 +10,13 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from datamodules.synthetic import caption_for, draw
 from genart_lightning.evaluation import Evaluator, shapes_prompts
-from genart_lightning.metrics.judge import ATTRIBUTES, AttributeAccuracy, load_or_train_judge, render_batch
+from genart_lightning.metrics.judge import (
+    ATTRIBUTES,
+    AttributeAccuracy,
+    JudgeFeatures,
+    load_or_train_judge,
+    render_batch,
+)
 from genart_lightning.models.base import GenerativeModel
 
 
@@ -27,6 +33,15 @@ def test_judge_reads_held_out_shapes(judge):
         logits = judge(noisy)
     accuracy = {name: (logits[name].argmax(1) == labels[name]).float().mean().item() for name in ATTRIBUTES}
     assert all(acc >= 0.95 for acc in accuracy.values()), accuracy  # measured: >= 0.985 on every attribute
+
+
+def test_judge_features_are_of_order_one_for_kid(judge):
+    """KID's kernel (x.y / d + 1)^3 is built for features of order 1; unscaled ReLU features put KID in the thousands."""
+    images, _ = render_batch([f"held-out-{i}" for i in range(400)], 32)
+    with torch.no_grad():
+        features = JudgeFeatures(judge, 32)(images)
+    rms = features.square().mean().sqrt().item()
+    assert 0.8 < rms < 1.25, rms  # scale set from the training images; held-out ones come from the same renderer
 
 
 def test_judge_scores_noise_at_chance(judge):

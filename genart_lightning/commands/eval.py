@@ -73,7 +73,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
     evaluator = Evaluator(
         args.data, args.num_samples, args.fid_features, fid_weights=args.fid_weights, prompts=args.prompts,
         clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, seed=args.seed, batch_size=args.batch_size,
-        cache_dir=args.cache_dir,
+        cache_dir=args.cache_dir, progress=True,
     )
     options = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler)) if v is not None}
     scales = args.guidance or [None]

@@ -51,6 +51,9 @@ class JudgeNet(nn.Module):
         )
         self.heads = nn.ModuleDict({name: nn.Linear(feature_dim, len(classes)) for name, classes in ATTRIBUTES.items()})
         self.feature_dim = feature_dim
+        # 1 / RMS of the features over the training images, set after training. KID's cubic kernel
+        # (x.y / d + 1)^3 assumes features of order 1, as Inception's are; unscaled, KID ran into the thousands.
+        self.register_buffer("feature_scale", torch.ones(()))
 
     def features(self, images: Tensor) -> Tensor:
         """Penultimate features [B, feature_dim] of images in [-1, 1]."""
@@ -97,9 +100,12 @@ def train_judge(image_size: int = 32, recipe: dict | None = None) -> JudgeNet:
             torch.manual_seed(r["seed"])
             net = JudgeNet(r["width"], r["feature_dim"])
             _fit(net, images, labels, r)
+            net.eval()
+            with torch.no_grad():
+                net.feature_scale.copy_(net.features(images).square().mean().rsqrt())
     finally:
         torch.set_num_threads(threads)
-    return net.eval().requires_grad_(False)
+    return net.requires_grad_(False)
 
 
 def _fit(net: JudgeNet, images: Tensor, labels: dict[str, Tensor], r: dict) -> None:
@@ -159,7 +165,7 @@ class JudgeFeatures(FeatureExtractor):
     def forward(self, images: Tensor) -> Tensor:
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             raise ValueError(f"judge features expect {self.image_size}px images, got {tuple(images.shape[-2:])}; train the judge at that size")
-        return self.judge.features(images)
+        return self.judge.features(images) * self.judge.feature_scale
 
 
 class AttributeAccuracy(Metric):
