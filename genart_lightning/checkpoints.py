@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import json
 from pathlib import Path
@@ -22,6 +23,17 @@ def family_class(dotted: str) -> type[GenerativeModel]:
     return cls
 
 
+def build_family(dotted: str, hyper_parameters: dict) -> GenerativeModel:
+    """A family instance from its name and saved hyperparameters, with random weights.
+
+    Built in an empty context: inside LightningCLI's instantiation, `save_hyperparameters` of any module
+    would otherwise record the outer model's arguments (a VAE built by LatentDiffusion got the LDM's).
+    LightningCLI's own `_class_path` / `_instantiator` entries are not init arguments and are dropped.
+    """
+    cls = family_class(dotted)
+    return contextvars.Context().run(cls, **{k: v for k, v in hyper_parameters.items() if not k.startswith("_")})
+
+
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> GenerativeModel:
     """Load any family from a `genart fit` .ckpt or a `genart export` .safetensors (nothing in either is executed)."""
     path = Path(path)
@@ -36,8 +48,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Ge
         family, hyper_parameters, state_dict = (
             checkpoint[FAMILY_KEY], checkpoint.get("hyper_parameters", {}), checkpoint["state_dict"]
         )
-    # LightningCLI adds `_class_path` / `_instantiator` for its own reloading; they are not init arguments.
-    model = family_class(family)(**{k: v for k, v in hyper_parameters.items() if not k.startswith("_")})
+    model = build_family(family, hyper_parameters)
     model.load_state_dict(state_dict)
     return model.eval()
 

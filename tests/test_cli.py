@@ -1,4 +1,5 @@
-"""`genart` as a user meets it: the command list, a config typo, and a fit whose last.ckpt holds the final step."""
+"""`genart` as a user meets it: the command list, a config typo, a fit whose last.ckpt holds the final step, and
+the README's VAE -> latent diffusion chain run through the CLI."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 
 import torch
 import yaml
-from tracking_helpers import REPO, start_genart, tiny_config
+from tracking_helpers import REPO, genart, start_genart, tiny_config
 
 from genart_lightning.cli import build_parser
 
@@ -43,3 +44,25 @@ def test_top_level_help_does_not_import_torch() -> None:
     code = "import sys; from genart_lightning.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_latent_diffusion_fits_through_the_cli_on_a_cli_trained_vae(shapes_shards_16px, tmp_path):
+    # LightningCLI hands the outer model's arguments to any save_hyperparameters() during instantiation;
+    # the first stage loaded inside LatentDiffusion once took the LDM's and failed ("no attribute latent_channels").
+    vae_config = tiny_config(shapes_shards_16px, max_steps=2)
+    vae_config["trainer"]["default_root_dir"] = str(tmp_path / "vae")
+    (tmp_path / "vae.yaml").write_text(yaml.safe_dump(vae_config))
+    genart("fit", "--config", str(tmp_path / "vae.yaml"), "--trainer.logger=false", cwd=tmp_path)
+    vae_ckpt = tmp_path / "vae/checkpoints/last.ckpt"
+
+    ldm_config = {**vae_config, "trainer": {**vae_config["trainer"], "default_root_dir": str(tmp_path / "ldm")}}
+    ldm_config["model"] = {
+        "class_path": "genart_lightning.models.latent_diffusion.LatentDiffusion",
+        "init_args": {"first_stage_ckpt": str(vae_ckpt), "image_size": 16, "base_channels": 8, "channel_mult": [1],
+                      "num_res_blocks": 1, "attention_levels": [0], "head_channels": 8, "sample_steps": 2},
+    }
+    (tmp_path / "ldm.yaml").write_text(yaml.safe_dump(ldm_config))
+    genart("fit", "--config", str(tmp_path / "ldm.yaml"), "--trainer.logger=false", cwd=tmp_path)
+    saved = torch.load(tmp_path / "ldm/checkpoints/last.ckpt", weights_only=True)["hyper_parameters"]
+    vae_saved = torch.load(vae_ckpt, weights_only=True)["hyper_parameters"]
+    assert saved["first_stage_hparams"] == {k: v for k, v in vae_saved.items() if not k.startswith("_")}

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from genart_lightning.checkpoints import family_class, load_model
+from genart_lightning.checkpoints import build_family, load_model
 from genart_lightning.models.diffusion import DiffusionModel
 
 
@@ -37,7 +37,7 @@ class LatentDiffusion(DiffusionModel):
             self.hparams["first_stage_family"] = f"{type(first_stage).__module__}.{type(first_stage).__qualname__}"
             self.hparams["first_stage_hparams"] = dict(first_stage.hparams)
         else:
-            first_stage = family_class(first_stage_family)(**first_stage_hparams)  # weights come with our state_dict
+            first_stage = build_family(first_stage_family, first_stage_hparams)  # weights come with our state_dict
         for name in ("encode", "decode", "latent_shape"):
             if not callable(getattr(first_stage, name, None)):
                 raise ValueError(f"first stage {type(first_stage).__name__} from {first_stage_ckpt!r} has no {name}(); use a VAE checkpoint")
