@@ -66,3 +66,17 @@ def test_latent_diffusion_fits_through_the_cli_on_a_cli_trained_vae(shapes_shard
     saved = torch.load(tmp_path / "ldm/checkpoints/last.ckpt", weights_only=True)["hyper_parameters"]
     vae_saved = torch.load(vae_ckpt, weights_only=True)["hyper_parameters"]
     assert saved["first_stage_hparams"] == {k: v for k, v in vae_saved.items() if not k.startswith("_")}
+
+
+def test_every_shipped_experiment_config_validates(tmp_path):
+    # A typo or a renamed option in a config we ship is one clear error here, not on a cluster after the queue wait.
+    configs = sorted(p for p in (REPO / "experiments").glob("*.yaml") if p.name != "logger_wandb.yaml")
+    runs = {p.name: start_genart("fit", "--config", str(p), "--print_config", cwd=tmp_path) for p in configs}
+    runs["logger_wandb.yaml"] = start_genart("fit", "--config", str(REPO / "experiments/dcgan_shapes.yaml"),
+                                             "--config", str(REPO / "experiments/logger_wandb.yaml"), "--print_config", cwd=tmp_path)
+    failed = {}
+    for name, proc in runs.items():
+        out, _ = proc.communicate(timeout=300)
+        if proc.returncode != 0 or "class_path" not in out:
+            failed[name] = out[-1500:]
+    assert len(configs) >= 9 and not failed, failed
