@@ -61,6 +61,16 @@ def test_kid_is_small_for_same_distribution_and_large_for_shift():
     assert abs(near.compute()["kid"]) < 0.05 < far.compute()["kid"]
 
 
+def test_kid_std_is_a_real_spread_when_sets_are_smaller_than_the_subset_size():
+    g = torch.Generator().manual_seed(3)
+    metric = FeatureDistances(8, kid_subsets=20)  # default subset size 1000 > both sets
+    metric.update(torch.randn(300, 8, generator=g), real=True)
+    metric.update(torch.randn(240, 8, generator=g) + 0.5, real=False)
+    result = metric.compute()
+    assert result["kid_subset_size"] == 120  # half the smaller set: subsets differ from each other
+    assert result["kid_std"] > 0.05 * result["kid"] > 0  # with equal-size sets, whole-set subsets gave ~1e-7
+
+
 def test_missing_inception_weights_error_names_paths_and_fetch(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(WeightsMissingError) as err:

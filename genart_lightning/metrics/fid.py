@@ -106,12 +106,16 @@ class FeatureDistances(nn.Module):
         self.kid.reset()
 
     def compute(self) -> dict[str, float]:
-        """FID, and KID mean/std over subsets (subset size capped by both set sizes); call on every rank."""
+        """FID, and KID mean/std over subsets; call on every rank.
+
+        The subset size is capped at half the smaller set: subsets as large as a whole set are all the same
+        set, and their std (float noise, ~1e-7) would claim a precision KID does not have.
+        """
         device = self.fid.device
         num_fake = all_sum(int(self.fid.fake_features_num_samples), device)
         num_real_kid = all_sum(sum(len(f) for f in self.kid.real_features), device)  # the cache keeps fewer than FID's count
         out = {"fid": float(self.fid.compute())}
-        self.kid.subset_size = min(self.kid_subset_size, num_fake, num_real_kid)
+        self.kid.subset_size = max(min(self.kid_subset_size, min(num_fake, num_real_kid) // 2), 2)
         self._pack_kid()
         # Same seed on every rank: the subsets, hence the reported KID, agree across ranks.
         with torch.random.fork_rng(devices=[]):
