@@ -12,7 +12,7 @@ import torch
 from genart_lightning.models.base import FAMILY_KEY, GenerativeModel
 
 
-def family_class(dotted: str) -> type[GenerativeModel]:
+def _family_class(dotted: str) -> type[GenerativeModel]:
     """Resolve a family name; only classes under genart_lightning.models are accepted."""
     module_name, _, class_name = dotted.rpartition(".")
     if not module_name.startswith("genart_lightning.models."):
@@ -30,7 +30,7 @@ def build_family(dotted: str, hyper_parameters: dict) -> GenerativeModel:
     would otherwise record the outer model's arguments (a VAE built by LatentDiffusion got the LDM's).
     LightningCLI's own `_class_path` / `_instantiator` entries are not init arguments and are dropped.
     """
-    cls = family_class(dotted)
+    cls = _family_class(dotted)
     return contextvars.Context().run(cls, **{k: v for k, v in hyper_parameters.items() if not k.startswith("_")})
 
 

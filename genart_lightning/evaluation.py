@@ -180,11 +180,9 @@ class Evaluator:
         was_training = model.training
         model.eval()
         rank, world = world_info()
-        starts = range(0, self.num_samples, self.batch_size)
+        mine = [(chunk, start) for chunk, start in enumerate(range(0, self.num_samples, self.batch_size)) if chunk % world == rank]
         label = "sampling" if guidance is None else f"sampling, guidance {guidance:g}"
-        for chunk, start in enumerate(tqdm(starts, desc=label, unit="batch", disable=not self.progress or rank != 0)):
-            if chunk % world != rank:
-                continue
+        for chunk, start in tqdm(mine, desc=label, unit="batch", disable=not self.progress or rank != 0):
             stop = min(start + self.batch_size, self.num_samples)
             chunk_captions = captions[start:stop] if captions else None
             images = model.sample(stop - start, captions=chunk_captions, seed=self.seed * 1_000_003 + chunk, **sample_kwargs)

@@ -65,10 +65,10 @@ def test_kid_std_is_a_real_spread_when_sets_are_smaller_than_the_subset_size():
     g = torch.Generator().manual_seed(3)
     metric = FeatureDistances(8, kid_subsets=20)  # default subset size 1000 > both sets
     metric.update(torch.randn(300, 8, generator=g), real=True)
-    metric.update(torch.randn(240, 8, generator=g) + 0.5, real=False)
+    metric.update(torch.randn(300, 8, generator=g) + 0.5, real=False)
     result = metric.compute()
-    assert result["kid_subset_size"] == 120  # half the smaller set: subsets differ from each other
-    assert result["kid_std"] > 0.05 * result["kid"] > 0  # with equal-size sets, whole-set subsets gave ~1e-7
+    assert result["kid_subset_size"] == 150  # half the smaller set: subsets differ from each other
+    assert result["kid_std"] > 0.05 * result["kid"] > 0  # whole-set subsets are all the same set: std ~1e-7
 
 
 def test_missing_inception_weights_error_names_paths_and_fetch(tmp_path, monkeypatch):
