@@ -34,7 +34,7 @@ from benchmarks.common import (
     sync,
 )
 from genart_lightning.models.diffusion import PixelDiffusion
-from genart_lightning.text import FrozenTextEncoder
+from genart_lightning.nn.text_encoder import FrozenTextEncoder
 
 IMAGE_SIZE, BATCH, BASE_CHANNELS = 32, 8, 32
 CAPTIONS = ["a red circle on a white background", "a small blue square", "a large green triangle", "a yellow star"]

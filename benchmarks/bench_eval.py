@@ -15,7 +15,7 @@ import torch
 
 from benchmarks.common import CLOCK, Comparison, alternate, clock, fix_threads, timed
 from datamodules.synthetic import write_shapes_shards
-from genart_lightning.evaluation import Evaluator
+from genart_lightning.metrics.evaluator import Evaluator
 from genart_lightning.metrics.features import (
     INCEPTION_FILE,
     InceptionFeatures,

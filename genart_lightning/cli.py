@@ -19,8 +19,8 @@ COMMAND_MODULES = ["shards", "sample", "sweep", "export", "eval", "slurm"]
 def lightning_cli(args: list[str] | None) -> None:
     """Run LightningCLI restricted to this project's model and data base classes (args None: sys.argv)."""
     from datamodules.webdataset import TextImageDataModule
-    from genart_lightning.lightning_cli import GenartCLI
     from genart_lightning.models.base import GenerativeModel
+    from genart_lightning.run.lightning_cli import GenartCLI
 
     GenartCLI(
         GenerativeModel,

@@ -11,10 +11,10 @@ from torchvision.io import read_image
 
 from datamodules.synthetic import COLOURS, caption_with_colour, dominant_shape_colour
 from datamodules.webdataset import TextImageDataModule
-from genart_lightning.callbacks.image_logging import save_grid
-from genart_lightning.checkpoints import load_model
 from genart_lightning.cli import main as genart_main
 from genart_lightning.models.cgan import TextConditionalGAN
+from genart_lightning.models.grids import save_grid
+from genart_lightning.models.loading import load_model
 
 G_STEPS = 600
 PROMPTS = [  # one per column of the 4x4 grid `genart sample` draws from them

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from genart_lightning.checkpoint_io import AtomicCheckpointIO
+from genart_lightning.run.checkpoint_io import AtomicCheckpointIO
 
 # Writes a second checkpoint over argv[1] through AtomicCheckpointIO, with torch.save slowed down so the
 # test can kill it when half of the bytes are in the file: it prints "half" then waits forever.
 KILLED_WRITER = """
 import io, sys, threading, torch
-import genart_lightning.checkpoint_io as checkpoint_io
+import genart_lightning.run.checkpoint_io as checkpoint_io
 
 real_save = torch.save
 

@@ -12,11 +12,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules.synthetic import COLOURS, caption_with_colour, dominant_shape_colour
 from datamodules.webdataset import TextImageDataModule
-from genart_lightning.callbacks.image_logging import save_grid
-from genart_lightning.checkpoints import load_model
 from genart_lightning.cli import main as genart
 from genart_lightning.models.diffusion import PixelDiffusion
+from genart_lightning.models.grids import save_grid
 from genart_lightning.models.latent_diffusion import LatentDiffusion
+from genart_lightning.models.loading import load_model
 from genart_lightning.models.vae import VAE
 
 TRAIN_STEPS = 600

@@ -13,9 +13,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors import safe_open
 
 from datamodules.webdataset import TextImageDataModule
-from genart_lightning.checkpoints import load_model
 from genart_lightning.cli import main
 from genart_lightning.models.gan import DCGAN
+from genart_lightning.models.loading import load_model
 
 
 @pytest.fixture(scope="module")

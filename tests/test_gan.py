@@ -11,10 +11,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from datamodules.webdataset import TextImageDataModule
-from genart_lightning.checkpoints import load_model
 from genart_lightning.cli import main as genart_main
 from genart_lightning.models.adversarial import DivergenceError
 from genart_lightning.models.gan import DCGAN
+from genart_lightning.models.loading import load_model
 
 TINY = {"image_size": 16, "z_dim": 16, "g_channels": 8, "d_channels": 8}
 

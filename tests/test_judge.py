@@ -9,15 +9,15 @@ import torch
 from torchvision.transforms.functional import pil_to_tensor
 
 from datamodules.synthetic import caption_for, draw
-from genart_lightning.evaluation import Evaluator, shapes_prompts
-from genart_lightning.metrics.judge import (
+from genart_lightning.metrics.evaluator import Evaluator, shapes_prompts
+from genart_lightning.models.base import GenerativeModel
+from genart_lightning.shapes.judge import (
     ATTRIBUTES,
     AttributeAccuracy,
     JudgeFeatures,
     load_or_train_judge,
     render_batch,
 )
-from genart_lightning.models.base import GenerativeModel
 
 
 @pytest.fixture(scope="module")

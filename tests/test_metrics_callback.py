@@ -10,8 +10,8 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from datamodules.webdataset import TextImageDataModule
-from genart_lightning.callbacks.evaluation import PeriodicEvaluation
-from genart_lightning.evaluation import evaluate
+from genart_lightning.callbacks.periodic_evaluation import PeriodicEvaluation
+from genart_lightning.metrics.evaluator import evaluate
 from genart_lightning.models.gan import DCGAN
 
 

@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from torchvision.transforms.functional import pil_to_tensor
 
 from datamodules.synthetic import render_sample, write_shapes_shards
-from genart_lightning.evaluation import Evaluator, evaluate
 from genart_lightning.metrics import reference_stats
+from genart_lightning.metrics.evaluator import Evaluator, evaluate
 from genart_lightning.metrics.features import FeatureExtractor
 from genart_lightning.models.base import GenerativeModel
 
@@ -89,7 +89,7 @@ def test_reference_statistics_are_cached_and_reused(odd_shards, tmp_path, monkey
     def no_reading(*args, **kwargs):
         raise AssertionError("real images were read again although the statistics are cached")
 
-    monkeypatch.setattr("genart_lightning.evaluation.real_loader", no_reading)
+    monkeypatch.setattr("genart_lightning.metrics.evaluator.real_loader", no_reading)
     second = evaluate(RenderedShapes(shift=0.3), odd_shards["val_urls"], 8, Moments(), batch_size=4, cache_dir=tmp_path)
     assert second["reference"]["reused"] and second["reference"]["cache"] == first["reference"]["cache"]
     assert second["fid"] == pytest.approx(first["fid"], rel=1e-9)

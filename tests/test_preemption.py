@@ -20,15 +20,15 @@ from jsonargparse import Namespace
 from lightning.pytorch.loggers import CSVLogger
 
 from datamodules.webdataset import TextImageDataModule
-from genart_lightning.callbacks.preemption import PREEMPTED_CKPT
 from genart_lightning.callbacks.rank_state import RankState
-from genart_lightning.checkpoint_io import AtomicCheckpointIO
-from genart_lightning.checkpoints import load_model
-from genart_lightning.continued_csv_logger import ContinuedCSVLogger
-from genart_lightning.lightning_cli import GenartCLI
 from genart_lightning.models.base import GenerativeModel
-from genart_lightning.provenance import git_state
-from genart_lightning.resume import newest_checkpoint, pin_loggers, should_resume
+from genart_lightning.models.loading import load_model
+from genart_lightning.run.checkpoint_io import AtomicCheckpointIO
+from genart_lightning.run.cluster import PREEMPTED_CKPT
+from genart_lightning.run.csv_logger import ContinuedCSVLogger
+from genart_lightning.run.lightning_cli import GenartCLI
+from genart_lightning.run.provenance import git_state
+from genart_lightning.run.resume import newest_checkpoint, pin_loggers, should_resume
 
 MAX_STEPS = 40  # 20 DCGAN iterations
 SIGNAL_AFTER_BATCH = 7

@@ -14,8 +14,8 @@ import pytest
 import torch
 from cluster_helpers import CHECKPOINT_EVERY, REPO, dcgan_config, load_checkpoint, write_config
 
-from genart_lightning.callbacks.preemption import PREEMPTED_CKPT
 from genart_lightning.cli import main
+from genart_lightning.run.cluster import PREEMPTED_CKPT
 
 MAX_STEPS = 60  # 30 DCGAN iterations per rank: past the end of epoch 0 (25 batches per rank) of the 16px shards
 PACE_S = 0.5  # per DCGAN iteration: the 20 iterations after the first checkpoint take >= 10 s, time to signal

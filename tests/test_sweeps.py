@@ -14,9 +14,9 @@ import yaml
 from tracking_helpers import REPO, tiny_config
 
 from genart_lightning.cli import lightning_cli, main
-from genart_lightning.sweeps import (
+from genart_lightning.sweeps.launch import array_ranges
+from genart_lightning.sweeps.spec import (
     SpecError,
-    array_ranges,
     expand,
     load_spec,
     load_yaml,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from genart_lightning.text import FrozenTextEncoder
+from genart_lightning.nn.text_encoder import FrozenTextEncoder
 
 
 class Captioned(nn.Module):

@@ -10,7 +10,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.nn import functional as F
 
 from datamodules.webdataset import TextImageDataModule
-from genart_lightning.checkpoints import load_model
+from genart_lightning.models.loading import load_model
 from genart_lightning.models.vae import VAE
 
 TRAIN_STEPS = 180

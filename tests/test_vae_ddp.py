@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from genart_lightning.checkpoints import load_model
+from genart_lightning.models.loading import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 from tracking_helpers import REPO, genart, tiny_config
 
-from genart_lightning.sweeps import load_yaml
+from genart_lightning.sweeps.spec import load_yaml
 
 EXPERIMENT = "experiments/vae_shapes.yaml"
 """The experiment the W&B sweep example trains; the test swaps in a tiny config of the same family."""

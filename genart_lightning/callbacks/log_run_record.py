@@ -8,7 +8,7 @@ import lightning as L
 import yaml
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from genart_lightning.callbacks.preemption import checkpoint_dir
+from genart_lightning.run.cluster import checkpoint_dir
 
 
 class LogRunRecord(L.Callback):

@@ -7,8 +7,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from genart_lightning.callbacks.image_logging import images_to_grid, publish_grid
 from genart_lightning.models.base import GenerativeModel
+from genart_lightning.models.grids import images_to_grid, publish_grid
 
 
 class SampleGrid(L.Callback):

@@ -53,7 +53,7 @@ def _init_distributed(device: str) -> str:
 
 def run(args: argparse.Namespace) -> None:
     from genart_lightning.metrics.features import WeightsMissingError
-    from genart_lightning.text import WeightsNotFoundError
+    from genart_lightning.nn.text_encoder import WeightsNotFoundError
 
     try:
         evaluate_checkpoint(args)
@@ -65,8 +65,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
     """Evaluate at each guidance scale, write metrics.json (+ table and plot for a sweep) on rank 0."""
     import torch.distributed as dist
 
-    from genart_lightning.checkpoints import load_model
-    from genart_lightning.evaluation import Evaluator
+    from genart_lightning.metrics.evaluator import Evaluator
+    from genart_lightning.models.loading import load_model
 
     device = _init_distributed(args.device)
     model = load_model(args.ckpt, map_location="cpu").to(device)

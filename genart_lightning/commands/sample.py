@@ -28,8 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from genart_lightning.callbacks.image_logging import save_grid
-    from genart_lightning.checkpoints import load_model
+    from genart_lightning.models.grids import save_grid
+    from genart_lightning.models.loading import load_model
 
     model = load_model(args.ckpt, map_location=args.device).to(args.device)
     captions = None

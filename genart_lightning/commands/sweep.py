@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from genart_lightning.sweep_report import report
-from genart_lightning.sweeps import SpecError, expand, launch_local, launch_slurm, load_spec, write_configs
+from genart_lightning.sweeps.launch import launch_local, launch_slurm
+from genart_lightning.sweeps.report import report
+from genart_lightning.sweeps.spec import SpecError, expand, load_spec, write_configs
 
 USAGE = "genart sweep SPEC.yaml [--launcher local|slurm] [--dry-run] [--wait] | genart sweep report SPEC.yaml [--metric M] [--x KEY]"
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
-from genart_lightning.text import TINY_MODEL, create_openclip
+from genart_lightning.nn.text_encoder import TINY_MODEL, create_openclip
 
 
 def num_tokens(tokenizer, text: str) -> int:

@@ -100,7 +100,7 @@ def build_features(spec: str, resolution: int, weights: str | Path | None = None
     if spec == "inception":
         return InceptionFeatures(weights)
     if spec == "judge":
-        from genart_lightning.metrics.judge import JudgeFeatures, load_or_train_judge
+        from genart_lightning.shapes.judge import JudgeFeatures, load_or_train_judge
 
         return JudgeFeatures(load_or_train_judge(resolution), resolution)
     return TorchScriptFeatures(spec, resolution, channels)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from genart_lightning.models.gan import DCGAN
-from genart_lightning.text import TINY_MODEL, FrozenTextEncoder
+from genart_lightning.nn.text_encoder import TINY_MODEL, FrozenTextEncoder
 
 TextFeatures = Literal["token_moments", "pooled"]
 

@@ -19,8 +19,8 @@ from genart_lightning.diffusion.samplers import SAMPLERS, run_sampler, x0_denois
 from genart_lightning.diffusion.schedules import make_schedule
 from genart_lightning.models.base import GenerativeModel
 from genart_lightning.nn.ema import make_ema
+from genart_lightning.nn.text_encoder import FrozenTextEncoder
 from genart_lightning.nn.unet import UNet
-from genart_lightning.text import FrozenTextEncoder
 
 VAL_SEED = 20_240_601
 """Seed of the validation noise: the same noise every validation, so val/loss is comparable across steps."""

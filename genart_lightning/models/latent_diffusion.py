@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from genart_lightning.checkpoints import build_family, load_model
 from genart_lightning.models.diffusion import DiffusionModel
+from genart_lightning.models.loading import build_family, load_model
 
 
 class LatentDiffusion(DiffusionModel):

@@ -13,8 +13,8 @@ from torch.nn import functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from genart_lightning.callbacks.image_logging import images_to_grid, publish_grid
 from genart_lightning.models.base import GenerativeModel
+from genart_lightning.models.grids import images_to_grid, publish_grid
 from genart_lightning.nn.autoencoder import (
     Decoder,
     Encoder,
@@ -23,7 +23,7 @@ from genart_lightning.nn.autoencoder import (
     diagonal_gaussian_kl,
     reparameterize,
 )
-from genart_lightning.text import FrozenTextEncoder
+from genart_lightning.nn.text_encoder import FrozenTextEncoder
 
 
 def reconstruction_metrics() -> MetricCollection:

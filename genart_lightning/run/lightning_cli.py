@@ -7,16 +7,16 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from genart_lightning.callbacks.checkpoint import RunCheckpoint
 from genart_lightning.callbacks.log_run_record import LogRunRecord
 from genart_lightning.callbacks.preemption import Preemption
 from genart_lightning.callbacks.rank_state import RankState
+from genart_lightning.callbacks.run_checkpoint import RunCheckpoint
 from genart_lightning.callbacks.run_summary import RunSummary
 from genart_lightning.callbacks.sample_grid import SampleGrid
 from genart_lightning.callbacks.throughput import Throughput
-from genart_lightning.checkpoint_io import AtomicCheckpointIO
-from genart_lightning.provenance import RunRecord
-from genart_lightning.resume import RESUME_MODES, apply_resume
+from genart_lightning.run.checkpoint_io import AtomicCheckpointIO
+from genart_lightning.run.provenance import RunRecord
+from genart_lightning.run.resume import RESUME_MODES, apply_resume
 
 
 class GenartCLI(LightningCLI):

@@ -12,9 +12,9 @@ import torch
 from jsonargparse import Namespace
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
-from genart_lightning.callbacks.preemption import PREEMPTED_CKPT
-from genart_lightning.continued_csv_logger import ContinuedCSVLogger
-from genart_lightning.provenance import TRACKING_FILE
+from genart_lightning.run.cluster import PREEMPTED_CKPT
+from genart_lightning.run.csv_logger import ContinuedCSVLogger
+from genart_lightning.run.provenance import TRACKING_FILE
 
 RESUME_MODES = ("auto", "always", "never")
 """auto: resume inside a SLURM job (a requeue restarts the same script); always: also outside SLURM; never."""

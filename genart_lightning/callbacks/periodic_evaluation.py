@@ -7,7 +7,7 @@ from pathlib import Path
 
 import lightning as L
 
-from genart_lightning.evaluation import Evaluator, Prompts
+from genart_lightning.metrics.evaluator import Evaluator, Prompts
 from genart_lightning.models.base import GenerativeModel
 
 

@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from genart_lightning.sweeps import Run, SweepSpec, format_value, short_keys
+from genart_lightning.sweeps.spec import Run, SweepSpec, format_value, short_keys
 
 BOOKKEEPING = ("throughput/", "grad_norm", "lr-", "epoch")
 """Logged values that describe the run's mechanics, not its result: in the CSV, not in the table."""

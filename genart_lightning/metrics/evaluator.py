@@ -118,7 +118,7 @@ class Evaluator:
         self.mode = self._prompt_mode(model)
         self.attributes = self.clip = None
         if self.mode == "shapes":
-            from genart_lightning.metrics.judge import AttributeAccuracy, JudgeFeatures, load_or_train_judge
+            from genart_lightning.shapes.judge import AttributeAccuracy, JudgeFeatures, load_or_train_judge
 
             judge = extractor.judge if isinstance(extractor, JudgeFeatures) else load_or_train_judge(side, None)
             self.attributes = AttributeAccuracy(judge).to(device)

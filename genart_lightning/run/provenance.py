@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.cli import SaveConfigCallback
 
-from genart_lightning.callbacks.preemption import checkpoint_dir, cluster_environment_name, slurm_job_id
+from genart_lightning.run.cluster import checkpoint_dir, cluster_environment_name, slurm_job_id
 
 PACKAGES = ("torch", "torchvision", "lightning", "torchmetrics", "webdataset", "open_clip_torch", "numpy", "genart-lightning")
 TRACKING_FILE = "tracking.json"

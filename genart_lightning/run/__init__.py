@@ -1,0 +1,1 @@
+"""Run lifecycle: the LightningCLI subclass, resume, provenance, atomic checkpoint IO, continued loggers, cluster helpers."""
