@@ -16,9 +16,9 @@ import os
 from typing import Literal
 
 import lightning as L
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 
+from datamodules.distributed import rank_world
 from datamodules.loader import ShardLoader, pin_memory_default
 from datamodules.shards import count_samples, expand_urls, is_local
 from datamodules.stream import StreamConfig, Transform
@@ -78,9 +78,7 @@ class TextImageDataModule(L.LightningDataModule):
     def _rank_world(self) -> tuple[int, int]:
         if self.trainer is not None:
             return self.trainer.global_rank, self.trainer.world_size
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
+        return rank_world()
 
     def _urls(self, name: str) -> list[str]:
         urls = expand_urls(getattr(self.hparams, name))

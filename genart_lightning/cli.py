@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 LIGHTNING_SUBCOMMANDS = {
     "fit": "train a family from a YAML config (LightningCLI; any key overridable: --model.init_args.lr=1e-4)",
@@ -16,8 +17,46 @@ COMMAND_MODULES = ["shards", "sample", "sweep", "export", "eval", "slurm"]
 """Modules in genart_lightning.commands, each adding one subcommand."""
 
 
+def config_paths(argv: list[str]) -> list[str]:
+    """The files given with --config / -c, in order."""
+    paths = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            paths.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            paths.append(arg.split("=", 1)[1])
+    return paths
+
+
+def moved_class_error(argv: list[str]) -> str | None:
+    """One line for the first class path (in a --config file or on the command line) that names a moved class."""
+    import yaml
+
+    from genart_lightning.models.moved import moved_class_hint
+
+    def strings(node: object) -> list[str]:
+        if isinstance(node, dict):
+            return [s for value in node.values() for s in strings(value)]
+        if isinstance(node, list):
+            return [s for value in node for s in strings(value)]
+        return [node] if isinstance(node, str) else []
+
+    sources = [(path, strings(yaml.safe_load(Path(path).read_text()))) for path in config_paths(argv) if Path(path).is_file()]
+    sources.append(("the command line", [part for arg in argv for part in arg.split("=")]))
+    for where, values in sources:
+        for value in values:
+            hint = moved_class_hint(value, where)
+            if hint:
+                return hint
+    return None
+
+
 def lightning_cli(args: list[str] | None) -> None:
     """Run LightningCLI restricted to this project's model and data base classes (args None: sys.argv)."""
+    problem = moved_class_error(sys.argv[2:] if args is None else args[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     from datamodules.webdataset import TextImageDataModule
     from genart_lightning.models.base import GenerativeModel
     from genart_lightning.run.lightning_cli import GenartCLI

@@ -144,7 +144,7 @@ def test_latent_diffusion_trains_on_scaled_latents_and_is_self_contained(shapes_
     vae_path = tmp_path / "vae.ckpt"
     vae_trainer.save_checkpoint(vae_path)
     vae = load_model(vae_path)
-    assert vae.latent_scale != 1.0  # a trained first stage with a real scale factor
+    assert vae.scaling != 1.0  # a trained first stage with a real scale factor
 
     model = LatentDiffusion(first_stage_ckpt=str(vae_path), **{**TINY, "channel_mult": [1], "attention_levels": [0]},
                             prediction="v", zero_terminal_snr=True, ema_decay=0.9)

@@ -112,7 +112,7 @@ def test_ddpm_reaches_the_data_distribution_and_equals_ddim_eta_one():
     ac = make_schedule("linear", 1000)
     denoise = x0_denoiser(oracle(ac, "eps", _gaussian_data(mu, s)), ac, "eps")
     noise = torch.randn(5000, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    x = sample_ddpm(denoise, noise, ac, 250, torch.Generator().manual_seed(1))
+    x = sample_ddpm(denoise, noise, ac, 250, generator=torch.Generator().manual_seed(1))
     # sampling error ~0.007; ancestral sampling with 250 of 1000 steps shrinks the std by ~0.015
     assert abs(float(x.mean()) - mu) < 0.02 and abs(float(x.std()) - s) < 0.03
     y = sample_ddim(denoise, noise, ac, 250, eta=1.0, generator=torch.Generator().manual_seed(1))

@@ -9,7 +9,7 @@ import torch
 from torchvision.transforms.functional import pil_to_tensor
 
 from datamodules.synthetic import caption_for, draw
-from genart_lightning.metrics.evaluator import Evaluator, shapes_prompts
+from genart_lightning.metrics.evaluator import Evaluator
 from genart_lightning.models.base import GenerativeModel
 from genart_lightning.shapes.judge import (
     ATTRIBUTES,
@@ -18,6 +18,7 @@ from genart_lightning.shapes.judge import (
     load_or_train_judge,
     render_batch,
 )
+from genart_lightning.shapes.suite import ShapesSuite, shapes_prompts
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +70,9 @@ class CaptionFollower(GenerativeModel):
         _, attrs = shapes_prompts(64, seed=0)
         self.lookup = {caption_for(a, a["template"]): a for a in attrs}  # the captions evaluation will ask for
 
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
+
     def sample(self, n, captions=None, seed=0):
         rng = random.Random(seed)
         picks = [self.lookup[c] if self.hparams.follow else rng.choice(list(self.lookup.values())) for c in captions]
@@ -77,7 +81,7 @@ class CaptionFollower(GenerativeModel):
 
 def test_attribute_accuracy_through_the_runner(judge, shapes_shards, genart_cache, monkeypatch):
     monkeypatch.setenv("GENART_CACHE", str(genart_cache))  # `--fid-features judge` finds the judge trained above
-    evaluator = Evaluator(shapes_shards["val_urls"], 64, "judge", batch_size=32, cache_dir=genart_cache / "fid")
+    evaluator = Evaluator(shapes_shards["val_urls"], 64, "judge", batch_size=32, cache_dir=genart_cache / "fid", suites=[ShapesSuite()])
     follows, ignores = evaluator(CaptionFollower(follow=True)), evaluator(CaptionFollower(follow=False))
     assert follows["prompts"] == "shapes"  # recognised from the data's captions
     assert follows["attribute_accuracy"] > 0.95

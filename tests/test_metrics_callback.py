@@ -13,6 +13,7 @@ from datamodules.webdataset import TextImageDataModule
 from genart_lightning.callbacks.periodic_evaluation import PeriodicEvaluation
 from genart_lightning.metrics.evaluator import evaluate
 from genart_lightning.models.gan import DCGAN
+from genart_lightning.shapes.suite import ShapesSuite
 
 
 @pytest.mark.slow
@@ -38,5 +39,5 @@ def test_periodic_evaluation_logs_curves_of_the_sampled_model(shapes_shards, gen
     assert "val/fid" in logged and "val/kid" in logged
 
     # The last evaluation is of the final weights (EMA inside sample()): evaluating them again gives the same FID.
-    again = evaluate(model, shapes_shards["val_urls"], 16, "judge", batch_size=8)
+    again = evaluate(model, shapes_shards["val_urls"], 16, "judge", batch_size=8, suites=[ShapesSuite()])
     assert again["fid"] == pytest.approx(records[1]["fid"], rel=1e-6)

@@ -38,6 +38,9 @@ class RenderedShapes(GenerativeModel):
         self.save_hyperparameters()
         self.anchor = nn.Parameter(torch.zeros(()))  # gives the module a device
 
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
+
     def sample(self, n: int, captions=None, seed: int = 0) -> Tensor:
         rng = random.Random(seed)
         size = self.hparams.image_size

@@ -53,8 +53,8 @@ def test_vae_learns_shapes_and_latent_scale_whitens_latents(trained: dict) -> No
     assert float(logged["val/psnr"]) > trained["untrained"]["psnr"] + 5.0  # the fit loop reports it too
     latents = torch.cat([model.encode(batch["image"]) for batch in data.val_dataloader()])
     assert latents.shape[1:] == model.latent_shape(16) == (4, 4, 4)
-    assert model.latent_scale != 1.0
-    assert abs(latents.std().item() - 1.0) < 0.12, (latents.std().item(), model.latent_scale)
+    assert model.scaling != 1.0
+    assert abs(latents.std().item() - 1.0) < 0.12, (latents.std().item(), model.scaling)
     assert list((trained["root"] / "tb").rglob("reconstructions/*.png")), "no reconstruction grid was written"
 
 
@@ -64,7 +64,7 @@ def test_checkpoint_round_trip_gives_same_encode_decode(trained: dict, tmp_path)
     path = tmp_path / "vae.ckpt"
     trainer.save_checkpoint(path)
     for reloaded in (load_model(path), load_model(trained["root"] / "checkpoints" / "last.ckpt")):
-        assert reloaded.latent_scale == model.latent_scale  # the final step's scale is in the written checkpoints
+        assert reloaded.scaling == model.scaling  # the final step's scale is in the written checkpoints
         latents = reloaded.encode(images)
         torch.testing.assert_close(latents, model.encode(images), rtol=0, atol=0)
         torch.testing.assert_close(reloaded.decode(latents), model.decode(latents), rtol=0, atol=0)

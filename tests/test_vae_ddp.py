@@ -40,7 +40,7 @@ def test_vae_shapes_config_fits_with_two_process_ddp(shapes_shards_16px: dict, t
     assert {"val/psnr", "val/ssim", "train/latent_scale"} <= set(summary["metrics"])
     model = load_model(tmp_path / "checkpoints" / "last.ckpt")
     # the scale in the final checkpoint is the one the last training step computed (and logged)
-    assert model.latent_scale != 1.0
-    assert model.latent_scale == pytest.approx(summary["metrics"]["train/latent_scale"], rel=1e-6)
+    assert model.scaling != 1.0
+    assert model.scaling == pytest.approx(summary["metrics"]["train/latent_scale"], rel=1e-6)
     latents = model.encode(torch.zeros(1, 3, 16, 16))
     assert latents.shape == (1, *model.latent_shape(16))

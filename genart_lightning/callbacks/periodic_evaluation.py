@@ -7,8 +7,9 @@ from pathlib import Path
 
 import lightning as L
 
-from genart_lightning.metrics.evaluator import Evaluator, Prompts
+from genart_lightning.metrics.evaluator import Evaluator
 from genart_lightning.models.base import GenerativeModel
+from genart_lightning.shapes.suite import ShapesSuite
 
 
 class PeriodicEvaluation(L.Callback):
@@ -28,7 +29,7 @@ class PeriodicEvaluation(L.Callback):
         data_urls: str | list[str] | None = None,
         features: str = "inception",
         fid_weights: str | None = None,
-        prompts: Prompts = "auto",
+        prompts: str = "auto",
         clip_model: str | None = None,
         clip_pretrained: str | None = None,
         guidance: float | None = None,
@@ -67,7 +68,7 @@ class PeriodicEvaluation(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: GenerativeModel) -> dict:
         """Evaluate now (all ranks), log the numbers and append the full record on rank 0."""
         if self.evaluator is None:
-            self.evaluator = Evaluator(self._data_urls(trainer), **self.options)
+            self.evaluator = Evaluator(self._data_urls(trainer), **self.options, suites=[ShapesSuite()])
         guidance = {"guidance": self.guidance} if self.guidance is not None else {}
         result = self.evaluator(pl_module, **guidance)
         result["step"] = trainer.global_step

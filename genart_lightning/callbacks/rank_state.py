@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 
+from datamodules.distributed import rank_world
+
 
 def local_rng_state() -> dict[str, Any]:
     """This process's torch/CUDA/numpy/python RNG states as tensors and plain data (weights_only-loadable)."""
@@ -57,8 +59,9 @@ class RankState(L.Callback):
         mine = {"rng": local_rng_state(), "loaders": fit_loop.get("combined_loader")}
         # Called on every rank inside Trainer.save_checkpoint, so a collective is safe here.
         ranks = [mine]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            ranks = [None] * dist.get_world_size()
+        world = rank_world()[1]
+        if world > 1:
+            ranks = [None] * world
             dist.all_gather_object(ranks, mine)
         checkpoint["callbacks"][self.state_key] = {"ranks": ranks}
 

@@ -63,17 +63,17 @@ def run(args: argparse.Namespace) -> None:
 
 def evaluate_checkpoint(args: argparse.Namespace) -> None:
     """Evaluate at each guidance scale, write metrics.json (+ table and plot for a sweep) on rank 0."""
-    import torch.distributed as dist
-
+    from datamodules.distributed import rank_world
     from genart_lightning.metrics.evaluator import Evaluator
     from genart_lightning.models.loading import load_model
+    from genart_lightning.shapes.suite import ShapesSuite
 
     device = _init_distributed(args.device)
     model = load_model(args.ckpt, map_location="cpu").to(device)
     evaluator = Evaluator(
         args.data, args.num_samples, args.fid_features, fid_weights=args.fid_weights, prompts=args.prompts,
         clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, seed=args.seed, batch_size=args.batch_size,
-        cache_dir=args.cache_dir, progress=True,
+        cache_dir=args.cache_dir, progress=True, suites=[ShapesSuite()],
     )
     options = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler)) if v is not None}
     scales = args.guidance or [None]
@@ -81,7 +81,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
     for scale in scales:
         results.append(evaluator(model, guidance=scale, **options))
         results[-1].update(checkpoint=str(Path(args.ckpt).resolve()), data=args.data)
-    if dist.is_initialized() and dist.get_rank() != 0:
+    if rank_world()[0] != 0:
         return
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

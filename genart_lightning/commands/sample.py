@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 
 SAMPLING_OPTIONS = [
     ("steps", int, "number of sampling steps"),
@@ -28,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from genart_lightning.metrics.evaluator import sample_options
     from genart_lightning.models.grids import save_grid
     from genart_lightning.models.loading import load_model
 
@@ -37,10 +37,9 @@ def run(args: argparse.Namespace) -> None:
         if not model.conditional:
             raise SystemExit(f"error: {type(model).__name__} is unconditional; drop --prompt")
         captions = [args.prompt[i % len(args.prompt)] for i in range(args.num)]
-    options = {name: getattr(args, name) for name, _, _ in SAMPLING_OPTIONS if getattr(args, name) is not None}
-    accepted = inspect.signature(model.sample).parameters
-    unknown = [f"--{name}" for name in options if name not in accepted]
-    if unknown:
-        raise SystemExit(f"error: {type(model).__name__}.sample does not take {', '.join(unknown)}; drop them")
+    try:
+        options = sample_options(model.sample, {name: getattr(args, name) for name, _, _ in SAMPLING_OPTIONS})
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     images = model.sample(args.num, captions=captions, seed=args.seed, **options)
     print(f"wrote {save_grid(images, args.out)} ({args.num} samples)")

@@ -6,16 +6,10 @@ v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from torch import Tensor
-
-PREDICTIONS = ("eps", "v", "x0")
-
-
-def check_prediction(prediction: str) -> str:
-    """Return `prediction` if known, else fail with the choices."""
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {prediction!r} (prediction=); choose one of {', '.join(PREDICTIONS)}")
-    return prediction
 
 
 def _bcast(a: Tensor, like: Tensor) -> Tensor:
@@ -30,34 +24,58 @@ def q_sample(x0: Tensor, alpha_bar: Tensor, noise: Tensor) -> Tensor:
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
+@dataclass(frozen=True)
+class Prediction:
+    """One parameterization: the network's regression target and the clean data / noise read back from its output.
+
+    `target(x0, eps, a)`; `x0(out, x_t, a)`; `eps(out, x_t, a)`, with `a` alpha_bar broadcast against the data.
+    """
+
+    target: Callable[[Tensor, Tensor, Tensor], Tensor]
+    x0: Callable[[Tensor, Tensor, Tensor], Tensor]
+    eps: Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+PREDICTIONS: dict[str, Prediction] = {
+    "eps": Prediction(
+        target=lambda x0, eps, a: eps,
+        x0=lambda out, x, a: (x - (1 - a).sqrt() * out) / a.sqrt(),
+        eps=lambda out, x, a: out,
+    ),
+    "v": Prediction(
+        target=lambda x0, eps, a: a.sqrt() * eps - (1 - a).sqrt() * x0,
+        x0=lambda out, x, a: a.sqrt() * x - (1 - a).sqrt() * out,
+        eps=lambda out, x, a: (1 - a).sqrt() * x + a.sqrt() * out,
+    ),
+    "x0": Prediction(
+        target=lambda x0, eps, a: x0,
+        x0=lambda out, x, a: out,
+        eps=lambda out, x, a: (x - a.sqrt() * out) / (1 - a).sqrt(),
+    ),
+}
+"""Parameterizations by name; a new one is one entry."""
+
+
+def check_prediction(prediction: str) -> Prediction:
+    """The parameterization called `prediction`, or one line listing the choices."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r} (prediction=); choose one of {', '.join(PREDICTIONS)}")
+    return PREDICTIONS[prediction]
+
+
 def training_target(x0: Tensor, noise: Tensor, alpha_bar: Tensor, prediction: str) -> Tensor:
     """The regression target of the network for one parameterization."""
-    if prediction == "eps":
-        return noise
-    if prediction == "x0":
-        return x0
-    a = _bcast(alpha_bar, x0)
-    return a.sqrt() * noise - (1 - a).sqrt() * x0
+    return check_prediction(prediction).target(x0, noise, _bcast(alpha_bar, x0))
 
 
 def to_x0(output: Tensor, x_t: Tensor, alpha_bar: Tensor, prediction: str) -> Tensor:
     """Clean-data estimate from a network output."""
-    if prediction == "x0":
-        return output
-    a = _bcast(alpha_bar, x_t)
-    if prediction == "v":
-        return a.sqrt() * x_t - (1 - a).sqrt() * output
-    return (x_t - (1 - a).sqrt() * output) / a.sqrt()
+    return check_prediction(prediction).x0(output, x_t, _bcast(alpha_bar, x_t))
 
 
 def to_eps(output: Tensor, x_t: Tensor, alpha_bar: Tensor, prediction: str) -> Tensor:
     """Noise estimate from a network output."""
-    if prediction == "eps":
-        return output
-    a = _bcast(alpha_bar, x_t)
-    if prediction == "v":
-        return (1 - a).sqrt() * x_t + a.sqrt() * output
-    return (x_t - a.sqrt() * output) / (1 - a).sqrt()
+    return check_prediction(prediction).eps(output, x_t, _bcast(alpha_bar, x_t))
 
 
 def min_snr_weight(alpha_bar: Tensor, prediction: str, gamma: float | None) -> Tensor:

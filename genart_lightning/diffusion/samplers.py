@@ -15,7 +15,6 @@ from torch import Tensor
 from genart_lightning.diffusion.parameterization import to_x0
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
 
 
 def x0_denoiser(model: Callable[[Tensor, Tensor], Tensor], alphas_cumprod: Tensor, prediction: str) -> Denoiser:
@@ -52,9 +51,14 @@ def _t(x: Tensor, t: int) -> Tensor:
 
 @torch.no_grad()
 def sample_ddpm(
-    denoise: Denoiser, noise: Tensor, alphas_cumprod: Tensor, steps: int, generator: torch.Generator | None = None
+    denoise: Denoiser,
+    noise: Tensor,
+    alphas_cumprod: Tensor,
+    steps: int,
+    eta: float = 1.0,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Ancestral sampling from the posterior q(x_s | x_t, x0) (Ho et al. 2020), on any subset of steps."""
+    """Ancestral sampling from the posterior q(x_s | x_t, x0) (Ho et al. 2020), on any subset of steps; `eta` unused."""
     x = noise
     for t, a_t, a_s in _levels(alphas_cumprod, steps):
         x0 = denoise(x, _t(x, t))
@@ -87,8 +91,15 @@ def sample_ddim(
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(denoise: Denoiser, noise: Tensor, alphas_cumprod: Tensor, steps: int) -> Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022): second-order multistep in log-SNR, deterministic.
+def sample_dpmpp_2m(
+    denoise: Denoiser,
+    noise: Tensor,
+    alphas_cumprod: Tensor,
+    steps: int,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022): second-order multistep in log-SNR, deterministic (`eta`, `generator` unused).
 
     Steps touching an infinite log-SNR (pure noise at the start, clean data at the end) fall back
     to first order, where the update is exact for a constant x0 estimate.
@@ -113,6 +124,20 @@ def _half_log_snr(alpha_bar: float) -> float:
     return 0.5 * math.log(alpha_bar / (1 - alpha_bar))
 
 
+Sampler = Callable[..., Tensor]
+"""`(denoise, noise, alphas_cumprod, steps, eta=, generator=) -> samples`: the one signature of every sampler."""
+
+SAMPLERS: dict[str, Sampler] = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}
+"""Samplers by name; a new sampler is one entry."""
+
+
+def check_sampler(name: str) -> Sampler:
+    """The sampler called `name`, or one line listing the choices."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r} (--sampler); choose one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
 def run_sampler(
     name: str,
     denoise: Denoiser,
@@ -122,11 +147,5 @@ def run_sampler(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Dispatch by name (one of SAMPLERS); `eta` applies to DDIM only."""
-    if name == "ddpm":
-        return sample_ddpm(denoise, noise, alphas_cumprod, steps, generator)
-    if name == "ddim":
-        return sample_ddim(denoise, noise, alphas_cumprod, steps, eta, generator)
-    if name == "dpmpp_2m":
-        return sample_dpmpp_2m(denoise, noise, alphas_cumprod, steps)
-    raise ValueError(f"unknown sampler {name!r} (--sampler); choose one of {', '.join(SAMPLERS)}")
+    """Run the sampler called `name` (see SAMPLERS)."""
+    return check_sampler(name)(denoise, noise, alphas_cumprod, steps, eta=eta, generator=generator)

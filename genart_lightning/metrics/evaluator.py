@@ -8,21 +8,19 @@ datamodule's unpadded validation split, and every rank calls each metric's `comp
 from __future__ import annotations
 
 import inspect
-import itertools
-import random
-from functools import cache
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Protocol
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from datamodules import synthetic
+from datamodules.distributed import rank_world
 from datamodules.shards import expand_urls
 from datamodules.stream import read_shard
 from genart_lightning.metrics.features import FeatureExtractor, build_features
-from genart_lightning.metrics.fid import FeatureDistances, all_sum, world_info
+from genart_lightning.metrics.fid import FeatureDistances, all_sum
 from genart_lightning.metrics.reference_stats import (
     ReferenceStats,
     cache_path,
@@ -30,21 +28,7 @@ from genart_lightning.metrics.reference_stats import (
     real_loader,
     reference_key,
 )
-from genart_lightning.models.base import GenerativeModel
-
-Prompts = Literal["auto", "shapes", "data"]
-
-
-@cache
-def _shapes_captions() -> frozenset[str]:
-    """Every caption the shapes dataset can have (a few thousand), to recognise shapes data by its captions."""
-    out = set()
-    for shape, colour, size, position, background in itertools.product(
-        synthetic.SHAPES, synthetic.COLOURS, synthetic.SIZES, synthetic.POSITIONS, synthetic.COLOURS
-    ):
-        attrs = {"shape": shape, "colour": colour, "size": size, "position": position, "background": background}
-        out.update(synthetic.caption_for(attrs, t) for t in range(len(synthetic.TEMPLATES)))
-    return frozenset(out)
+from genart_lightning.metrics.suites import PromptSuite
 
 
 def data_captions(urls: str | list[str], limit: int) -> list[str]:
@@ -61,21 +45,32 @@ def data_captions(urls: str | list[str], limit: int) -> list[str]:
     return captions
 
 
-def shapes_prompts(n: int, seed: int) -> tuple[list[str], list[dict]]:
-    """Attribute sets drawn for evaluation and their captions (built, not parsed, so the truth is exact)."""
-    attrs = [synthetic.random_attributes(random.Random(f"eval-{seed}-{i}")) for i in range(n)]
-    return [synthetic.caption_for(a, a["template"]) for a in attrs], attrs
+def sample_options(sample: Callable[..., Tensor], options: dict) -> dict:
+    """The options that were set (not None), checked against what `sample` takes: one line naming any it does not."""
+    options = {k: v for k, v in options.items() if v is not None}
+    accepted = inspect.signature(sample).parameters
+    unknown = [k for k in options if k not in accepted]
+    if unknown:
+        family = type(getattr(sample, "__self__", sample)).__name__
+        raise ValueError(f"{family}.sample() takes no {', '.join(unknown)}; drop --{unknown[0]} for this family")
+    return options
 
 
-def image_geometry(model: GenerativeModel) -> tuple[int, int]:
-    """(channels, side) of the model's samples: from its hyperparameters, else from one drawn sample."""
-    hp = model.hparams
-    side = hp.get("image_size")
-    channels = hp.get("channels", hp.get("in_channels"))
-    if side is None or channels is None:
-        probe = model.sample(1, captions=[""] if model.conditional else None, seed=0)
-        channels, side = probe.shape[1], probe.shape[-1]
-    return int(channels), int(side)
+class Samplable(Protocol):
+    """What the evaluator needs of a family (`Samplable` keeps it): sampling, its image shape, its device."""
+
+    conditional: bool
+    reconstructs: bool
+    device: torch.device
+    training: bool
+
+    def sample(self, n: int, captions: Sequence[str] | None = None, seed: int = 0, **options) -> Tensor: ...
+
+    def image_shape(self) -> tuple[int, int, int]: ...
+
+    def reconstruction_metrics(self, batches: Iterable[dict]) -> dict[str, float]: ...
+
+    def train(self, mode: bool = True) -> Samplable: ...
 
 
 class Evaluator:
@@ -87,7 +82,7 @@ class Evaluator:
         num_samples: int,
         features: str | FeatureExtractor = "inception",
         fid_weights: str | None = None,
-        prompts: Prompts = "auto",
+        prompts: str = "auto",
         clip_model: str | None = None,
         clip_pretrained: str | None = None,
         seed: int = 0,
@@ -95,7 +90,13 @@ class Evaluator:
         cache_dir: str | Path | None = None,
         num_workers: int = 0,
         progress: bool = False,
+        suites: Sequence[PromptSuite] = (),
     ) -> None:
+        """`suites`: dataset plug-ins whose names `prompts` and `features` may give (e.g. shapes, judge)."""
+        self.suites = {suite.name: suite for suite in suites}
+        choices = ("auto", "data", *self.suites)
+        if prompts not in choices:
+            raise ValueError(f"unknown prompts {prompts!r} (--prompts); choose one of {', '.join(choices)}")
         if num_samples < 2:
             raise ValueError(f"num_samples={num_samples}: FID needs at least 2 generated images (--num-samples)")
         self.data_urls, self.num_samples, self.features_spec = data_urls, num_samples, features
@@ -105,34 +106,38 @@ class Evaluator:
         self.progress = progress  # a bar on rank 0 (the CLI); off inside fit, where Lightning's bar runs
         self._setup_for: tuple | None = None
 
-    def _setup(self, model: GenerativeModel, device: torch.device) -> None:
-        """Build extractor, FID/KID with the real reference, judge and CLIP once per (resolution, device)."""
-        channels, side = image_geometry(model)
+    def _setup(self, model: Samplable, device: torch.device) -> None:
+        """Build extractor, FID/KID with the real reference, the suite's accuracy and CLIP once per (resolution, device)."""
+        channels, side, _ = model.image_shape()
         if self._setup_for == (channels, side, device):
             return
-        spec = self.features_spec
-        extractor = spec if isinstance(spec, FeatureExtractor) else build_features(spec, side, self.fid_weights, channels)
-        self.extractor = extractor.to(device).eval()
-        self.distances = FeatureDistances(extractor.num_features, seed=self.seed).to(device)
+        self.extractor = self._features(side, channels).to(device).eval()
+        self.distances = FeatureDistances(self.extractor.num_features, seed=self.seed).to(device)
         self.reference = self._reference(side, device)
         self.mode = self._prompt_mode(model)
         self.attributes = self.clip = None
-        if self.mode == "shapes":
-            from genart_lightning.shapes.judge import AttributeAccuracy, JudgeFeatures, load_or_train_judge
-
-            judge = extractor.judge if isinstance(extractor, JudgeFeatures) else load_or_train_judge(side, None)
-            self.attributes = AttributeAccuracy(judge).to(device)
+        if self.mode in self.suites:
+            self.attributes = self.suites[self.mode].accuracy(side).to(device)
         if self.clip_model and model.conditional:
             from genart_lightning.metrics.clip_score import CLIPScore
 
             self.clip = CLIPScore(self.clip_model, self.clip_pretrained).to(device)
         self._setup_for = (channels, side, device)
 
+    def _features(self, side: int, channels: int) -> FeatureExtractor:
+        spec = self.features_spec
+        if isinstance(spec, FeatureExtractor):
+            return spec
+        by_name = {suite.feature_name: suite for suite in self.suites.values() if suite.feature_name}
+        if spec in by_name:
+            return by_name[spec].features(side)
+        return build_features(spec, side, self.fid_weights, channels)
+
     def _reference(self, side: int, device: torch.device) -> dict:
         """Load cached real statistics, or compute them over all ranks and cache them (rank 0 writes)."""
         key = reference_key(self.data_urls, self.extractor.feature_id, self.extractor.resize, side)
         path = cache_path(key, self.cache_dir)
-        rank, world = world_info()
+        rank, world = rank_world()
         # Decide together: a rank that cannot see the file would otherwise skip collectives the others run.
         if all_sum(int(path.is_file()), device) == world:
             stats = ReferenceStats.load(path)
@@ -146,30 +151,27 @@ class Evaluator:
             stats.save(path)
         return {**describe(stats), "cache": str(path), "reused": False}
 
-    def _prompt_mode(self, model: GenerativeModel) -> str | None:
+    def _prompt_mode(self, model: Samplable) -> str | None:
+        """None (unconditional), "data" (the shards' captions) or a suite's name."""
         if not model.conditional:
             return None
         if self.prompts != "auto":
             return self.prompts
-        return "shapes" if all(c in _shapes_captions() for c in data_captions(self.data_urls, 4)) else "data"
+        captions = data_captions(self.data_urls, 4)
+        return next((name for name, suite in self.suites.items() if suite.recognises(captions)), "data")
 
     def _prompts(self) -> tuple[list[str] | None, list[dict] | None]:
-        if self.mode == "shapes":
-            return shapes_prompts(self.num_samples, self.seed)
+        if self.mode in self.suites:
+            return self.suites[self.mode].prompts(self.num_samples, self.seed)
         if self.mode == "data":
             captions = data_captions(self.data_urls, self.num_samples)
             return [captions[i % len(captions)] for i in range(self.num_samples)], None
         return None, None
 
     @torch.no_grad()
-    def __call__(self, model: GenerativeModel, guidance: float | None = None, **sample_kwargs) -> dict:
+    def __call__(self, model: Samplable, guidance: float | None = None, **sample_kwargs) -> dict:
         """Evaluate `model` (on every rank); `guidance` and `sample_kwargs` go to `model.sample`."""
-        if guidance is not None:
-            sample_kwargs["guidance"] = guidance
-        accepted = inspect.signature(model.sample).parameters
-        unknown = [k for k in sample_kwargs if k not in accepted]
-        if unknown:
-            raise ValueError(f"{type(model).__name__}.sample() takes no {', '.join(unknown)}; drop --{unknown[0]} for this family")
+        sample_kwargs = sample_options(model.sample, {"guidance": guidance, **sample_kwargs})
         device = model.device
         self._setup(model, device)
         self.distances.reset_generated()
@@ -179,7 +181,7 @@ class Evaluator:
         captions, attributes = self._prompts()
         was_training = model.training
         model.eval()
-        rank, world = world_info()
+        rank, world = rank_world()
         mine = [(chunk, start) for chunk, start in enumerate(range(0, self.num_samples, self.batch_size)) if chunk % world == rank]
         label = "sampling" if guidance is None else f"sampling, guidance {guidance:g}"
         for chunk, start in tqdm(mine, desc=label, unit="batch", disable=not self.progress or rank != 0):
@@ -197,7 +199,7 @@ class Evaluator:
         if self.attributes is not None:
             self.attributes.update(images, attributes)
 
-    def _results(self, model: GenerativeModel, guidance: float | None, sample_kwargs: dict, world: int) -> dict:
+    def _results(self, model: Samplable, guidance: float | None, sample_kwargs: dict, world: int) -> dict:
         channels, side, _ = self._setup_for
         out: dict = {"family": type(model).__name__, "num_samples": self.num_samples, "seed": self.seed,
                      "resolution": side, "channels": channels, "guidance": guidance, "world_size": world,
@@ -216,14 +218,13 @@ class Evaluator:
                                  "truncation": f"captions longer than {self.clip.context_length} tokens are cut (end token kept)"}
         if self.attributes is not None:
             out.update({k: float(v) for k, v in self.attributes.compute().items()})
-        if hasattr(model, "reconstruction_metrics"):  # VAEs: how well they reconstruct the real data
-            loader = real_loader(self.data_urls, side, self.batch_size, self.num_workers)
-            out.update(model.reconstruction_metrics(loader))
+        if model.reconstructs:  # VAEs: how well they reconstruct the real data
+            out.update(model.reconstruction_metrics(real_loader(self.data_urls, side, self.batch_size, self.num_workers)))
         return out
 
 
 def evaluate(
-    model: GenerativeModel,
+    model: Samplable,
     data_urls: str | list[str],
     num_samples: int,
     features: str | FeatureExtractor = "inception",

@@ -1,4 +1,4 @@
-"""Feature extractors for FID/KID: the standard Inception (offline-aware), the shapes judge, or a TorchScript file."""
+"""Feature extractors for FID/KID: the standard Inception (offline-aware) or a TorchScript file; the leaf of metrics/."""
 
 from __future__ import annotations
 
@@ -96,11 +96,7 @@ class TorchScriptFeatures(FeatureExtractor):
 
 
 def build_features(spec: str, resolution: int, weights: str | Path | None = None, channels: int = 3) -> FeatureExtractor:
-    """`inception`, `judge` (shapes data, no downloads) or a TorchScript path -> a feature extractor."""
+    """`inception` or a TorchScript path -> a feature extractor (dataset plug-ins add their own names, e.g. judge)."""
     if spec == "inception":
         return InceptionFeatures(weights)
-    if spec == "judge":
-        from genart_lightning.shapes.judge import JudgeFeatures, load_or_train_judge
-
-        return JudgeFeatures(load_or_train_judge(resolution), resolution)
     return TorchScriptFeatures(spec, resolution, channels)

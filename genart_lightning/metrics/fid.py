@@ -9,6 +9,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 from torchmetrics.utilities import dim_zero_cat
 
+from datamodules.distributed import rank_world
 from genart_lightning.metrics.reference_stats import KID_REFERENCE_MAX, ReferenceStats
 
 
@@ -23,16 +24,9 @@ class Precomputed(nn.Module):
         return features
 
 
-def world_info() -> tuple[int, int]:
-    """(rank, world size) of the default process group; (0, 1) outside DDP."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def all_sum(value: int, device: torch.device | str = "cpu") -> int:
     """Sum an int over ranks (identity outside DDP)."""
-    if world_info()[1] == 1:
+    if rank_world()[1] == 1:
         return value
     t = torch.tensor([value], device=device, dtype=torch.long)
     dist.all_reduce(t)
@@ -90,7 +84,7 @@ class FeatureDistances(nn.Module):
         self.kid.real_features = []
         zero = torch.zeros_like
         total, outer = stats.sums()
-        if world_info()[0] == 0:
+        if rank_world()[0] == 0:
             self.fid.real_features_sum = total.to(device, torch.float64)
             self.fid.real_features_cov_sum = outer.to(device, torch.float64)
             self.fid.real_features_num_samples = torch.tensor(stats.count, device=device)

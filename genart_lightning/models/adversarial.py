@@ -20,6 +20,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from datamodules.distributed import rank_world
 from genart_lightning.models.base import GenerativeModel
 from genart_lightning.models.gan_objectives import (
     Loss,
@@ -40,14 +41,15 @@ class DivergenceError(FloatingPointError):
 def average_over_ranks(net: nn.Module, loss: Tensor, buffers_of: Sequence[nn.Module] = ()) -> Tensor:
     """Average `net`'s gradients, the floating buffers of `net` and `buffers_of`, and `loss` over all ranks in one
     all-reduce; returns the mean loss."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    world = rank_world()[1]
+    if world == 1:
         return loss
     grads = [p.grad for p in net.parameters() if p.grad is not None]
     buffers = [b for module in (net, *buffers_of) for b in module.buffers() if b.is_floating_point()]
     tensors = grads + buffers + [loss.reshape(1)]
     flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
     dist.all_reduce(flat)
-    flat /= dist.get_world_size()
+    flat /= world
     offset = 0
     for t in tensors:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))

@@ -1,16 +1,45 @@
-"""The contract every family keeps: one sampling entry and a self-describing checkpoint."""
+"""The contract every family keeps: one sampling entry, its image shape, optional hooks, a self-describing checkpoint.
+
+`genart sample`, the evaluator and sample grids use only what is declared here, so a new family is one
+subclass of `GenerativeModel` (its objective and its step) with networks from `nn/`.
+"""
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 FAMILY_KEY = "genart_family"
 """Checkpoint entry naming the family class, so `genart sample` can rebuild any checkpoint."""
+
+
+@runtime_checkable
+class FirstStage(Protocol):
+    """What latent diffusion needs of an autoencoder: scaled latents in, images in [-1, 1] out."""
+
+    def encode(self, images: Tensor) -> Tensor:
+        """Images [B, C, H, W] in [-1, 1] -> latents already multiplied by `scaling`."""
+        ...
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Scaled latents -> images in [-1, 1]."""
+        ...
+
+    def latent_shape(self, image_size: int) -> tuple[int, int, int]:
+        """[C, h, w] of the latents of one `image_size` image."""
+        ...
+
+    @property
+    def scaling(self) -> float:
+        """The factor `encode` applies so that latents have unit variance."""
+        ...
 
 
 class GenerativeModel(L.LightningModule):
@@ -18,10 +47,59 @@ class GenerativeModel(L.LightningModule):
 
     conditional: bool = False
     """True when `sample` uses captions."""
+    reconstructs: bool = False
+    """True when the family implements `reconstruction_metrics` (autoencoders); the evaluator then reports them."""
+    RENAMED_ARGUMENTS: ClassVar[dict[str, str]] = {}
+    """Deprecated init argument -> its new name. A config using the old name still works, with a deprecation line;
+    an old checkpoint's hyperparameters are renamed silently on load."""
 
-    def sample(self, n: int, captions: Sequence[str] | None = None, seed: int = 0) -> Tensor:
-        """Draw `n` images in [-1, 1], shape [n, C, H, W]; the same seed gives the same images."""
+    def sample(self, n: int, captions: Sequence[str] | None = None, seed: int = 0, **options: Any) -> Tensor:
+        """Draw `n` images in [-1, 1], shape [n, C, H, W]; the same seed gives the same images.
+
+        `captions` (one per image) for conditional families; `options` are the family's own sampling settings
+        (steps, sampler, guidance, ...), each defaulting to the config's value.
+        """
         raise NotImplementedError(f"{type(self).__name__} does not implement sample()")
+
+    def image_shape(self) -> tuple[int, int, int]:
+        """[C, H, W] of the images `sample` draws."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement image_shape()")
+
+    def reconstruction_metrics(self, batches: Iterable[dict]) -> dict[str, float]:
+        """Hook for autoencoders (`reconstructs = True`): reconstruction quality over real batches."""
+        raise NotImplementedError(f"{type(self).__name__} does not reconstruct images")
+
+    def drop_captions(self, captions: Sequence[str]) -> list[str]:
+        """Replace each caption by "" with probability `caption_dropout` (the one setting every family uses).
+
+        Dropped captions teach the unconditional prediction that classifier-free guidance extrapolates from.
+        """
+        keep = (torch.rand(len(captions)) >= self.hparams.caption_dropout).tolist()
+        return [c if k else "" for c, k in zip(captions, keep, strict=True)]
+
+    def save_hyperparameters(self, *args: Any, **kwargs: Any) -> None:
+        """Lightning's, then deprecated argument names moved to their new ones (see RENAMED_ARGUMENTS)."""
+        kwargs.setdefault("frame", inspect.currentframe().f_back)
+        super().save_hyperparameters(*args, **kwargs)
+        for old, new in self.RENAMED_ARGUMENTS.items():
+            value = self.hparams.pop(old, None)
+            if value is not None:
+                rank_zero_warn(
+                    f"{type(self).__name__}: `{old}` is deprecated, write `{new}: {value!r}` instead (--model.init_args.{new})",
+                    category=FutureWarning,
+                )
+                self.hparams[new] = value
+
+    @classmethod
+    def upgrade_hparams(cls, hyper_parameters: dict) -> dict:
+        """Hyperparameters saved under deprecated names, renamed (for checkpoints written before a rename)."""
+        out = dict(hyper_parameters)
+        for old, new in cls.RENAMED_ARGUMENTS.items():
+            if old in out:
+                value = out.pop(old)
+                if value is not None:
+                    out[new] = value
+        return out
 
     def fused_optimizer(self) -> bool:
         """Whether to ask Adam/AdamW for torch's fused kernel: one kernel over all parameters instead of a Python loop

@@ -23,18 +23,21 @@ class TextConditionalGAN(DCGAN):
     its features."""
 
     conditional = True
+    RENAMED_ARGUMENTS = {"text_model": "text_encoder"}
 
     def __init__(
         self,
-        text_model: str = TINY_MODEL,
+        text_encoder: str = TINY_MODEL,
         text_pretrained: str | None = None,
         text_cache_dir: str | None = None,
         text_features: TextFeatures = "token_moments",
+        text_model: str | None = None,
         **kwargs,
     ) -> None:
-        """`text_model`/`text_pretrained`: an OpenCLIP name and tag or local checkpoint path (None: random init);
+        """`text_encoder`/`text_pretrained`: an OpenCLIP name and tag or local checkpoint path (None: random init);
         `text_features`: the caption vector, "token_moments" (mean and position-weighted mean of the final token
-        states, see `encode`) or "pooled" (CLIP's projected end-of-text embedding)."""
+        states, see `encode`) or "pooled" (CLIP's projected end-of-text embedding); `text_model`: deprecated name of
+        `text_encoder`."""
         if text_features not in ("token_moments", "pooled"):
             raise ValueError(
                 f"unknown text_features {text_features!r} (from --model.init_args.text_features); use token_moments or pooled"
@@ -43,7 +46,7 @@ class TextConditionalGAN(DCGAN):
 
     def condition_dim(self) -> int:
         hp = self.hparams
-        self.text_encoder = FrozenTextEncoder(hp.text_model, hp.text_pretrained, hp.text_cache_dir)
+        self.text_encoder = FrozenTextEncoder(hp.text_encoder, hp.text_pretrained, hp.text_cache_dir)
         return 2 * self.text_encoder.token_dim if hp.text_features == "token_moments" else self.text_encoder.pooled_dim
 
     def encode(self, captions: Sequence[str]) -> Tensor:

@@ -15,7 +15,7 @@ from genart_lightning.diffusion.parameterization import (
     q_sample,
     training_target,
 )
-from genart_lightning.diffusion.samplers import SAMPLERS, run_sampler, x0_denoiser
+from genart_lightning.diffusion.samplers import check_sampler, run_sampler, x0_denoiser
 from genart_lightning.diffusion.schedules import make_schedule
 from genart_lightning.models.base import GenerativeModel
 from genart_lightning.nn.ema import make_ema
@@ -38,6 +38,8 @@ class DiffusionModel(GenerativeModel):
     `diffusion_shape`) and call `build_unet(channels)` at the end of their __init__.
     """
 
+    RENAMED_ARGUMENTS = {"cond_drop_prob": "caption_dropout"}
+
     def __init__(
         self,
         image_size: int = 32,
@@ -53,7 +55,8 @@ class DiffusionModel(GenerativeModel):
         zero_terminal_snr: bool = False,
         prediction: str = "eps",
         min_snr_gamma: float | None = 5.0,
-        cond_drop_prob: float = 0.1,
+        caption_dropout: float = 0.1,
+        cond_drop_prob: float | None = None,
         text_encoder: str | None = "genart-tiny",
         text_pretrained: str | None = None,
         text_cache_dir: str | None = None,
@@ -73,8 +76,7 @@ class DiffusionModel(GenerativeModel):
         check_prediction(prediction)
         if zero_terminal_snr and prediction == "eps":
             raise ValueError("zero_terminal_snr=True cannot be used with prediction='eps' (x0 = (x - eps)/0 at the last step); use prediction='v'")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r} (sampler=); choose one of {', '.join(SAMPLERS)}")
+        check_sampler(sampler)
         self.register_buffer("alphas_cumprod", make_schedule(schedule, timesteps, zero_terminal_snr), persistent=False)
         self.text_encoder = FrozenTextEncoder(text_encoder, text_pretrained, text_cache_dir) if text_encoder else None
         self.conditional = self.text_encoder is not None
@@ -128,11 +130,6 @@ class DiffusionModel(GenerativeModel):
         emb = self.text_encoder(captions)
         return {"context": emb.tokens, "context_mask": emb.mask, "pooled": emb.pooled}
 
-    def _drop_captions(self, captions: Sequence[str]) -> list[str]:
-        # dropped captions teach the unconditional prediction that guidance extrapolates from
-        keep = (torch.rand(len(captions)) >= self.hparams.cond_drop_prob).tolist()
-        return [c if k else "" for c, k in zip(captions, keep, strict=True)]
-
     def _net(self, net: torch.nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor] | None) -> Tensor:
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -153,7 +150,7 @@ class DiffusionModel(GenerativeModel):
 
     def training_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         x0 = self.to_diffusion_space(batch["image"])
-        cond = self.encode_text(self._drop_captions(batch["caption"])) if self.conditional else None
+        cond = self.encode_text(self.drop_captions(batch["caption"])) if self.conditional else None
         noise = torch.randn_like(x0)  # global RNG: seeded per rank in on_fit_start, so ranks differ
         t = torch.randint(0, self.hparams.timesteps, (x0.shape[0],), device=x0.device)
         loss = self.diffusion_loss(x0, noise, t, cond)
@@ -233,6 +230,9 @@ class PixelDiffusion(DiffusionModel):
         self.build_unet(channels)
 
     def diffusion_shape(self) -> tuple[int, int, int]:
+        return self.image_shape()
+
+    def image_shape(self) -> tuple[int, int, int]:
         return (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
 
     def to_diffusion_space(self, images: Tensor) -> Tensor:

@@ -60,3 +60,6 @@ class DCGAN(AdversarialModel):
         generator = torch.Generator(device=self.device).manual_seed(seed)
         z = torch.randn(n, self.z_dim, generator=generator, device=self.device)
         return self.ema.module(z, self.sampling_condition(n, captions)).float()
+
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)

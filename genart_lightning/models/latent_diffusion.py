@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from genart_lightning.models.base import FirstStage
 from genart_lightning.models.diffusion import DiffusionModel
 from genart_lightning.models.loading import build_family, load_model
 
@@ -38,9 +39,11 @@ class LatentDiffusion(DiffusionModel):
             self.hparams["first_stage_hparams"] = dict(first_stage.hparams)
         else:
             first_stage = build_family(first_stage_family, first_stage_hparams)  # weights come with our state_dict
-        for name in ("encode", "decode", "latent_shape"):
-            if not callable(getattr(first_stage, name, None)):
-                raise ValueError(f"first stage {type(first_stage).__name__} from {first_stage_ckpt!r} has no {name}(); use a VAE checkpoint")
+        if not isinstance(first_stage, FirstStage):
+            raise ValueError(
+                f"first stage {type(first_stage).__name__} from {first_stage_ckpt!r} does not keep the FirstStage contract "
+                "(encode, decode, latent_shape, scaling); use a VAE checkpoint"
+            )
         self.first_stage = first_stage.eval().requires_grad_(False)
         self.latent_shape = tuple(first_stage.latent_shape(self.hparams.image_size))
         self.build_unet(self.latent_shape[0])
@@ -53,6 +56,9 @@ class LatentDiffusion(DiffusionModel):
 
     def diffusion_shape(self) -> tuple[int, int, int]:
         return self.latent_shape
+
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.first_stage.image_shape()
 
     @torch.no_grad()
     def to_diffusion_space(self, images: Tensor) -> Tensor:

@@ -10,11 +10,12 @@ from pathlib import Path
 import torch
 
 from genart_lightning.models.base import FAMILY_KEY, GenerativeModel
+from genart_lightning.models.moved import current_name
 
 
 def _family_class(dotted: str) -> type[GenerativeModel]:
-    """Resolve a family name; only classes under genart_lightning.models are accepted."""
-    module_name, _, class_name = dotted.rpartition(".")
+    """Resolve a family name (following moves); only classes under genart_lightning.models are accepted."""
+    module_name, _, class_name = current_name(dotted).rpartition(".")
     if not module_name.startswith("genart_lightning.models."):
         raise ValueError(f"checkpoint names family {dotted!r}, which is not a genart_lightning.models class")
     cls = getattr(importlib.import_module(module_name), class_name, None)
@@ -28,10 +29,12 @@ def build_family(dotted: str, hyper_parameters: dict) -> GenerativeModel:
 
     Built in an empty context: inside LightningCLI's instantiation, `save_hyperparameters` of any module
     would otherwise record the outer model's arguments (a VAE built by LatentDiffusion got the LDM's).
-    LightningCLI's own `_class_path` / `_instantiator` entries are not init arguments and are dropped.
+    LightningCLI's own `_class_path` / `_instantiator` entries are not init arguments and are dropped; arguments saved
+    under a deprecated name are renamed (`RENAMED_ARGUMENTS`).
     """
     cls = _family_class(dotted)
-    return contextvars.Context().run(cls, **{k: v for k, v in hyper_parameters.items() if not k.startswith("_")})
+    arguments = cls.upgrade_hparams({k: v for k, v in hyper_parameters.items() if not k.startswith("_")})
+    return contextvars.Context().run(cls, **arguments)
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> GenerativeModel:

@@ -50,13 +50,15 @@ class VAE(GenerativeModel):
     the latent-diffusion first stage; `latent="flat"` a vector of `latent_dim` behind a fully connected
     bottleneck (a plain VAE, not a first stage).
 
-    First-stage interface: `encode`, `decode`, `latent_scale`, `latent_shape`. The scale is
+    First-stage interface (`FirstStage`): `encode`, `decode`, `scaling`, `latent_shape`. The scale is
     1 / std of posterior-mean latents, tracked during training as an exponential moving average of
     the first two moments of every training batch's latents (all-reduced over ranks, bias-corrected
     at the start) and stored in the `_latent_scale` buffer at every step. Updating it each step rather
     than at validation means any checkpoint, whenever written (step-based, SLURM requeue, end of
     fit), holds the scale of the weights it holds, whatever the validation schedule.
     """
+
+    reconstructs = True
 
     def __init__(
         self,
@@ -113,9 +115,12 @@ class VAE(GenerativeModel):
     # ---- first-stage interface (used by latent diffusion) ----
 
     @property
-    def latent_scale(self) -> float:
+    def scaling(self) -> float:
         """Factor that gives posterior-mean latents unit variance; `encode` applies it, `decode` undoes it."""
         return float(self._latent_scale)
+
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.hparams.in_channels, self.hparams.image_size, self.hparams.image_size)
 
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
         """Shape [C, h, w] of the latents of one image of side `image_size`."""
@@ -178,7 +183,7 @@ class VAE(GenerativeModel):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images = batch["image"]
-        cond = self._cond(self._drop_captions(batch["caption"]), images.shape[0]) if self.conditional else None
+        cond = self._cond(self.drop_captions(batch["caption"]), images.shape[0]) if self.conditional else None
         mean, logvar = self._moments(images)
         recon = self._decode(reparameterize(mean, logvar), cond)
         error = (recon - images).abs() if self.hparams.recon_loss == "l1" else (recon - images).pow(2)
@@ -239,11 +244,6 @@ class VAE(GenerativeModel):
         if len(captions) != n:
             raise ValueError(f"VAE got {len(captions)} captions for {n} images; pass one caption per image")
         return self.text_encoder(captions).pooled
-
-    def _drop_captions(self, captions: Sequence[str]) -> list[str]:
-        # dropped captions teach the decoder the unconditional input "" that sample() uses without prompts
-        keep = torch.rand(len(captions)) >= self.hparams.caption_dropout
-        return [c if k else "" for c, k in zip(captions, keep.tolist(), strict=True)]
 
     def _adversarial_terms(self, images: Tensor, recon: Tensor) -> Tensor:
         """Hinge discriminator loss + (after adv_start_step) the autoencoder's adversarial term.

@@ -72,7 +72,7 @@ def tracking_ids(trainer: L.Trainer) -> list[dict[str, str]]:
 def write_provenance(directory: Path, trainer: L.Trainer, config_yaml: str) -> None:
     """Write config.yaml, provenance.json, git.diff (when dirty), shards.txt and tracking.json into `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
-    source_dir = Path(__file__).resolve().parent.parent
+    source_dir = Path(__file__).resolve().parents[2]  # the repository (or site-packages) holding the package
     git = git_state(source_dir)
     shards = shard_list(trainer.datamodule)
     record = {

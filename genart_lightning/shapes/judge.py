@@ -21,6 +21,7 @@ from torchmetrics import Metric
 from torchvision.transforms.functional import pil_to_tensor
 
 from datamodules import synthetic
+from datamodules.distributed import rank_world
 from genart_lightning.metrics.features import FeatureExtractor
 
 ATTRIBUTES: dict[str, list[str]] = {
@@ -134,14 +135,14 @@ def judge_cache_dir() -> Path:
 def load_or_train_judge(image_size: int = 32, cache_dir: str | Path | None = None) -> JudgeNet:
     """The cached judge for this image size, training it once if missing (rank 0 trains, the others wait)."""
     path = Path(cache_dir or judge_cache_dir()) / f"{judge_key(image_size)}.pt"
-    distributed = dist.is_available() and dist.is_initialized()
-    if not path.is_file() and (not distributed or dist.get_rank() == 0):
+    rank, world = rank_world()
+    if not path.is_file() and rank == 0:
         net = train_judge(image_size)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save(net.state_dict(), tmp)
         tmp.replace(path)  # atomic: a concurrent reader never sees half a file
-    if distributed:
+    if world > 1:
         dist.barrier()
     if not path.is_file():  # a node-local cache on another node: training is deterministic, so train here too
         return train_judge(image_size)
