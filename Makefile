@@ -1,16 +1,23 @@
 # The two commands of the README: `make demo` and `make test` (plus `make bench`).
-# Each creates .venv on first use; stamp files re-install only when pyproject.toml changes.
+# Each creates .venv on first use; stamp files re-install only when pyproject.toml (or constraints.txt) changes.
+# constraints.txt, when present, pins every package to the versions the project was tested with
+# (`make CONSTRAINTS=` installs unpinned); where it cannot resolve (another Python or platform) the
+# install falls back to unpinned with a warning, so `make` still works there.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CONSTRAINTS ?= $(wildcard constraints.txt)
+PIP_CONSTRAINTS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
 .PHONY: demo test bench lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip >/dev/null
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install $(PIP_CONSTRAINTS) -e '.[dev]' || { test -n "$(CONSTRAINTS)" && \
+		echo "make: $(CONSTRAINTS) does not resolve here (another Python or platform?); installing unpinned" >&2 && \
+		$(BIN)/pip install -e '.[dev]'; }
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -21,7 +28,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/pip install -q -r benchmarks/requirements.txt
+	$(BIN)/pip install -q $(PIP_CONSTRAINTS) -r benchmarks/requirements.txt
 	$(BIN)/python -m benchmarks.run_all
 
 lint: $(STAMP)

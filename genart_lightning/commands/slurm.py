@@ -1,4 +1,9 @@
-"""`genart slurm submit`: the sbatch line for slurm/train.sbatch from resource options, shown and submitted."""
+"""`genart slurm submit`: the sbatch line for train.sbatch from resource options, shown and submitted.
+
+The script is the template shipped in the package (genart_lightning/slurm/train.sbatch). From a source
+checkout the line names `slurm/train.sbatch` (a symlink to it) and logs go to the checkout's slurm/logs/,
+as before; from an installed wheel it names the packaged file and logs go to ./slurm/logs/ of the
+directory you submit from (the template's own default)."""
 
 from __future__ import annotations
 
@@ -7,8 +12,15 @@ import shlex
 import subprocess
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch"
-LOG_DIR = SCRIPT.parent / "logs"
+from genart_lightning.slurm import checkout_link, template
+
+_CHECKOUT_SCRIPT = checkout_link("train.sbatch")
+SCRIPT = _CHECKOUT_SCRIPT or template("train.sbatch")
+
+
+def log_dir() -> Path:
+    """Where job logs go: the checkout's slurm/logs/, or slurm/logs/ under the working directory of an install."""
+    return _CHECKOUT_SCRIPT.parent / "logs" if _CHECKOUT_SCRIPT else Path.cwd() / "slurm" / "logs"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,7 +58,7 @@ def sbatch_command(args: argparse.Namespace) -> list[str]:
     tasks = args.gpus_per_node or args.tasks_per_node or 1
     name = args.job_name or config.stem
     cmd = ["sbatch", f"--job-name={name}", f"--nodes={args.nodes}", f"--ntasks-per-node={tasks}",
-           f"--output={LOG_DIR}/%x-%j.out"]
+           f"--output={log_dir()}/%x-%j.out"]
     if args.gpus_per_node:
         cmd.append(f"--gpus-per-node={args.gpus_per_node}")
     for option in ("cpus_per_task", "time", "partition", "account"):
@@ -60,10 +72,10 @@ def run(args: argparse.Namespace) -> None:
     print(shlex.join(cmd))
     if args.dry_run:
         return
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    log_dir().mkdir(parents=True, exist_ok=True)
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"error: sbatch failed: {result.stderr.strip()}")
     job_id = result.stdout.strip().split()[-1]
     name = cmd[1].split("=", 1)[1]
-    print(f"submitted job {job_id}: log {LOG_DIR}/{name}-{job_id}.out, run dir runs/{Path(args.config).stem}/{job_id}")
+    print(f"submitted job {job_id}: log {log_dir()}/{name}-{job_id}.out, run dir runs/{Path(args.config).stem}/{job_id}")

@@ -10,9 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from genart_lightning.slurm import template as packaged_template
 from genart_lightning.sweeps.spec import Run, SweepSpec
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "sweep.sbatch"
+TEMPLATE = packaged_template("sweep.sbatch")  # shipped in the package (a checkout's slurm/sweep.sbatch links to it)
 
 
 def fit_command(config_path: Path) -> list[str]:
