@@ -87,3 +87,46 @@ def test_missing_inception_weights_is_one_clear_line(shapes_shards, tmp_path, mo
     message = str(exit_info.value)
     assert message.startswith("error: FID Inception weights not found") and "\n" not in message
     assert str(tmp_path / "torch" / "hub" / "checkpoints") in message and "--fid-weights" in message
+
+
+def _real_images_as_files(shards: dict, directory) -> list:
+    from datamodules.shards import expand_urls
+    from datamodules.stream import read_shard
+
+    directory.mkdir()
+    names = []
+    for url in expand_urls(shards["val_urls"]):
+        for sample in read_shard(url):
+            ext = next(k for k in ("png", "jpg", "webp") if k in sample)
+            names.append(directory / f"{sample['__key__']}.{ext}")
+            names[-1].write_bytes(sample[ext])
+    return names
+
+
+@pytest.mark.slow
+def test_eval_fake_folder_scores_files_against_shards_and_folders(shapes_shards, offline_cache, tmp_path):
+    from PIL import Image
+
+    real_files = _real_images_as_files(shapes_shards, tmp_path / "real")
+    out = tmp_path / "same.json"
+    main(["eval", "--fake", str(tmp_path / "real"), "--data", shapes_shards["val_urls"], "--fid-features", "judge",
+          "--batch-size", "8", "--out", str(out)])
+    same = json.loads(out.read_text())
+    assert same["num_samples"] == len(real_files) == shapes_shards["num_val"]
+    assert abs(same["fid"]) < 1e-3, same["fid"]  # the very images of the reference, through the same resize
+
+    noise = tmp_path / "noise"
+    noise.mkdir()
+    rng = torch.Generator().manual_seed(0)
+    for i in range(len(real_files)):
+        pixels = torch.randint(0, 256, (32, 32, 3), generator=rng, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(noise / f"{i:06d}.png")
+    main(["eval", "--fake", str(noise), "--data", shapes_shards["val_urls"], "--fid-features", "judge",
+          "--out", str(tmp_path / "noise.json")])
+    noisy = json.loads((tmp_path / "noise.json").read_text())
+    assert noisy["fid"] > 100 * max(same["fid"], 1e-3) and noisy["fid"] > 1.0
+
+    # the real data as a folder of files instead of shards: the same statistics
+    main(["eval", "--fake", str(noise), "--data", str(tmp_path / "real"), "--fid-features", "judge",
+          "--out", str(tmp_path / "noise_vs_folder.json")])
+    assert json.loads((tmp_path / "noise_vs_folder.json").read_text())["fid"] == pytest.approx(noisy["fid"], rel=1e-6)

@@ -16,8 +16,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "eval", help="score a checkpoint: FID/KID, CLIP score, attribute accuracy; guidance sweeps", description=__doc__,
         epilog="Multi-GPU: torchrun --nproc_per_node 4 -m genart_lightning.cli eval ... (each rank samples its share).",
     )
-    p.add_argument("--ckpt", required=True, help="checkpoint written by `genart fit` (.ckpt) or `genart export`")
-    p.add_argument("--data", required=True, help="real shards (brace pattern), e.g. data/val-{000000..000003}.tar")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="checkpoint written by `genart fit` (.ckpt) or `genart export`: sample and score it")
+    source.add_argument("--fake", help="a folder of images to score instead (any model's; captions from its samples.jsonl)")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="real data: shards (paths, globs, brace patterns: data/val-*.tar) or one folder of images")
     p.add_argument("--num-samples", type=int, default=10_000, help="generated images (default 10000; 50000 for published FID)")
     p.add_argument("--guidance", type=float, nargs="+", help="classifier-free guidance scale(s); several = a sweep (table + plot)")
     p.add_argument("--steps", type=int, help="sampling steps (diffusion)")
@@ -65,10 +68,20 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
     """Evaluate at each guidance scale, write metrics.json (+ table and plot for a sweep) on rank 0."""
     from datamodules.distributed import rank_world
     from genart_lightning.metrics.evaluator import Evaluator
+    from genart_lightning.metrics.image_folder import ImageFolder
     from genart_lightning.models.loading import load_model
     from genart_lightning.shapes.suite import ShapesSuite
 
     device = _init_distributed(args.device)
+    if args.fake:
+        folder = ImageFolder(args.fake)
+        evaluator = Evaluator(args.data, len(folder.files), args.fid_features, fid_weights=args.fid_weights,
+                              clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, batch_size=args.batch_size,
+                              cache_dir=args.cache_dir, progress=True, suites=[ShapesSuite()])
+        results = [{**evaluator.score_folder(folder, device), "data": args.data}]
+        if rank_world()[0] == 0:
+            write_results(results, Path(args.out))
+        return
     model = load_model(args.ckpt, map_location="cpu").to(device)
     evaluator = Evaluator(
         args.data, args.num_samples, args.fid_features, fid_weights=args.fid_weights, prompts=args.prompts,
@@ -80,10 +93,13 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
     results = []
     for scale in scales:
         results.append(evaluator(model, guidance=scale, **options))
-        results[-1].update(checkpoint=str(Path(args.ckpt).resolve()), data=args.data)
-    if rank_world()[0] != 0:
-        return
-    out = Path(args.out)
+        results[-1].update(checkpoint=model.loaded_from, data=args.data)
+    if rank_world()[0] == 0:
+        write_results(results, Path(args.out))
+
+
+def write_results(results: list[dict], out: Path) -> None:
+    """metrics.json (a sweep: also .csv, .md and the trade-off plot beside it) and the table on stdout."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results[0] if len(results) == 1 else {"sweep": results}, indent=2) + "\n")
     print(f"wrote {out}")
@@ -124,7 +140,7 @@ def write_markdown(results: list[dict], path: Path) -> Path:
     """The table plus how it was computed, ready for a README or a report."""
     r = results[0]
     how = (f"{r['num_samples']} samples, seed {r['seed']}, {r['resolution']}px, features {r['feature_extractor']['id']}, "
-           f"reference {r['reference']['count']} real images, checkpoint {Path(r['checkpoint']).name}")
+           f"reference {r['reference']['count']} real images, checkpoint {Path(r['checkpoint']['path']).name} (step {r['checkpoint']['global_step']})")
     path.write_text(f"{markdown_table(results)}\n\n{how}\n")
     return path
 

@@ -21,6 +21,7 @@ from datamodules.shards import expand_urls
 from datamodules.stream import read_shard
 from genart_lightning.metrics.features import FeatureExtractor, build_features
 from genart_lightning.metrics.fid import FeatureDistances, all_sum
+from genart_lightning.metrics.image_folder import ImageFolder
 from genart_lightning.metrics.reference_stats import (
     ReferenceStats,
     cache_path,
@@ -45,6 +46,11 @@ def data_captions(urls: str | list[str], limit: int) -> list[str]:
     return captions
 
 
+def chunk_seed(seed: int, chunk: int) -> int:
+    """Seed of the `chunk`-th batch of a run seeded `seed`: images depend on neither the batch's rank nor the world size."""
+    return seed * 1_000_003 + chunk
+
+
 def sample_options(sample: Callable[..., Tensor], options: dict) -> dict:
     """The options that were set (not None), checked against what `sample` takes: one line naming any it does not."""
     options = {k: v for k, v in options.items() if v is not None}
@@ -67,6 +73,8 @@ class Samplable(Protocol):
     def sample(self, n: int, captions: Sequence[str] | None = None, seed: int = 0, **options) -> Tensor: ...
 
     def image_shape(self) -> tuple[int, int, int]: ...
+
+    def sampling_settings(self, options: dict) -> dict: ...
 
     def reconstruction_metrics(self, batches: Iterable[dict]) -> dict[str, float]: ...
 
@@ -106,23 +114,25 @@ class Evaluator:
         self.progress = progress  # a bar on rank 0 (the CLI); off inside fit, where Lightning's bar runs
         self._setup_for: tuple | None = None
 
-    def _setup(self, model: Samplable, device: torch.device) -> None:
-        """Build extractor, FID/KID with the real reference, the suite's accuracy and CLIP once per (resolution, device)."""
-        channels, side, _ = model.image_shape()
-        if self._setup_for == (channels, side, device):
+    def _setup(self, shape: tuple[int, int, int], device: torch.device, mode: str | None) -> None:
+        """Build extractor, FID/KID with the real reference, the suite's accuracy and CLIP once per (resolution, device).
+
+        `mode`: where captions come from (None: no captions; "data", "files" or a suite's name)."""
+        channels, side, _ = shape
+        if self._setup_for != (channels, side, device):
+            self.extractor = self._features(side, channels).to(device).eval()
+            self.distances = FeatureDistances(self.extractor.num_features, seed=self.seed).to(device)
+            self.reference = self._reference(side, device)
+            self._setup_for = (channels, side, device)
+        if getattr(self, "mode", "unset") == mode:
             return
-        self.extractor = self._features(side, channels).to(device).eval()
-        self.distances = FeatureDistances(self.extractor.num_features, seed=self.seed).to(device)
-        self.reference = self._reference(side, device)
-        self.mode = self._prompt_mode(model)
-        self.attributes = self.clip = None
-        if self.mode in self.suites:
-            self.attributes = self.suites[self.mode].accuracy(side).to(device)
-        if self.clip_model and model.conditional:
+        self.mode = mode
+        self.attributes = self.suites[mode].accuracy(side).to(device) if mode in self.suites else None
+        self.clip = None
+        if self.clip_model and mode is not None:
             from genart_lightning.metrics.clip_score import CLIPScore
 
             self.clip = CLIPScore(self.clip_model, self.clip_pretrained).to(device)
-        self._setup_for = (channels, side, device)
 
     def _features(self, side: int, channels: int) -> FeatureExtractor:
         spec = self.features_spec
@@ -173,11 +183,8 @@ class Evaluator:
         """Evaluate `model` (on every rank); `guidance` and `sample_kwargs` go to `model.sample`."""
         sample_kwargs = sample_options(model.sample, {"guidance": guidance, **sample_kwargs})
         device = model.device
-        self._setup(model, device)
-        self.distances.reset_generated()
-        for metric in (self.attributes, self.clip):
-            if metric is not None:
-                metric.reset()
+        self._setup(model.image_shape(), device, self._prompt_mode(model))
+        self._reset()
         captions, attributes = self._prompts()
         was_training = model.training
         model.eval()
@@ -187,10 +194,35 @@ class Evaluator:
         for chunk, start in tqdm(mine, desc=label, unit="batch", disable=not self.progress or rank != 0):
             stop = min(start + self.batch_size, self.num_samples)
             chunk_captions = captions[start:stop] if captions else None
-            images = model.sample(stop - start, captions=chunk_captions, seed=self.seed * 1_000_003 + chunk, **sample_kwargs)
+            images = model.sample(stop - start, captions=chunk_captions, seed=chunk_seed(self.seed, chunk), **sample_kwargs)
             self._score(images.float().clamp(-1, 1).to(device), chunk_captions, attributes[start:stop] if attributes else None)
         model.train(was_training)
-        return self._results(model, guidance, sample_kwargs, world)
+        settings = model.sampling_settings(sample_kwargs)  # what sampling used, defaults resolved (not None)
+        out: dict = {"family": type(model).__name__, "num_samples": self.num_samples, "seed": self.seed,
+                     "guidance": settings.get("guidance"), "sampling": settings, **self._scores(world)}
+        if model.reconstructs:  # VAEs: how well they reconstruct the real data
+            side = self._setup_for[1]
+            out.update(model.reconstruction_metrics(real_loader(self.data_urls, side, self.batch_size, self.num_workers)))
+        return out
+
+    @torch.no_grad()
+    def score_folder(self, folder: ImageFolder, device: torch.device | str = "cpu") -> dict:
+        """Score image files (any model's samples) exactly as samples are scored: same features, resize, reference;
+        CLIP score when the folder's samples.jsonl gives captions and a CLIP model is set."""
+        device = torch.device(device)
+        self._setup(folder.image_shape(), device, "files" if folder.captions else None)
+        self._reset()
+        rank, world = rank_world()
+        batches = folder.batches(self.batch_size, rank, world)
+        for images, captions in tqdm(batches, desc="scoring files", unit="batch", disable=not self.progress or rank != 0):
+            self._score(images.to(device), captions, None)
+        return {"fake": str(folder.directory.resolve()), "num_samples": len(folder.files), **self._scores(world)}
+
+    def _reset(self) -> None:
+        self.distances.reset_generated()
+        for metric in (self.attributes, self.clip):
+            if metric is not None:
+                metric.reset()
 
     def _score(self, images: Tensor, captions: list[str] | None, attributes: list[dict] | None) -> None:
         self.distances.update(self.extractor(images), real=False)
@@ -199,11 +231,10 @@ class Evaluator:
         if self.attributes is not None:
             self.attributes.update(images, attributes)
 
-    def _results(self, model: Samplable, guidance: float | None, sample_kwargs: dict, world: int) -> dict:
+    def _scores(self, world: int) -> dict:
+        """Every metric over what `_score` saw, with how each was computed (all ranks: `compute` is a collective)."""
         channels, side, _ = self._setup_for
-        out: dict = {"family": type(model).__name__, "num_samples": self.num_samples, "seed": self.seed,
-                     "resolution": side, "channels": channels, "guidance": guidance, "world_size": world,
-                     "sample_kwargs": {k: v for k, v in sample_kwargs.items() if k != "guidance"}}
+        out: dict = {"resolution": side, "channels": channels, "world_size": world}
         out.update(self.distances.compute())
         out["feature_extractor"] = {
             "id": self.extractor.feature_id, "resize": self.extractor.resize, "num_features": self.extractor.num_features,
@@ -218,8 +249,6 @@ class Evaluator:
                                  "truncation": f"captions longer than {self.clip.context_length} tokens are cut (end token kept)"}
         if self.attributes is not None:
             out.update({k: float(v) for k, v in self.attributes.compute().items()})
-        if model.reconstructs:  # VAEs: how well they reconstruct the real data
-            out.update(model.reconstruction_metrics(real_loader(self.data_urls, side, self.batch_size, self.num_workers)))
         return out
 
 

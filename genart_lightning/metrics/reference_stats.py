@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from datamodules.distributed import rank_world
 from datamodules.shards import expand_urls, is_local
 
 REAL_RESIZE = "shorter-side-bilinear-antialias+center-crop"
@@ -59,8 +60,20 @@ class ReferenceStats:
         return self.mean * self.count, self.cov * (self.count - 1) + self.count * torch.outer(self.mean, self.mean)
 
 
+def image_directory(urls: str | list[str]) -> Path | None:
+    """The real data as one local image folder (`--data DIR`), or None for shards."""
+    items = [urls] if isinstance(urls, str) else list(urls)
+    return Path(items[0]) if len(items) == 1 and is_local(items[0]) and Path(items[0]).is_dir() else None
+
+
 def real_loader(urls: str | list[str], resolution: int, batch_size: int, num_workers: int = 0):
-    """This rank's batches of real images, resized as in training."""
+    """This rank's batches of real images, resized as in training (shards, or one folder of image files)."""
+    directory = image_directory(urls)
+    if directory is not None:
+        from genart_lightning.metrics.image_folder import ImageFolder
+
+        rank, world = rank_world()
+        return ({"image": images} for images, _ in ImageFolder(directory, resolution).batches(batch_size, rank, world))
     # The datamodule's validation split reads each sample once over all ranks, unpadded: a padded set biases FID.
     from datamodules.webdataset import TextImageDataModule
 
@@ -72,6 +85,12 @@ def real_loader(urls: str | list[str], resolution: int, batch_size: int, num_wor
 
 def reference_key(urls: str | list[str], feature_id: str, resize: str, resolution: int) -> dict:
     """Everything the statistics depend on; local shards add size and mtime so rewritten data is not served stale."""
+    directory = image_directory(urls)
+    if directory is not None:
+        from genart_lightning.metrics.image_folder import ImageFolder
+
+        return {"images": ImageFolder(directory, resolution).fingerprint(), "feature_extractor": feature_id,
+                "extractor_resize": resize, "resolution": resolution, "real_resize": REAL_RESIZE}
     shards = []
     for shard in expand_urls(urls):
         if is_local(shard) and not Path(shard).is_file():
@@ -95,4 +114,6 @@ def cache_path(key: dict, cache_dir: str | Path | None = None) -> Path:
 
 def describe(stats: ReferenceStats) -> dict:
     """Plain-data summary for metrics.json."""
-    return {"count": stats.count, **{k: v for k, v in stats.key.items() if k != "shards"}, "num_shards": len(stats.key["shards"])}
+    sources = {k: len(stats.key[k]) for k in ("shards", "images") if k in stats.key}
+    return {"count": stats.count, **{k: v for k, v in stats.key.items() if k not in sources},
+            **{f"num_{k}": n for k, n in sources.items()}}

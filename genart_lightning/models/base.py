@@ -65,6 +65,10 @@ class GenerativeModel(L.LightningModule):
         """[C, H, W] of the images `sample` draws."""
         raise NotImplementedError(f"{type(self).__name__} does not implement image_shape()")
 
+    def sampling_settings(self, options: dict) -> dict:
+        """The settings `sample(**options)` really uses, defaults filled in (recorded in metrics.json, samples.jsonl)."""
+        return dict(options)
+
     def reconstruction_metrics(self, batches: Iterable[dict]) -> dict[str, float]:
         """Hook for autoencoders (`reconstructs = True`): reconstruction quality over real batches."""
         raise NotImplementedError(f"{type(self).__name__} does not reconstruct images")

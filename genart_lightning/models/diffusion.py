@@ -182,6 +182,13 @@ class DiffusionModel(GenerativeModel):
 
     # ---- sampling ----
 
+    def sampling_settings(self, options: dict) -> dict:
+        hp = self.hparams
+        guidance = options.get("guidance")
+        return {"sampler": options.get("sampler") or hp.sampler, "steps": options.get("steps") or hp.sample_steps,
+                "guidance": (hp.guidance_scale if guidance is None else guidance) if self.conditional else None,
+                "eta": options.get("eta", 0.0)}
+
     @torch.no_grad()
     def sample(
         self,

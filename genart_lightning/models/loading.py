@@ -42,6 +42,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Ge
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}; pass a .ckpt written by `genart fit` or a `genart export` file")
+    global_step = None
     if path.suffix == ".safetensors":
         family, hyper_parameters, state_dict = read_export(path, map_location)
     else:
@@ -51,9 +52,21 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Ge
         family, hyper_parameters, state_dict = (
             checkpoint[FAMILY_KEY], checkpoint.get("hyper_parameters", {}), checkpoint["state_dict"]
         )
+        global_step = checkpoint.get("global_step")
     model = build_family(family, hyper_parameters)
     model.load_state_dict(state_dict)
+    model.loaded_from = {"path": str(path.resolve()), "global_step": global_step if path.suffix != ".safetensors" else None,
+                         "git_commit": run_commit(path)}
     return model.eval()
+
+
+def run_commit(path: Path) -> str | None:
+    """The git commit of the run that wrote a checkpoint, from the provenance.json `genart fit` puts beside it."""
+    provenance = path.parent / "provenance.json"
+    try:
+        return json.loads(provenance.read_text())["git"]["commit"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def read_export(path: Path, map_location: str | torch.device = "cpu") -> tuple[str, dict, dict[str, torch.Tensor]]:

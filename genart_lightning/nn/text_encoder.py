@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +53,8 @@ def create_openclip(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            model = open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir)
+            with _quiet_random_init(pretrained is None):
+                model = open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir)
         except Exception as err:  # hub/network failures come in many types; give one clear line
             if pretrained and not Path(pretrained).is_file():
                 where = cache_dir or os.environ.get("HF_HOME", "~/.cache/huggingface")
@@ -62,6 +65,27 @@ def create_openclip(
                 ) from err
             raise
     return model.eval(), open_clip.get_tokenizer(model_name)
+
+
+class _NoRandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_random_init(asked_for: bool) -> Iterator[None]:
+    """Hide open_clip's "No pretrained weights loaded ... initialized randomly" when random init is what was asked for
+    (every `genart sample` of a tiny-encoder checkpoint printed it); a failed pretrained load still warns."""
+    if not asked_for:
+        yield
+        return
+    notice = _NoRandomInitNotice()
+    root = logging.getLogger()
+    root.addFilter(notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
 
 
 class FrozenTextEncoder(nn.Module):

@@ -1,0 +1,46 @@
+"""`genart sample --out-dir`: one PNG per sample whose pixels are the grid's tiles, samples.jsonl with the settings used,
+prompts from a file, batches; small grids also written enlarged for viewing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from genart_lightning.cli import main as genart
+
+CKPT = Path(__file__).parent / "fixtures" / "legacy" / "PixelDiffusion.ckpt"
+
+
+def test_sample_files_are_the_grid_tiles(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"caption": "a large red circle in the centre, black background"}\n\n{"prompt": "a small blue square"}\n')
+    out_dir, grid_path = tmp_path / "samples", tmp_path / "grid.png"
+    genart(["sample", "--ckpt", str(CKPT), "--num", "5", "--batch-size", "2", "--prompts-file", str(prompts),
+            "--out-dir", str(out_dir), "--out", str(grid_path), "--device", "cpu"])
+    records = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in records] == [f"{i:06d}.png" for i in range(5)]
+    assert [r["caption"] for r in records] == ["a large red circle in the centre, black background", "a small blue square"] * 2 + [
+        "a large red circle in the centre, black background"]
+    assert len({r["seed"] for r in records}) == 3  # one seed per batch of 2
+    assert records[0]["settings"] == {"sampler": "ddim", "steps": 4, "guidance": 4.0, "eta": 0.0}  # the checkpoint's config
+    grid = np.asarray(Image.open(grid_path))
+    side, nrow, pad = 16, 2, 2
+    for i, record in enumerate(records):
+        tile = np.asarray(Image.open(out_dir / record["file"]))
+        r, c = divmod(i, nrow)
+        y, x = pad + r * (side + pad), pad + c * (side + pad)
+        np.testing.assert_array_equal(tile, grid[y : y + side, x : x + side])
+    large = Image.open(tmp_path / "grid_large.png")
+    assert large.width >= 512 and large.width % grid.shape[1] == 0  # nearest neighbour by an integer factor
+
+
+def test_same_seed_same_files(tmp_path):
+    for name in ("a", "b"):
+        genart(["sample", "--ckpt", str(CKPT), "--num", "3", "--batch-size", "2", "--prompt", "a red circle",
+                "--out-dir", str(tmp_path / name), "--device", "cpu"])
+    for i in range(3):
+        assert (tmp_path / "a" / f"{i:06d}.png").read_bytes() == (tmp_path / "b" / f"{i:06d}.png").read_bytes()
+    assert not (tmp_path / "grid.png").exists()  # --out-dir alone writes no grid
