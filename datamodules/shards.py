@@ -115,27 +115,45 @@ def _scan_count(url: str, require_caption: bool) -> int:
 
 IMAGE_COLUMNS = ("file", "image", "filename", "path")
 CAPTION_COLUMNS = ("caption", "text")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+"""Hugging Face imagefolder metadata: one per folder, `file_name` relative to that folder, other columns as features."""
+METADATA_CAPTION_COLUMNS = ("text", "caption")
+
+CaptionRows = list[tuple[str, str, dict]]
+"""(image path relative to the images folder, caption, other columns) — what every caption source returns."""
 
 
-def read_captions(captions_file: str | os.PathLike) -> list[tuple[str, str, dict]]:
+def _read_table(path: Path) -> list[dict]:
+    """Rows of a CSV with a header, or of a JSONL file (one object per line)."""
+    if path.suffix.lower() not in (".jsonl", ".json"):
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exn:
+                raise ValueError(f"{path} line {number} is not JSON ({exn.msg}); one object per line") from None
+    return rows
+
+
+def _caption_column(path: Path, columns: list[str], chosen: str | None, defaults: tuple[str, ...]) -> str | None:
+    """The --caption-column when given (it must exist), else the first of `defaults` present, else None."""
+    if chosen is not None and chosen not in columns:
+        raise ValueError(f"{path} has no column {chosen!r} (from --caption-column); its columns: {columns}")
+    return chosen if chosen is not None else next((c for c in defaults if c in columns), None)
+
+
+def read_captions(captions_file: str | os.PathLike, caption_column: str | None = None) -> CaptionRows:
     """(image file, caption, other columns) rows of a CSV with a header or a JSONL file."""
     path = Path(captions_file)
     if not path.is_file():
         raise FileNotFoundError(f"captions file not found: {path} (from --captions); give a CSV or JSONL file")
-    if path.suffix.lower() in (".jsonl", ".json"):
-        rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exn:
-                    raise ValueError(f"{path} line {number} is not JSON ({exn.msg}); one object per line") from None
-    else:
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+    rows = _read_table(path)
     columns = list(rows[0]) if rows else []
     image_col = next((c for c in IMAGE_COLUMNS if c in columns), None)
-    caption_col = next((c for c in CAPTION_COLUMNS if c in columns), None)
+    caption_col = _caption_column(path, columns, caption_column, CAPTION_COLUMNS)
     if image_col is None or caption_col is None:
         raise ValueError(
             f"{path} has columns {columns}; need an image column ({'|'.join(IMAGE_COLUMNS)}) and a caption column"
@@ -145,37 +163,96 @@ def read_captions(captions_file: str | os.PathLike) -> list[tuple[str, str, dict
     return [(str(r[image_col]), str(r[caption_col] or ""), {c: r.get(c) for c in extra}) for r in rows]
 
 
+def _metadata_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("metadata.*") if p.name in METADATA_FILES and p.is_file())
+
+
+def read_imagefolder(images_dir: str | os.PathLike, caption_column: str | None = None) -> CaptionRows:
+    """(image file, caption, other columns) rows of the Hugging Face imagefolder metadata.jsonl/csv files in a folder."""
+    root, rows = Path(images_dir), []
+    for meta in _metadata_files(root):
+        table = _read_table(meta)
+        columns = list(table[0]) if table else []
+        if "file_name" not in columns:
+            raise ValueError(f"{meta} has columns {columns}; an imagefolder metadata file needs a file_name column"
+                             " (image paths relative to its folder)")
+        caption_col = _caption_column(meta, columns, caption_column, METADATA_CAPTION_COLUMNS)
+        if caption_col is None:
+            raise ValueError(f"{meta} has columns {columns} but no caption column (text|caption);"
+                             " pass --caption-column NAME")
+        extra = [c for c in columns if c not in ("file_name", caption_col)]
+        for number, r in enumerate(table, 1):
+            image = meta.parent / str(r.get("file_name"))
+            if not image.is_file():
+                raise FileNotFoundError(f"image not found: {image} (row {number} of {meta}); file_name is relative to"
+                                        " the metadata file's folder: fix the name or drop the row")
+            rows.append((os.path.relpath(image, root), str(r.get(caption_col) or ""), {c: r.get(c) for c in extra}))
+    return rows
+
+
+def read_sidecar_captions(images_dir: str | os.PathLike) -> CaptionRows:
+    """(image file, caption, {}) rows from the IMAGE.txt caption beside each image in a folder (kohya layout)."""
+    root, rows = Path(images_dir), []
+    for image in _images(root):
+        text = image.with_suffix(".txt")
+        if text.is_file():
+            try:
+                rows.append((str(image.relative_to(root)), text.read_text(encoding="utf-8-sig").strip(), {}))
+            except UnicodeDecodeError as exn:
+                raise ValueError(f"caption file is not UTF-8: {text} ({exn.reason}); re-save it as UTF-8") from None
+    return rows
+
+
+def _caption_rows(root: Path, captions_file: str | os.PathLike | None, caption_column: str | None) -> tuple:
+    """Rows from --captions, else the folder's imagefolder metadata, else sidecar .txt; with their source and fix."""
+    if captions_file is not None:
+        return read_captions(captions_file, caption_column), str(captions_file), "add rows for them"
+    if _metadata_files(root):
+        return read_imagefolder(root, caption_column), "its metadata.jsonl/csv", "add file_name rows for them"
+    if caption_column is not None:
+        raise ValueError(f"--caption-column {caption_column} given but {root} has no metadata.jsonl/csv"
+                         " and no --captions file; drop it or add one")
+    return read_sidecar_captions(root), "sidecar .txt files", "add IMAGE.txt captions beside them, give --captions FILE"
+
+
+def _images(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and p.is_file())
+
+
 def from_folder(
     images_dir: str | os.PathLike,
-    captions_file: str | os.PathLike,
+    captions_file: str | os.PathLike | None,
     out_dir: str | os.PathLike,
     resize: int | None = None,
     samples_per_shard: int = 1000,
     val_fraction: float = 0.0,
     empty_captions: bool = False,
+    caption_column: str | None = None,
 ) -> dict:
-    """Turn a folder of images plus a CSV/JSONL of captions into train (and val) shards; returns url patterns.
+    """Turn a folder of images plus captions into train (and val) shards; returns url patterns.
 
+    Captions come from `captions_file` (CSV/JSONL) when given, else from Hugging Face imagefolder metadata.jsonl/csv
+    files in the folder, else from IMAGE.txt files beside the images; `caption_column` overrides the caption column.
     Images are stored as they are unless `resize` is given (shorter side to `resize`, re-encoded in their format).
     The val split takes the samples whose key hashes into `val_fraction`, so it is stable when images are added.
     """
     root = Path(images_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root} (from --images)")
-    rows = read_captions(captions_file)
+    rows, source, fix = _caption_rows(root, captions_file, caption_column)
     captions = {}
     for number, (name, caption, extra) in enumerate(rows, 1):
         if not (root / name).is_file():
             raise FileNotFoundError(
-                f"image not found: {root / name} (row {number} of {captions_file}); fix the name or drop the row"
+                f"image not found: {root / name} (row {number} of {source}); fix the name or drop the row"
             )
         captions[(root / name).resolve()] = (caption, extra)
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+    images = _images(root)
     missing = [p for p in images if p.resolve() not in captions]
     if missing and not empty_captions:
         raise ValueError(
-            f"{len(missing)} images in {root} have no caption in {captions_file} (first: {missing[0].relative_to(root)});"
-            " add rows for them, or pass --empty-captions to store them with empty captions"
+            f"{len(missing)} images in {root} have no caption in {source} (first: {missing[0].relative_to(root)});"
+            f" {fix}, or pass --empty-captions to store them with empty captions"
         )
     samples = {"train": [], "val": []}
     for path in images:

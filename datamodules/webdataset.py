@@ -24,6 +24,21 @@ from datamodules.shards import count_samples, expand_urls, is_local
 from datamodules.stream import StreamConfig, Transform
 
 
+def existing_shards(urls: str | list[str], name: str) -> list[str]:
+    """The shard URLs of `--data.NAME`, or one line naming the first local shard that is missing (checked before a run
+    starts, so a typo in a brace pattern costs no run directory)."""
+    expanded = expand_urls(urls)
+    if not expanded:
+        raise ValueError(f"no shards in --data.{name}={urls!r}; give a path or brace pattern")
+    for url in expanded:
+        if is_local(url) and not os.path.isfile(url):
+            raise FileNotFoundError(
+                f"shard not found: {url} (from --data.{name}); check the path and brace pattern,"
+                " or write shards with `genart shards`"
+            )
+    return expanded
+
+
 class TextImageDataModule(L.LightningDataModule):
     """Text-image WebDataset shards -> batches of {image, caption, key} for training and validation."""
 
@@ -81,16 +96,7 @@ class TextImageDataModule(L.LightningDataModule):
         return rank_world()
 
     def _urls(self, name: str) -> list[str]:
-        urls = expand_urls(getattr(self.hparams, name))
-        if not urls:
-            raise ValueError(f"no shards in --data.{name}={getattr(self.hparams, name)!r}; give a path or brace pattern")
-        for url in urls:
-            if is_local(url) and not os.path.isfile(url):
-                raise FileNotFoundError(
-                    f"shard not found: {url} (from --data.{name}); check the path and brace pattern,"
-                    " or write shards with `genart shards`"
-                )
-        return urls
+        return existing_shards(getattr(self.hparams, name), name)
 
     def _loader(self, name: str, stage: str, batch_size: int) -> ShardLoader:
         hp = self.hparams

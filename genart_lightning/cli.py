@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -61,15 +63,33 @@ def lightning_cli(args: list[str] | None) -> None:
     from genart_lightning.models.base import GenerativeModel
     from genart_lightning.run.lightning_cli import GenartCLI
 
-    GenartCLI(
-        GenerativeModel,
-        TextImageDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    try:
+        GenartCLI(
+            GenerativeModel,
+            TextImageDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": False},
+            args=args,
+        )
+    except argparse.ArgumentError as err:  # jsonargparse's: usage and a nested report, 90 lines for one typo
+        print(f"error: {condense_config_error(str(err))}", file=sys.stderr)
+        raise SystemExit(2) from None
     release_process_group()
+
+
+def condense_config_error(message: str) -> str:
+    """jsonargparse's nested validation report as one line: the key, the class, the innermost problem, the fix."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    key = re.match(r'Parser key "([^"]+)"', lines[0]) if lines else None
+    problems = [i for i, line in enumerate(lines) if line.startswith("- Problem with given class_path")]
+    if key and problems:
+        cls = re.search(r"'([^']+)'", lines[problems[0]])
+        detail = lines[problems[0] + 1] if problems[0] + 1 < len(lines) else ""
+        return (f"config key {key.group(1)} ({cls.group(1) if cls else 'class'}): {detail.rstrip('.')}; "
+                f"check the spelling against `genart fit --help` (or --{key.group(1)}.help CLASS)")
+    return " ".join(lines[:2]) + ("" if len(lines) <= 2 else " (more with --debug)")
 
 
 def release_process_group() -> None:
@@ -115,5 +135,34 @@ def main(argv: list[str] | None = None) -> None:
     args.func(args)
 
 
+def entry(argv: list[str] | None = None) -> None:
+    """The `genart` console script: `main`, with a user's mistake as one line on stderr and exit code 2.
+
+    `--debug` (anywhere) or GENART_DEBUG=1 shows the traceback instead.
+    """
+    from genart_lightning import UserError
+
+    from_command_line = argv is None
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("GENART_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    if from_command_line:
+        sys.argv[1:] = argv  # LightningCLI reads sys.argv itself (it warns when given the same arguments twice)
+    run = lambda: main(None if from_command_line else argv)  # noqa: E731
+    if debug:
+        run()
+        return
+    try:
+        run()
+    except SystemExit as exit_:
+        if isinstance(exit_.code, str):  # commands raise SystemExit("error: ...") for the mistakes they check
+            print(exit_.code if exit_.code.startswith("error:") else f"error: {exit_.code}", file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
+    except (UserError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err} (traceback: --debug)", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    main()
+    entry()

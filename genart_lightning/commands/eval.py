@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+from genart_lightning.commands import require_checkpoint
+
 TABLE_COLUMNS = ("guidance", "fid", "kid", "clip_score", "attribute_accuracy", "psnr", "ssim")
 
 
@@ -55,6 +57,8 @@ def _init_distributed(device: str) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.ckpt:
+        require_checkpoint(args.ckpt)
     from genart_lightning.metrics.features import WeightsMissingError
     from genart_lightning.nn.text_encoder import WeightsNotFoundError
 
@@ -67,6 +71,7 @@ def run(args: argparse.Namespace) -> None:
 def evaluate_checkpoint(args: argparse.Namespace) -> None:
     """Evaluate at each guidance scale, write metrics.json (+ table and plot for a sweep) on rank 0."""
     from datamodules.distributed import rank_world
+    from genart_lightning.commands.sample import check_sampler_name
     from genart_lightning.metrics.evaluator import Evaluator
     from genart_lightning.metrics.image_folder import ImageFolder
     from genart_lightning.models.loading import load_model
@@ -82,6 +87,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
         if rank_world()[0] == 0:
             write_results(results, Path(args.out))
         return
+    check_sampler_name(args.sampler)
     model = load_model(args.ckpt, map_location="cpu").to(device)
     evaluator = Evaluator(
         args.data, args.num_samples, args.fid_features, fid_weights=args.fid_weights, prompts=args.prompts,

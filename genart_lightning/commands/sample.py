@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from genart_lightning.commands import require_checkpoint
+
 SAMPLING_OPTIONS = [
     ("steps", int, "number of sampling steps"),
     ("sampler", str, "sampler name, e.g. ddpm, ddim, dpmpp_2m"),
@@ -56,7 +58,19 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def check_sampler_name(name: str | None) -> None:
+    """A wrong --sampler is one line listing the samplers, before the checkpoint loads."""
+    from genart_lightning.diffusion.samplers import check_sampler
+
+    if name is not None:
+        try:
+            check_sampler(name)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
+
+
 def run(args: argparse.Namespace) -> None:
+    require_checkpoint(args.ckpt)
     import torch
     from tqdm import tqdm
 
@@ -68,6 +82,7 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --num {args.num} and --batch-size {args.batch_size} must be >= 1")
     prompts = (args.prompt or []) + (read_prompts(args.prompts_file) if args.prompts_file else [])
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    check_sampler_name(args.sampler)
     model = load_model(args.ckpt, map_location=device).to(device)
     if prompts and not model.conditional:
         raise SystemExit(f"error: {type(model).__name__} is unconditional; drop --prompt / --prompts-file")

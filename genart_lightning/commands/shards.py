@@ -19,14 +19,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     shapes.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     shapes.set_defaults(func=run_shapes)
 
-    folder = sub.add_parser("from-folder", help="your images + a CSV/JSONL of captions -> shards")
+    folder = sub.add_parser("from-folder", help="your images + captions (CSV/JSONL, HF imagefolder, .txt) -> shards")
     folder.add_argument("--images", required=True, help="folder of .jpg/.jpeg/.png/.webp images (searched recursively)")
-    folder.add_argument("--captions", required=True, help="CSV with header file,caption or JSONL {file, caption}")
+    folder.add_argument("--captions", default=None,
+                        help="CSV with header file,caption or JSONL {file, caption}; without it: the folder's Hugging Face"
+                             " imagefolder metadata.jsonl/csv (file_name + text), else IMAGE.txt beside each image")
+    folder.add_argument("--caption-column", default=None,
+                        help="caption column of the metadata or --captions file (default: text, else caption;"
+                             " in a --captions file: caption, else text)")
     folder.add_argument("--out", required=True, help="output directory")
     folder.add_argument("--resize", type=int, default=None, help="resize the shorter side to this many pixels")
     folder.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     folder.add_argument("--val-fraction", type=float, default=0.0, help="share of samples in a val split (default 0)")
-    folder.add_argument("--empty-captions", action="store_true", help="keep images the captions file does not list")
+    folder.add_argument("--empty-captions", action="store_true", help="keep images that have no caption")
     folder.set_defaults(func=run_from_folder)
 
     info = sub.add_parser("info", help="sample count, image sizes, caption lengths, unreadable entries")
@@ -64,7 +69,7 @@ def run_from_folder(args: argparse.Namespace) -> None:
 
     try:
         result = from_folder(args.images, args.captions, args.out, args.resize, args.shard_size, args.val_fraction,
-                             args.empty_captions)
+                             args.empty_captions, args.caption_column)
     except (OSError, ValueError) as exn:
         raise _fail(exn) from None
     _print_urls(result)

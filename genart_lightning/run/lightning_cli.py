@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from jsonargparse import Namespace
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from datamodules.webdataset import existing_shards
+from genart_lightning import UserError
 from genart_lightning.callbacks.log_run_record import LogRunRecord
 from genart_lightning.callbacks.preemption import Preemption
 from genart_lightning.callbacks.rank_state import RankState
@@ -17,6 +22,18 @@ from genart_lightning.callbacks.throughput import Throughput
 from genart_lightning.run.checkpoint_io import AtomicCheckpointIO
 from genart_lightning.run.provenance import RunRecord
 from genart_lightning.run.resume import RESUME_MODES, apply_resume
+
+
+def check_inputs(config: Namespace) -> None:
+    """The shards and checkpoint a run reads exist (one line naming the first that does not), before anything is built."""
+    data = config.get("data") or {}
+    for name in ("train_urls", "val_urls"):
+        urls = data.get("init_args", {}).get(name) if isinstance(data, dict | Namespace) else None
+        if urls:
+            existing_shards(urls, name)
+    ckpt = config.get("ckpt_path")
+    if ckpt and ckpt not in ("last", "best", "hpc", "registry") and not Path(ckpt).is_file():
+        raise UserError(f"checkpoint not found: {ckpt} (from --ckpt_path); pass a .ckpt written by `genart fit`")
 
 
 class GenartCLI(LightningCLI):
@@ -44,6 +61,12 @@ class GenartCLI(LightningCLI):
             "--resume", choices=RESUME_MODES, default="auto",
             help="fit: continue from the newest checkpoint in the run's checkpoint dir (auto: inside SLURM jobs only)",
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Lightning's parsing, then the inputs checked: before the seed is set and logged, so a mistake is one line."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        check_inputs(self.config[subcommand] if subcommand else self.config)
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "fit":

@@ -1,0 +1,65 @@
+"""A user's mistake, through the `genart` entry point: exit code 2, one line on stderr naming the thing and the fix,
+no traceback, no run directory left behind; `--debug` shows the traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CKPT = REPO / "tests" / "fixtures" / "legacy" / "PixelDiffusion.ckpt"
+
+
+def genart(*args: str, cwd: Path, debug: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GENART_DEBUG": "1" if debug else ""}
+    return subprocess.run([sys.executable, "-m", "genart_lightning.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def fit_args(tmp_path: Path, *extra: str) -> list[str]:
+    run = tmp_path / "run"
+    return ["fit", "--config", str(REPO / "experiments" / "dcgan_shapes.yaml"), f"--trainer.default_root_dir={run}",
+            f"--trainer.logger.init_args.save_dir={run}", *extra]
+
+
+def one_line(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith("error: ") and "Traceback" not in result.stderr
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_fit_mistakes_are_one_line_and_leave_no_run_dir(tmp_path, shapes_shards):
+    line = one_line(genart(*fit_args(tmp_path, "--data.init_args.train_urls=nowhere/train-{000000..000003}.tar"), cwd=tmp_path))
+    assert "shard not found: nowhere/train-000000.tar (from --data.train_urls)" in line and "brace pattern" in line
+    line = one_line(genart(*fit_args(tmp_path, "--model.init_args.lrr=1"), cwd=tmp_path))
+    assert "model" in line and "'lrr' is not accepted" in line and "genart fit --help" in line
+    data = [f"--data.init_args.train_urls={shapes_shards['train_urls']}", f"--data.init_args.val_urls={shapes_shards['val_urls']}"]
+    line = one_line(genart(*fit_args(tmp_path, *data, "--ckpt_path=missing.ckpt"), cwd=tmp_path))
+    assert "checkpoint not found: missing.ckpt (from --ckpt_path)" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_sample_and_eval_mistakes_are_one_line(tmp_path, shapes_shards):
+    line = one_line(genart("sample", "--ckpt", "runs/none/last.ckpt", cwd=tmp_path))
+    assert "checkpoint not found: runs/none/last.ckpt (from --ckpt)" in line
+    line = one_line(genart("eval", "--ckpt", "none.ckpt", "--data", shapes_shards["val_urls"], cwd=tmp_path))
+    assert "checkpoint not found: none.ckpt" in line
+    line = one_line(genart("sample", "--ckpt", str(CKPT), "--sampler", "eulr", cwd=tmp_path))
+    assert "unknown sampler 'eulr'" in line and "ddim" in line
+    line = one_line(genart("shards", "info", str(tmp_path / "missing-{000000..000001}.tar"), cwd=tmp_path))
+    assert "shard not found" in line
+    assert not (tmp_path / "grid.png").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = genart("sample", "--ckpt", str(CKPT), "--sampler", "eulr", cwd=tmp_path, debug=True)
+    assert result.returncode != 0 and "unknown sampler" in result.stderr
+    result = genart(*fit_args(tmp_path, "--data.init_args.train_urls=nowhere.tar"), "--debug", cwd=tmp_path)
+    assert "Traceback" in result.stderr and "shard not found: nowhere.tar" in result.stderr
