@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import os
@@ -74,9 +75,11 @@ def brace_pattern(paths: list[str]) -> str:
 
 
 def expand_urls(urls: str | list[str]) -> list[str]:
-    """Shard URLs from a brace pattern, a '::'-separated string or a list of either."""
+    """Shard URLs from brace patterns, globs (local paths: `data/val-*.tar`, sorted), '::'-separated strings or a list
+    of any of them. A glob that matches nothing stays as it is, so the missing-shard error names it."""
     items = [urls] if isinstance(urls, str) else list(urls)
-    return [u for item in items for u in wds_expand_urls(item)]
+    expanded = [u for item in items for u in wds_expand_urls(item)]
+    return [m for u in expanded for m in (sorted(glob.glob(u)) if is_local(u) and glob.has_magic(u) else []) or [u]]
 
 
 def is_local(url: str) -> bool:

@@ -95,3 +95,14 @@ def test_cli_shapes_then_info(tmp_path, capsys):
     assert "3 shards, 45 usable samples" in out and "16x16 (45)" in out and "0 unreadable entries" in out
     with pytest.raises(SystemExit, match=r"shard not found: .*train-000008.tar \(2 missing\)"):
         main(["shards", "info", str(tmp_path / "train-{000008..000009}.tar")])
+
+
+def test_globs_expand_like_the_brace_pattern(tmp_path):
+    from datamodules.shards import expand_urls
+
+    for i in range(3):
+        (tmp_path / f"val-{i:06d}.tar").write_bytes(b"")
+    brace = expand_urls(str(tmp_path / "val-{000000..000002}.tar"))
+    assert expand_urls(str(tmp_path / "val-*.tar")) == brace
+    assert expand_urls([str(tmp_path / "val-00000[0-1].tar"), str(tmp_path / "val-000002.tar")]) == brace
+    assert expand_urls(str(tmp_path / "train-*.tar")) == [str(tmp_path / "train-*.tar")]  # named by the missing-shard error
