@@ -46,7 +46,12 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Ge
     if path.suffix == ".safetensors":
         family, hyper_parameters, state_dict = read_export(path, map_location)
     else:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        try:
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as err:  # truncated or corrupt files fail as OSError, RuntimeError, EOFError, pickle errors
+            detail = str(err).splitlines()[0] if str(err) else "no detail"
+            raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt: {type(err).__name__}: {detail}); "
+                             "use an earlier checkpoint of the run") from None
         if FAMILY_KEY not in checkpoint:
             raise ValueError(f"{path} has no '{FAMILY_KEY}' entry: it was not written by a genart family")
         family, hyper_parameters, state_dict = (

@@ -31,11 +31,26 @@ def run_checkpoint_dir(fit_config: Namespace) -> Path:
 
 
 def newest_checkpoint(directory: Path) -> Path | None:
-    """The most recently written of `last*.ckpt` and `preempted.ckpt` (the run's latest training state)."""
+    """The most recently written loadable one of `last*.ckpt` and `preempted.ckpt` (the run's latest training state);
+    an unreadable (truncated, corrupt) newer one is skipped with a line saying so."""
     if not directory.is_dir():
         return None
     candidates = [p for p in directory.glob("*.ckpt") if p.name == PREEMPTED_CKPT or p.name.startswith("last")]
-    return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
+    for ckpt in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
+        problem = unreadable(ckpt)
+        if problem is None:
+            return ckpt
+        print(f"[genart] skipping unreadable checkpoint {ckpt} ({problem}); trying the next newest", file=sys.stderr, flush=True)
+    return None
+
+
+def unreadable(ckpt: Path) -> str | None:
+    """Why a checkpoint cannot be loaded (None: it can); memory-mapped, so the tensors are not read."""
+    try:
+        torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # truncated zips, bad pickles and foreign files all fail differently
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}"
+    return None
 
 
 def should_resume(mode: str) -> bool:
