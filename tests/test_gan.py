@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.webdataset import TextImageDataModule
 from genart_lightning.cli import main as genart_main
-from genart_lightning.models.adversarial import DivergenceError
+from genart_lightning.models.base import DivergenceError
 from genart_lightning.models.gan import DCGAN
 from genart_lightning.models.loading import load_model
 

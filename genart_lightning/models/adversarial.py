@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from datamodules.distributed import rank_world
-from genart_lightning.models.base import GenerativeModel
+from genart_lightning.models.base import DivergenceError, GenerativeModel, check_nonfinite_mode
 from genart_lightning.models.gan_objectives import (
     Loss,
     check_loss,
@@ -32,10 +32,6 @@ from genart_lightning.models.gan_objectives import (
 from genart_lightning.nn.ema import make_ema
 
 COUNTERS_KEY = "adversarial_counters"
-
-
-class DivergenceError(FloatingPointError):
-    """A loss or gradient turned non-finite; the step was not applied."""
 
 
 def average_over_ranks(net: nn.Module, loss: Tensor, buffers_of: Sequence[nn.Module] = ()) -> Tensor:
@@ -95,8 +91,7 @@ class AdversarialModel(GenerativeModel):
         for name, value in (("r1_interval", r1_interval), ("n_critic", n_critic), ("accumulate_grad_batches", accumulate_grad_batches)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value} (from --model.init_args.{name})")
-        if nonfinite not in ("raise", "skip"):
-            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r} (from --model.init_args.nonfinite)")
+        check_nonfinite_mode(nonfinite)
         self.automatic_optimization = False
         self.loss_kind = loss
         self.r1_gamma, self.r1_interval, self.n_critic = r1_gamma, r1_interval, n_critic

@@ -20,6 +20,21 @@ FAMILY_KEY = "genart_family"
 """Checkpoint entry naming the family class, so `genart sample` can rebuild any checkpoint."""
 
 
+NONFINITE_MODES = ("raise", "skip")
+"""What a family does with a non-finite loss: stop with DivergenceError, or skip the step and count it."""
+
+
+class DivergenceError(FloatingPointError):
+    """A loss or gradient turned non-finite; the step was not applied."""
+
+
+def check_nonfinite_mode(mode: str) -> str:
+    """`mode` if it is one of NONFINITE_MODES, else one line with the choices."""
+    if mode not in NONFINITE_MODES:
+        raise ValueError(f"nonfinite must be 'raise' or 'skip', got {mode!r} (from --model.init_args.nonfinite)")
+    return mode
+
+
 @runtime_checkable
 class FirstStage(Protocol):
     """What latent diffusion needs of an autoencoder: scaled latents in, images in [-1, 1] out."""
@@ -81,6 +96,27 @@ class GenerativeModel(L.LightningModule):
         keep = (torch.rand(len(captions)) >= self.hparams.caption_dropout).tolist()
         return [c if k else "" for c, k in zip(captions, keep, strict=True)]
 
+    def skip_nonfinite(self, loss: Tensor, mode: str) -> bool:
+        """For automatic optimization: True when this step must be skipped (return None from training_step).
+
+        Every rank takes part in the decision (a rank with a NaN loss makes all of them skip), so DDP's gradient
+        all-reduce is either run by all ranks or by none; `mode="raise"` stops with DivergenceError instead.
+        Skips are counted in `train/nonfinite_skipped` and kept in checkpoints.
+        """
+        bad = not bool(torch.isfinite(loss.detach()))  # the one host sync of the guard
+        if self._trainer is not None:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            return False
+        message = (f"{type(self).__name__}: non-finite loss ({float(loss):.4g} on this rank) at global_step {self.global_step}; "
+                   "the step was not applied. Lower the learning rate or clip gradients (or set nonfinite='skip')")
+        if mode == "raise":
+            raise DivergenceError(message)
+        self.nonfinite_skips = getattr(self, "nonfinite_skips", 0) + 1
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skips))
+        rank_zero_warn(message)
+        return True
+
     def save_hyperparameters(self, *args: Any, **kwargs: Any) -> None:
         """Lightning's, then deprecated argument names moved to their new ones (see RENAMED_ARGUMENTS)."""
         kwargs.setdefault("frame", inspect.currentframe().f_back)
@@ -116,6 +152,10 @@ class GenerativeModel(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[FAMILY_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+        checkpoint["nonfinite_skips"] = getattr(self, "nonfinite_skips", 0)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite_skips = checkpoint.get("nonfinite_skips", 0)
 
 
 def rank_seed(seed: int, rank: int) -> int:

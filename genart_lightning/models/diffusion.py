@@ -17,7 +17,7 @@ from genart_lightning.diffusion.parameterization import (
 )
 from genart_lightning.diffusion.samplers import check_sampler, run_sampler, x0_denoiser
 from genart_lightning.diffusion.schedules import make_schedule
-from genart_lightning.models.base import GenerativeModel
+from genart_lightning.models.base import GenerativeModel, check_nonfinite_mode
 from genart_lightning.nn.ema import make_ema
 from genart_lightning.nn.text_encoder import FrozenTextEncoder
 from genart_lightning.nn.unet import UNet
@@ -70,9 +70,11 @@ class DiffusionModel(GenerativeModel):
         gradient_checkpointing: bool = False,
         compile: bool = False,
         channels_last: bool = False,
+        nonfinite: str = "raise",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # also collects the subclass's own arguments
+        check_nonfinite_mode(nonfinite)
         check_prediction(prediction)
         if zero_terminal_snr and prediction == "eps":
             raise ValueError("zero_terminal_snr=True cannot be used with prediction='eps' (x0 = (x - eps)/0 at the last step); use prediction='v'")
@@ -154,6 +156,8 @@ class DiffusionModel(GenerativeModel):
         noise = torch.randn_like(x0)  # global RNG: seeded per rank in on_fit_start, so ranks differ
         t = torch.randint(0, self.hparams.timesteps, (x0.shape[0],), device=x0.device)
         loss = self.diffusion_loss(x0, noise, t, cond)
+        if self.skip_nonfinite(loss, self.hparams.nonfinite):
+            return None
         self.log("train/loss", loss, prog_bar=True)
         return {"loss": loss, "noise": noise.detach(), "t": t}  # noise and t are for callbacks (per-timestep stats)
 

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from genart_lightning.models.base import GenerativeModel
+from genart_lightning.models.base import GenerativeModel, check_nonfinite_mode
 from genart_lightning.models.grids import images_to_grid, publish_grid
 from genart_lightning.nn.autoencoder import (
     Decoder,
@@ -83,8 +83,10 @@ class VAE(GenerativeModel):
         lr: float = 2e-4,
         latent_scale_decay: float = 0.99,
         num_logged_reconstructions: int = 8,
+        nonfinite: str = "raise",
     ) -> None:
         super().__init__()
+        check_nonfinite_mode(nonfinite)
         if latent not in ("spatial", "flat"):
             raise ValueError(f"VAE latent={latent!r} is not known (--model.init_args.latent); use 'spatial' or 'flat'")
         if recon_loss not in ("l1", "l2"):
@@ -195,6 +197,8 @@ class VAE(GenerativeModel):
         self.log_dict({"train/rec": rec.mean() / pixels, "train/kl": kl.mean() / pixels, "train/beta": beta})
         if self.discriminator is not None:
             loss = loss + self._adversarial_terms(images, recon)
+        if self.skip_nonfinite(loss, self.hparams.nonfinite):
+            return None
         self._track_latent_scale(mean.detach())
         self.log_dict({"train/loss": loss, "train/latent_scale": self._latent_scale}, prog_bar=True)
         return loss
