@@ -185,10 +185,10 @@ def test_each_rank_gets_its_own_rng_streams_and_data_position_back() -> None:
 
 def test_resume_picks_the_newest_checkpoint_and_only_inside_slurm_by_default(tmp_path: Path, monkeypatch) -> None:
     assert newest_checkpoint(tmp_path / "missing") is None
-    (tmp_path / "last.ckpt").write_bytes(b"")
-    (tmp_path / "epoch=0-step=10.ckpt").write_bytes(b"")  # a top-k checkpoint is not a resume point
+    torch.save({}, tmp_path / "last.ckpt")  # loadable: newest_checkpoint skips unreadable files
+    torch.save({}, tmp_path / "epoch=0-step=10.ckpt")  # a top-k checkpoint is not a resume point
     os.utime(tmp_path / "last.ckpt", (1, 1))
-    (tmp_path / PREEMPTED_CKPT).write_bytes(b"")
+    torch.save({}, tmp_path / PREEMPTED_CKPT)
     assert newest_checkpoint(tmp_path).name == PREEMPTED_CKPT
     os.utime(tmp_path / PREEMPTED_CKPT, (0, 0))
     assert newest_checkpoint(tmp_path).name == "last.ckpt"
