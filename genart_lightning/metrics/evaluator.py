@@ -113,6 +113,7 @@ class Evaluator:
         self.cache_dir, self.num_workers = cache_dir, num_workers
         self.progress = progress  # a bar on rank 0 (the CLI); off inside fit, where Lightning's bar runs
         self._setup_for: tuple | None = None
+        self._mode_set = False  # `mode` may be None (no captions), so whether it was set is kept apart
 
     def _setup(self, shape: tuple[int, int, int], device: torch.device, mode: str | None) -> None:
         """Build extractor, FID/KID with the real reference, the suite's accuracy and CLIP once per (resolution, device).
@@ -124,9 +125,9 @@ class Evaluator:
             self.distances = FeatureDistances(self.extractor.num_features, seed=self.seed).to(device)
             self.reference = self._reference(side, device)
             self._setup_for = (channels, side, device)
-        if getattr(self, "mode", "unset") == mode:
+        if self._mode_set and self.mode == mode:
             return
-        self.mode = mode
+        self.mode, self._mode_set = mode, True
         self.attributes = self.suites[mode].accuracy(side).to(device) if mode in self.suites else None
         self.clip = None
         if self.clip_model and mode is not None:

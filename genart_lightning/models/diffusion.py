@@ -191,7 +191,7 @@ class DiffusionModel(GenerativeModel):
         guidance = options.get("guidance")
         return {"sampler": options.get("sampler") or hp.sampler, "steps": options.get("steps") or hp.sample_steps,
                 "guidance": (hp.guidance_scale if guidance is None else guidance) if self.conditional else None,
-                "eta": options.get("eta", 0.0)}
+                "eta": options.get("eta") or 0.0}
 
     @torch.no_grad()
     def sample(
@@ -206,9 +206,8 @@ class DiffusionModel(GenerativeModel):
     ) -> Tensor:
         """Draw n images with the EMA U-Net; unset options fall back to the config (sampler, sample_steps, guidance_scale)."""
         hp = self.hparams
-        steps = steps or hp.sample_steps
-        sampler = sampler or hp.sampler
-        guidance = hp.guidance_scale if guidance is None else guidance
+        settings = self.sampling_settings({"steps": steps, "sampler": sampler, "guidance": guidance, "eta": eta})
+        steps, sampler, guidance = settings["steps"], settings["sampler"], settings["guidance"]
         if captions is not None and len(captions) != n:
             raise ValueError(f"got {len(captions)} captions for {n} samples; pass one caption per sample")
         net = self.ema.module
