@@ -58,8 +58,10 @@ def test_latent_diffusion_fits_through_the_cli_on_a_cli_trained_vae(shapes_shard
     ldm_config = {**vae_config, "trainer": {**vae_config["trainer"], "default_root_dir": str(tmp_path / "ldm")}}
     ldm_config["model"] = {
         "class_path": "genart_lightning.models.latent_diffusion.LatentDiffusion",
-        "init_args": {"first_stage_ckpt": str(vae_ckpt), "image_size": 16, "base_channels": 8, "channel_mult": [1],
-                      "num_res_blocks": 1, "attention_levels": [0], "head_channels": 8, "sample_steps": 2},
+        "init_args": {"first_stage_ckpt": str(vae_ckpt), "image_size": 16, "sample_steps": 2,
+                      "backbone": {"class_path": "genart_lightning.nn.unet.UNetBackbone",
+                                   "init_args": {"base_channels": 8, "channel_mult": [1], "num_res_blocks": 1,
+                                                 "attention_levels": [0], "head_channels": 8}}},
     }
     (tmp_path / "ldm.yaml").write_text(yaml.safe_dump(ldm_config))
     genart("fit", "--config", str(tmp_path / "ldm.yaml"), "--trainer.logger=false", cwd=tmp_path)

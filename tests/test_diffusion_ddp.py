@@ -11,10 +11,12 @@ from datamodules.webdataset import TextImageDataModule
 from genart_lightning.models.diffusion import PixelDiffusion
 from genart_lightning.models.latent_diffusion import LatentDiffusion
 from genart_lightning.models.vae import VAE
+from genart_lightning.nn.unet import UNetBackbone
 
 pytestmark = pytest.mark.slow
 
-TINY = dict(image_size=16, base_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], head_channels=16)
+UNET = dict(base_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], head_channels=16)
+TINY = dict(image_size=16, backbone=UNetBackbone(**UNET))
 
 
 class RankProbe(L.Callback):
@@ -26,7 +28,7 @@ class RankProbe(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self.first is None:
-            self.first = pl_module.all_gather(torch.cat([outputs["noise"].flatten()[:64], outputs["t"].float()]))
+            self.first = pl_module.all_gather(torch.cat([outputs["noise"].flatten()[:64], outputs["u"].float()]))
 
     def on_train_end(self, trainer, pl_module) -> None:
         ema = torch.cat([p.detach().flatten() for p in pl_module.ema.module.parameters()])
@@ -79,6 +81,6 @@ def test_latent_diffusion_ddp_fit(shapes_shards_16px: dict, tmp_path) -> None:
     data = TextImageDataModule(shapes_shards_16px["train_urls"], batch_size=8, num_workers=0, image_size=16)
     vae_trainer.fit(VAE(image_size=16, base_channels=16, channel_mults=[1, 2]), data)
     vae_trainer.save_checkpoint(vae_path)
-    latent_tiny = {**TINY, "channel_mult": [1], "attention_levels": [0]}  # 8 x 8 latents
+    latent_tiny = {"image_size": 16, "backbone": UNetBackbone(**{**UNET, "channel_mult": [1], "attention_levels": [0]})}  # 8 x 8 latents
     model = LatentDiffusion(first_stage_ckpt=str(vae_path), ema_decay=0.9, **latent_tiny)
     _assert_ranks_differ_and_agree(_fit_ddp(model, shapes_shards_16px, tmp_path))

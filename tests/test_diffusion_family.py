@@ -13,14 +13,17 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from datamodules.synthetic import COLOURS, caption_with_colour, dominant_shape_colour
 from datamodules.webdataset import TextImageDataModule
 from genart_lightning.cli import main as genart
+from genart_lightning.diffusion.vp import VP
 from genart_lightning.models.diffusion import PixelDiffusion
 from genart_lightning.models.grids import save_grid
 from genart_lightning.models.latent_diffusion import LatentDiffusion
 from genart_lightning.models.loading import load_model
 from genart_lightning.models.vae import VAE
+from genart_lightning.nn.unet import UNetBackbone
 
 TRAIN_STEPS = 600
-TINY = dict(image_size=16, base_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], head_channels=16)
+UNET = dict(base_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], head_channels=16)
+TINY = dict(image_size=16, backbone=UNetBackbone(**UNET))
 
 
 def _data(shards: dict, batch_size: int = 32) -> TextImageDataModule:
@@ -49,7 +52,7 @@ def trained(shapes_shards_16px: dict, tmp_path_factory: pytest.TempPathFactory) 
     root = tmp_path_factory.mktemp("ddpm")
     L.seed_everything(0)
     data = _data(shapes_shards_16px)
-    model = PixelDiffusion(**TINY, prediction="v", lr=3e-3, warmup_steps=20, ema_decay=0.99, sample_steps=20)
+    model = PixelDiffusion(**TINY, process=VP(prediction="v"), lr=3e-3, warmup_steps=20, ema_decay=0.99, sample_steps=20)
     checkpoint = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=TRAIN_STEPS)
     trainer = _trainer(root, TRAIN_STEPS, callbacks=[checkpoint])
     before = trainer.validate(model, data, verbose=False)[0]["val/loss"]
@@ -94,8 +97,8 @@ def test_sampling_is_reproducible_uses_ema_and_survives_the_checkpoint(trained: 
     assert not any(k.startswith("text_encoder.") for k in checkpoint["state_dict"])  # frozen encoder rebuilt from its name
     loaded = load_model(trained["ckpt"])
     torch.testing.assert_close(loaded.sample(4, prompts, seed=3, steps=8, sampler="ddim"), first)
-    with torch.no_grad():  # sample() reads the EMA copy only: wrecking the raw U-Net changes nothing
-        for p in loaded.unet.parameters():
+    with torch.no_grad():  # sample() reads the EMA copy only: wrecking the raw backbone changes nothing
+        for p in loaded.backbone.parameters():
             p.zero_()
     torch.testing.assert_close(loaded.sample(4, prompts, seed=3, steps=8, sampler="ddim"), first)
 
@@ -111,24 +114,26 @@ def test_genart_sample_command_writes_a_guided_grid(trained: dict, tmp_path, cap
 
 def test_bad_settings_fail_with_one_clear_line() -> None:
     with pytest.raises(ValueError, match="zero_terminal_snr=True cannot be used with prediction='eps'"):
-        PixelDiffusion(**TINY, zero_terminal_snr=True, prediction="eps")
+        PixelDiffusion(**TINY, process=VP(zero_terminal_snr=True, prediction="eps"))
     with pytest.raises(ValueError, match="unknown prediction 'noise'"):
-        PixelDiffusion(**TINY, prediction="noise")
+        PixelDiffusion(**TINY, process={"class_path": "genart_lightning.diffusion.vp.VP", "init_args": {"prediction": "noise"}})
     with pytest.raises(ValueError, match="LatentDiffusion needs first_stage_ckpt"):
         LatentDiffusion(**TINY)
 
 
 def test_attention_block_defaults_by_conditioning_and_is_recorded_for_reloading() -> None:
-    conditional, unconditional = PixelDiffusion(**TINY), PixelDiffusion(**TINY, text_encoder=None)
-    assert conditional.hparams.attention_block == "transformer" and unconditional.hparams.attention_block == "plain"
-    chosen = PixelDiffusion(**TINY, text_encoder=None, attention_block="transformer")
+    conditional = PixelDiffusion(image_size=16, backbone=UNetBackbone(**UNET))
+    unconditional = PixelDiffusion(image_size=16, backbone=UNetBackbone(**UNET), text_encoder=None)
+    kind = lambda model: model.hparams.backbone["init_args"]["attention_block"]  # noqa: E731
+    assert kind(conditional) == "transformer" and kind(unconditional) == "plain"
+    chosen = PixelDiffusion(image_size=16, backbone=UNetBackbone(**UNET, attention_block="transformer"), text_encoder=None)
     PixelDiffusion(**dict(chosen.hparams)).load_state_dict(chosen.state_dict())  # the recorded kind rebuilds the same net
     with pytest.raises(RuntimeError, match="Missing key"):
         unconditional.load_state_dict(chosen.state_dict())
 
 
 def test_unconditional_family_without_text_encoder(shapes_shards_16px: dict, tmp_path) -> None:
-    model = PixelDiffusion(**TINY, text_encoder=None, prediction="x0", schedule="linear", min_snr_gamma=None)
+    model = PixelDiffusion(**TINY, text_encoder=None, process=VP(prediction="x0", schedule="linear", min_snr_gamma=None))
     assert not model.conditional
     _trainer(tmp_path, 2).fit(model, _data(shapes_shards_16px, batch_size=8))
     images = model.sample(2, seed=0, steps=3, sampler="ddpm")
@@ -146,8 +151,9 @@ def test_latent_diffusion_trains_on_scaled_latents_and_is_self_contained(shapes_
     vae = load_model(vae_path)
     assert vae.scaling != 1.0  # a trained first stage with a real scale factor
 
-    model = LatentDiffusion(first_stage_ckpt=str(vae_path), **{**TINY, "channel_mult": [1], "attention_levels": [0]},
-                            prediction="v", zero_terminal_snr=True, ema_decay=0.9)
+    model = LatentDiffusion(first_stage_ckpt=str(vae_path), image_size=16,
+                            backbone=UNetBackbone(**{**UNET, "channel_mult": [1], "attention_levels": [0]}),
+                            process=VP(prediction="v", zero_terminal_snr=True), ema_decay=0.9)
     images = next(iter(data.val_dataloader()))["image"][:4]
     torch.testing.assert_close(model.to_diffusion_space(images), vae.encode(images))  # latents include the scale
     assert model.diffusion_shape() == vae.latent_shape(16) == (4, 8, 8)

@@ -1,10 +1,14 @@
-"""Schedules, parameterizations, samplers and guidance checked against closed forms, without any training."""
+"""Processes, parameterizations, samplers and guidance checked against closed forms, without any training."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
+from genart_lightning.diffusion.edm import EDM
+from genart_lightning.diffusion.flow import Flow, shift_time
 from genart_lightning.diffusion.guidance import classifier_free_guidance
 from genart_lightning.diffusion.parameterization import (
     PREDICTIONS,
@@ -14,29 +18,53 @@ from genart_lightning.diffusion.parameterization import (
     to_x0,
     training_target,
 )
-from genart_lightning.diffusion.samplers import SAMPLERS, run_sampler, sample_ddim, sample_ddpm, x0_denoiser
+from genart_lightning.diffusion.process import Process
+from genart_lightning.diffusion.samplers import SAMPLERS, NoiseGrid, check_sampler, sample_ddim, sample_ddpm
 from genart_lightning.diffusion.schedules import make_schedule, snr
+from genart_lightning.diffusion.vp import VP
 
 SCHEDULES = [("linear", False), ("cosine", False), ("cosine", True), ("scaled_linear", True)]
 
 
-def _combos():
+def _vp_processes():
     for name, zts in SCHEDULES:
         for prediction in PREDICTIONS:
-            if not (zts and prediction == "eps"):  # eps cannot express x0 at SNR 0; the family refuses it
-                yield name, zts, prediction
+            if not (zts and prediction == "eps"):  # eps cannot express x0 at SNR 0; the process refuses it
+                yield VP(schedule=name, zero_terminal_snr=zts, prediction=prediction)
 
 
-def oracle(alphas_cumprod: torch.Tensor, prediction: str, x0_of):
-    """Network that returns the exact eps / v / x0 given the true clean-data estimate x0_of(x_t, alpha_bar)."""
+PROCESSES = [*_vp_processes(), EDM(), Flow(shift=3.0), Flow(density="uniform")]
 
-    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a = alphas_cumprod[t].view(-1, *[1] * (x.dim() - 1))
-        x0 = x0_of(x, a)
-        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
-        return training_target(x0, eps, alphas_cumprod[t], prediction)
 
-    return model
+def _id(p: Process) -> str:
+    return f"{p.name}-" + "-".join(f"{v}" for v in vars(p).values() if isinstance(v, str | bool | float | int))
+
+
+def ideal_net(process: Process, grid: NoiseGrid, x0_of):
+    """The network a process wants, given the true clean-data estimate `x0_of(x, level)`: it reads its level back
+    from the time input (looked up in the grid) and returns the process's own training target there."""
+    levels = [grid[i] for i in range(grid.steps)]
+
+    def net(x_in: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        level = min(levels, key=lambda lv: abs(lv.time - float(time[0])))  # the network gets time in float32
+        if isinstance(process, EDM):
+            c_skip, c_out, c_in, _ = (float(c) for c in process.preconditioning(torch.tensor(level.sigma, dtype=torch.float64)))
+            x = x_in / c_in
+            return (x0_of(x, level) - c_skip * x) / c_out
+        x0 = x0_of(x_in, level)
+        eps = (x_in - level.alpha * x0) / level.sigma
+        if isinstance(process, Flow):
+            return eps - x0
+        return training_target(x0, eps, torch.tensor(level.alpha**2, dtype=x_in.dtype), process.prediction)
+
+    return net
+
+
+def run(process: Process, sampler: str, steps: int, noise: torch.Tensor, x0_of, eta: float = 0.0, generator=None):
+    """Sample with the process's own grid and denoiser over the ideal network."""
+    grid = process.grid(sampler, steps, tuple(noise.shape[1:]))
+    denoise = process.denoiser(ideal_net(process, grid, x0_of))
+    return check_sampler(sampler)(denoise, noise * process.initial_noise_scale(grid), grid, eta=eta, generator=generator)
 
 
 def test_schedules_are_decreasing_and_zero_terminal_snr_rescales():
@@ -71,72 +99,130 @@ def test_min_snr_weight_is_the_same_x0_space_weight_for_every_prediction():
     assert (min_snr_weight(alpha_bar, "v", None) == 1).all()
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
-@pytest.mark.parametrize(("schedule", "zts", "prediction"), list(_combos()))
-def test_every_sampler_recovers_a_single_point_dataset(sampler, schedule, zts, prediction):
-    """With a one-point dataset the exact model predicts that point; any correct sampler must land on it."""
-    ac = make_schedule(schedule, 1000, zts)
+@pytest.mark.parametrize("process", PROCESSES, ids=_id)
+def test_every_sampler_of_every_process_recovers_a_single_point_dataset(process):
+    """With a one-point dataset the ideal network predicts that point; any correct sampler must land on it."""
     point = torch.linspace(-0.9, 0.9, 2 * 3 * 4 * 4, dtype=torch.float64).reshape(2, 3, 4, 4)
-    model = oracle(ac, prediction, lambda x, a: point.expand_as(x))
-    g = torch.Generator().manual_seed(1)
-    noise = torch.randn(point.shape, generator=g, dtype=torch.float64)
-    for steps in (1, 7, 50):
-        out = run_sampler(sampler, x0_denoiser(model, ac, prediction), noise, ac, steps, eta=0.5, generator=g)
-        torch.testing.assert_close(out, point, atol=1e-6, rtol=0)
+    noise = torch.randn(point.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for sampler in process.samplers:
+        for steps in (1, 7, 30):
+            out = run(process, sampler, steps, noise, lambda x, level: point.expand_as(x), eta=0.5,
+                      generator=torch.Generator().manual_seed(2))
+            torch.testing.assert_close(out, point, atol=1e-6, rtol=0, msg=f"{sampler}, {steps} steps")
 
 
-def _gaussian_data(mu: float, s: float):
-    """Exact E[x0 | x_t] for data ~ N(mu, s^2): the best possible denoiser, known in closed form."""
-    return lambda x, a: mu + a.sqrt() * s**2 / (a * s**2 + 1 - a) * (x - a.sqrt() * mu)
+def _gaussian(mu: float, s: float):
+    """Exact E[x0 | x] for data ~ N(mu, s^2) at x = alpha x0 + sigma eps: the best possible denoiser."""
+    return lambda x, lv: mu + lv.alpha * s**2 / (lv.alpha**2 * s**2 + lv.sigma**2) * (x - lv.alpha * mu)
 
 
-@pytest.mark.parametrize("prediction", PREDICTIONS)
-def test_ode_samplers_converge_to_the_exact_flow_at_their_order(prediction):
-    """Gaussian data: the probability-flow ODE is an affine map; DDIM converges at order 1, DPM-Solver++(2M) at 2."""
+ORDERS = [(VP(prediction="v"), "ddim", 1), (VP(prediction="eps"), "euler", 1), (VP(prediction="v"), "dpmpp_2m", 2),
+          (VP(prediction="eps"), "heun", 2), (EDM(), "euler", 1), (EDM(), "heun", 2), (EDM(), "dpmpp_2m", 2),
+          (Flow(shift=3.0), "euler", 1), (Flow(shift=3.0), "heun", 2)]
+
+
+@pytest.mark.parametrize(("process", "sampler", "order"), ORDERS, ids=lambda v: v if isinstance(v, str) else None)
+def test_ode_samplers_converge_to_the_exact_flow_at_their_order(process, sampler, order):
+    """Gaussian data: the probability-flow ODE keeps (x - alpha mu) / sqrt(alpha^2 s^2 + sigma^2) constant, so the
+    exact end point is known; doubling the steps must cut the error by 2 (first order) or 4 (second order)."""
     mu, s = 0.7, 0.3
-    ac = make_schedule("cosine", 1000)
-    denoise = x0_denoiser(oracle(ac, prediction, _gaussian_data(mu, s)), ac, prediction)
     noise = torch.randn(2000, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    a_T = ac[-1]
-    exact = mu + s * (noise - a_T.sqrt() * mu) / (a_T * s**2 + 1 - a_T).sqrt()
-    errors = {
-        name: [float((run_sampler(name, denoise, noise, ac, steps) - exact).abs().max()) for steps in (100, 200)]
-        for name in ("ddim", "dpmpp_2m")
-    }
-    assert errors["ddim"][1] < 0.02 and 1.6 < errors["ddim"][0] / errors["ddim"][1] < 2.5, errors
-    assert errors["dpmpp_2m"][1] < 0.005 and errors["dpmpp_2m"][0] / errors["dpmpp_2m"][1] > 3.0, errors
+    grid = process.grid(sampler, 10, (1, 1, 1))
+    a0, s0 = grid.alpha[0], grid.sigma[0]
+    start = noise * process.initial_noise_scale(grid)
+    exact = mu + s * (start - a0 * mu) / math.sqrt(a0**2 * s**2 + s0**2)
+    errors = [float((run(process, sampler, n, noise, _gaussian(mu, s)) - exact).abs().max()) for n in (100, 200)]
+    ratio = errors[0] / errors[1]
+    if order == 1:
+        assert 1.6 < ratio < 2.6 and errors[1] < 0.05, errors
+    else:
+        assert ratio > 3.0 and errors[1] < 0.005, errors
 
 
 def test_ddpm_reaches_the_data_distribution_and_equals_ddim_eta_one():
     mu, s = -0.4, 0.5
-    ac = make_schedule("linear", 1000)
-    denoise = x0_denoiser(oracle(ac, "eps", _gaussian_data(mu, s)), ac, "eps")
+    process = VP(schedule="linear")
     noise = torch.randn(5000, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    x = sample_ddpm(denoise, noise, ac, 250, generator=torch.Generator().manual_seed(1))
+    grid = process.grid("ddpm", 250, (1, 1, 1))
+    denoise = process.denoiser(ideal_net(process, grid, _gaussian(mu, s)))
+    x = sample_ddpm(denoise, noise, grid, generator=torch.Generator().manual_seed(1))
     # sampling error ~0.007; ancestral sampling with 250 of 1000 steps shrinks the std by ~0.015
     assert abs(float(x.mean()) - mu) < 0.02 and abs(float(x.std()) - s) < 0.03
-    y = sample_ddim(denoise, noise, ac, 250, eta=1.0, generator=torch.Generator().manual_seed(1))
+    y = sample_ddim(denoise, noise, grid, eta=1.0, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(x, y)  # DDIM's eta=1 noise is DDPM's posterior noise (Song et al. 2021)
 
 
 def test_ddim_eta_zero_is_deterministic_and_eta_adds_seeded_noise():
-    ac = make_schedule("cosine", 1000)
-    denoise = x0_denoiser(oracle(ac, "v", _gaussian_data(0.0, 0.5)), ac, "v")
+    process = VP(prediction="v")
+    grid = process.grid("ddim", 20, (3, 4, 4))
+    denoise = process.denoiser(ideal_net(process, grid, _gaussian(0.0, 0.5)))
     noise = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
-    first = sample_ddim(denoise, noise, ac, 20, eta=0.0, generator=torch.Generator().manual_seed(1))
-    second = sample_ddim(denoise, noise, ac, 20, eta=0.0, generator=torch.Generator().manual_seed(2))
+    first = sample_ddim(denoise, noise, grid, eta=0.0, generator=torch.Generator().manual_seed(1))
+    second = sample_ddim(denoise, noise, grid, eta=0.0, generator=torch.Generator().manual_seed(2))
     assert torch.equal(first, second)
-    noisy = [sample_ddim(denoise, noise, ac, 20, eta=1.0, generator=torch.Generator().manual_seed(k)) for k in (1, 1, 2)]
+    noisy = [sample_ddim(denoise, noise, grid, eta=1.0, generator=torch.Generator().manual_seed(k)) for k in (1, 1, 2)]
     assert torch.equal(noisy[0], noisy[1]) and not torch.allclose(noisy[0], noisy[2])
 
 
-def test_sampler_rejects_bad_step_counts_and_names():
-    ac = make_schedule("linear", 100)
-    x = torch.zeros(1, 1, 2, 2)
-    with pytest.raises(ValueError, match="steps=101 is out of range; use 1..100"):
-        run_sampler("ddim", lambda x, t: x, x, ac, 101)
-    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
-        run_sampler("euler", lambda x, t: x, x, ac, 10)
+def test_edm_preconditioning_and_loss_are_the_papers_formulas():
+    edm = EDM(sigma_data=0.5)
+    sigma = torch.tensor([0.002, 0.1, 0.5, 2.0, 80.0], dtype=torch.float64)
+    c_skip, c_out, c_in, c_noise = edm.preconditioning(sigma)
+    torch.testing.assert_close(c_skip, 0.25 / (sigma**2 + 0.25))
+    torch.testing.assert_close(c_out, sigma * 0.5 / (sigma**2 + 0.25).sqrt())
+    torch.testing.assert_close(c_in, 1 / (sigma**2 + 0.25).sqrt())
+    torch.testing.assert_close(c_noise, sigma.log() / 4)
+    # ln sigma ~ N(P_mean, P_std^2): the median quantile is exp(P_mean), one std up is exp(P_mean + P_std)
+    torch.testing.assert_close(edm.training_sigmas(torch.tensor([0.5, 0.841344746])),
+                               torch.tensor([math.exp(-1.2), math.exp(0.0)], dtype=torch.float64), atol=1e-6, rtol=1e-6)
+    # the loss is lambda(sigma) |D - x0|^2 with lambda = (sigma^2 + sd^2) / (sigma sd)^2, for any network
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(5, 2, 3, 3, generator=g, dtype=torch.float64), torch.randn(5, 2, 3, 3, generator=g, dtype=torch.float64)
+    u = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9], dtype=torch.float64)
+    w = torch.randn(2, 3, 3, generator=g, dtype=torch.float64)
+    net = lambda x_in, t: torch.tanh(x_in * w + t.view(-1, 1, 1, 1))  # noqa: E731
+    s = edm.training_sigmas(u).view(-1, 1, 1, 1)
+    x = x0 + s * noise
+    skip, out, cin, cnoise = edm.preconditioning(s)
+    denoised = skip * x + out * net(cin * x, cnoise.flatten())
+    expected = ((s**2 + 0.25) / (s * 0.5) ** 2 * (denoised - x0) ** 2).flatten(1).mean(1)
+    torch.testing.assert_close(edm.loss(net, x0, noise, u), expected.float())  # losses are float32
+
+
+def test_flow_target_times_and_shift_are_rectified_flows():
+    flow = Flow(density="logit_normal", logit_mean=0.0, logit_std=1.0, shift=3.0)
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(shift_time(t, 3.0), 3 * t / (1 + 2 * t))
+    torch.testing.assert_close(flow.training_times(torch.tensor([0.5]), (4, 8, 8)), shift_time(torch.tensor([0.5], dtype=torch.float64), 3.0))
+    assert float(Flow(density="uniform").training_times(torch.tensor([0.3]), (4, 8, 8))) == pytest.approx(0.3)
+    # SD3's resolution-dependent shift: sqrt(HW) / base times the configured shift
+    assert Flow(shift=1.0, shift_base_size=32).effective_shift((4, 64, 64)) == 2.0
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    u = torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)
+    seen = {}
+
+    def net(x_t, time):
+        seen["x_t"], seen["time"] = x_t, time
+        return torch.zeros_like(x_t)
+
+    loss = flow.loss(net, x0, noise, u)
+    tt = flow.training_times(u, (2, 4, 4)).float().view(-1, 1, 1, 1)
+    torch.testing.assert_close(seen["x_t"], (1 - tt) * x0 + tt * noise)  # linear interpolant
+    torch.testing.assert_close(seen["time"], 1000 * tt.flatten())
+    torch.testing.assert_close(loss, ((noise - x0) ** 2).flatten(1).mean(1))  # velocity target eps - x0
+
+
+def test_wrong_sampler_names_list_the_choices_of_the_table_and_of_the_process():
+    with pytest.raises(ValueError, match="unknown sampler 'lms' .* the samplers are ddpm, ddim, dpmpp_2m, euler, heun"):
+        check_sampler("lms")
+    with pytest.raises(ValueError, match="unknown sampler 'ddim' .* the samplers of the flow process are euler, heun"):
+        Flow().grid("ddim", 10, (3, 8, 8))
+    with pytest.raises(ValueError, match="samplers of the vp process are ddim, ddpm, dpmpp_2m$"):
+        VP(zero_terminal_snr=True, prediction="v").check_sampler("heun")  # SNR 0 has no finite Karras sigma
+    with pytest.raises(ValueError, match="steps=1001 is out of range; use 1..1000"):
+        VP().grid("ddim", 1001, (1, 2, 2))
+    assert set(SAMPLERS) == {"ddpm", "ddim", "dpmpp_2m", "euler", "heun"}
 
 
 class CountingNet(torch.nn.Module):

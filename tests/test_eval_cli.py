@@ -55,12 +55,15 @@ def test_guidance_sweep_writes_table_and_plot(shapes_shards, offline_cache, tmp_
     from genart_lightning.models.diffusion import PixelDiffusion
 
     torch.manual_seed(0)
-    model = PixelDiffusion(image_size=32, base_channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1],
-                           head_channels=8, timesteps=100)
-    with torch.no_grad():  # untrained, the U-Net's zero-initialised output ignores text; give guidance something to scale
-        for p in model.unet.parameters():
+    from genart_lightning.diffusion.vp import VP
+    from genart_lightning.nn.unet import UNetBackbone
+
+    unet = UNetBackbone(base_channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], head_channels=8)
+    model = PixelDiffusion(image_size=32, backbone=unet, process=VP(timesteps=100))
+    with torch.no_grad():  # untrained, the backbone's zero-initialised output ignores text; give guidance something to scale
+        for p in model.backbone.parameters():
             p.add_(0.05 * torch.randn_like(p))
-        model.ema.module.load_state_dict(model.unet.state_dict())
+        model.ema.module.load_state_dict(model.backbone.state_dict())
     ckpt = write_checkpoint(model, tmp_path / "diffusion.ckpt")
     out = tmp_path / "sweep.json"
     main(["eval", "--ckpt", ckpt, "--data", shapes_shards["val_urls"], "--num-samples", "16", "--batch-size", "16",

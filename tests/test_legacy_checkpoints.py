@@ -15,6 +15,7 @@ from genart_lightning.cli import moved_class_error
 from genart_lightning.models.cgan import TextConditionalGAN
 from genart_lightning.models.diffusion import PixelDiffusion
 from genart_lightning.models.loading import load_model
+from genart_lightning.nn.unet import UNetBackbone
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy"
 PROMPTS = ["a large red circle in the centre, black background", "a small blue square at the top left, white background"]
@@ -36,7 +37,7 @@ def test_the_fixtures_are_small():
 
 def test_old_argument_names_are_renamed_with_a_deprecation_line():
     with pytest.warns(FutureWarning, match="`cond_drop_prob` is deprecated, write `caption_dropout: 0.3`"):
-        model = PixelDiffusion(image_size=8, base_channels=8, channel_mult=[1], attention_levels=[], head_channels=8,
+        model = PixelDiffusion(image_size=8, backbone=UNetBackbone(base_channels=8, channel_mult=[1], attention_levels=[], head_channels=8),
                                cond_drop_prob=0.3)
     assert model.hparams.caption_dropout == 0.3 and "cond_drop_prob" not in model.hparams
     with pytest.warns(FutureWarning, match="`text_model` is deprecated"):

@@ -11,6 +11,7 @@ from datamodules.webdataset import TextImageDataModule
 from genart_lightning.models.base import DivergenceError
 from genart_lightning.models.diffusion import PixelDiffusion
 from genart_lightning.models.vae import VAE
+from genart_lightning.nn.unet import UNetBackbone
 
 POISONED_BATCH = 1
 
@@ -31,8 +32,8 @@ class PoisonAndWatch(L.Callback):
 
 def family(name: str, nonfinite: str):
     if name == "diffusion":
-        return PixelDiffusion(image_size=16, base_channels=8, channel_mult=[1], attention_levels=[], head_channels=8,
-                              lr=1e-3, nonfinite=nonfinite)
+        return PixelDiffusion(image_size=16, backbone=UNetBackbone(base_channels=8, channel_mult=[1], attention_levels=[],
+                                                                     head_channels=8), lr=1e-3, nonfinite=nonfinite)
     return VAE(image_size=16, base_channels=8, channel_mults=[1, 2], nonfinite=nonfinite, lr=1e-3)
 
 

@@ -1,42 +1,60 @@
-"""Samplers as pure functions: a denoiser callable, starting noise and a schedule in, samples out.
+"""Samplers as pure functions over a grid of noise levels, whatever the process (vp, edm, flow) that made the grid.
 
-Every sampler takes `denoise(x_t, t) -> x0 estimate` (t: long tensor [B] of training steps), so it
-does not care what the network predicts; `x0_denoiser` turns a raw network into one.
+Every process writes its noisy data as x = alpha * x0 + sigma * eps (vp: alpha^2 + sigma^2 = 1; edm: alpha = 1;
+flow: alpha = 1 - t, sigma = t), so one sampler serves all of them: it walks a `NoiseGrid` from pure noise to
+clean data and asks `denoise(x, level) -> x0 estimate` at each level. The process builds the grid (its own
+spacing: trailing timesteps, Karras sigmas, shifted flow times) and the denoiser (its own network preconditioning).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from genart_lightning.diffusion.parameterization import to_x0
 
-Denoiser = Callable[[Tensor, Tensor], Tensor]
+@dataclass(frozen=True)
+class Level:
+    """One noise level: x = alpha * x0 + sigma * eps; `time` is what the process feeds its network there."""
+
+    alpha: float
+    sigma: float
+    time: float
 
 
-def x0_denoiser(model: Callable[[Tensor, Tensor], Tensor], alphas_cumprod: Tensor, prediction: str) -> Denoiser:
-    """Wrap `model(x_t, t) -> eps | v | x0` as a denoiser returning x0."""
-    return lambda x, t: to_x0(model(x, t), x, alphas_cumprod.to(x.device)[t], prediction)
+@dataclass(frozen=True)
+class NoiseGrid:
+    """Levels from pure noise (index 0) to clean data (the last, sigma 0), in the order a sampler walks them.
 
-
-def sampling_timesteps(num_train_steps: int, steps: int) -> list[int]:
-    """`steps` training timesteps from the last (pure noise) down to 0, evenly spaced ("trailing" spacing).
-
-    Starting at the very last step matters for zero-terminal-SNR schedules (Lin et al. 2024).
+    `frame` is the coordinate Heun integrates the probability-flow ODE in: 0 is Karras et al.'s x / alpha over
+    sigma / alpha (EDM, and diffusers' Euler/Heun over a VP model), 1 is the flow's own interpolant time t
+    (x over sigma / (alpha + sigma)). First-order steps are the same in every frame (they are DDIM).
     """
-    if not 1 <= steps <= num_train_steps:
-        raise ValueError(f"steps={steps} is out of range; use 1..{num_train_steps} (the training timesteps)")
-    return torch.linspace(num_train_steps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+
+    alpha: tuple[float, ...]
+    sigma: tuple[float, ...]
+    time: tuple[float, ...]
+    frame: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not len(self.alpha) == len(self.sigma) == len(self.time) >= 2:
+            raise ValueError("a noise grid needs alpha, sigma and time of one length, at least 2 (noise and clean)")
+        if self.sigma[-1] != 0:
+            raise ValueError("a noise grid ends at clean data (sigma 0)")
+
+    @property
+    def steps(self) -> int:
+        return len(self.alpha) - 1
+
+    def __getitem__(self, i: int) -> Level:
+        return Level(self.alpha[i], self.sigma[i], self.time[i])
 
 
-def _levels(alphas_cumprod: Tensor, steps: int) -> list[tuple[int, float, float]]:
-    """(t, alpha_bar_t, alpha_bar_next) per step; the step after t=0 is clean data (alpha_bar = 1)."""
-    ts = sampling_timesteps(len(alphas_cumprod), steps)
-    a = [float(alphas_cumprod[t]) for t in ts] + [1.0]
-    return [(t, a[i], a[i + 1]) for i, t in enumerate(ts)]
+Denoiser = Callable[[Tensor, Level], Tensor]
+"""`denoise(x, level) -> x0 estimate`."""
 
 
 def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -45,107 +63,140 @@ def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
-def _t(x: Tensor, t: int) -> Tensor:
-    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+def _eps(x: Tensor, x0: Tensor, level: Level) -> Tensor:
+    return (x - level.alpha * x0) / level.sigma
 
 
-@torch.no_grad()
-def sample_ddpm(
-    denoise: Denoiser,
-    noise: Tensor,
-    alphas_cumprod: Tensor,
-    steps: int,
-    eta: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Ancestral sampling from the posterior q(x_s | x_t, x0) (Ho et al. 2020), on any subset of steps; `eta` unused."""
-    x = noise
-    for t, a_t, a_s in _levels(alphas_cumprod, steps):
-        x0 = denoise(x, _t(x, t))
-        beta = 1 - a_t / a_s  # noise added between the two kept steps
-        mean = (a_s**0.5 * beta * x0 + (a_t / a_s) ** 0.5 * (1 - a_s) * x) / (1 - a_t)
-        var = beta * (1 - a_s) / (1 - a_t)
-        x = mean + var**0.5 * _randn_like(x, generator) if var > 0 else mean
-    return x
+def _snr(level: Level) -> float:
+    return math.inf if level.sigma == 0 else (level.alpha / level.sigma) ** 2
 
 
 @torch.no_grad()
 def sample_ddim(
-    denoise: Denoiser,
-    noise: Tensor,
-    alphas_cumprod: Tensor,
-    steps: int,
-    eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    denoise: Denoiser, noise: Tensor, grid: NoiseGrid, eta: float = 0.0, generator: torch.Generator | None = None
 ) -> Tensor:
-    """DDIM (Song et al. 2021): eta=0 is the deterministic ODE path, eta=1 matches DDPM's posterior noise."""
+    """DDIM (Song et al. 2021) in alpha/sigma form: eta=0 is the deterministic ODE path, eta=1 is DDPM's posterior.
+
+    The injected noise has variance eta^2 * sigma_s^2 * (1 - SNR_t / SNR_s), the posterior q(x_s | x_t, x0) at eta=1.
+    """
     x = noise
-    for t, a_t, a_s in _levels(alphas_cumprod, steps):
-        x0 = denoise(x, _t(x, t))
-        eps = (x - a_t**0.5 * x0) / (1 - a_t) ** 0.5
-        sigma = eta * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)) ** 0.5
-        x = a_s**0.5 * x0 + max(1 - a_s - sigma**2, 0.0) ** 0.5 * eps
-        if sigma > 0:
-            x = x + sigma * _randn_like(x, generator)
+    for i in range(grid.steps):
+        now, nxt = grid[i], grid[i + 1]
+        x0 = denoise(x, now)
+        eps = _eps(x, x0, now)
+        ratio = _snr(now) / _snr(nxt) if nxt.sigma > 0 else 0.0
+        std = eta * nxt.sigma * max(1.0 - ratio, 0.0) ** 0.5
+        x = nxt.alpha * x0 + max(nxt.sigma**2 - std**2, 0.0) ** 0.5 * eps
+        if std > 0:
+            x = x + std * _randn_like(x, generator)
+    return x
+
+
+@torch.no_grad()
+def sample_ddpm(
+    denoise: Denoiser, noise: Tensor, grid: NoiseGrid, eta: float = 1.0, generator: torch.Generator | None = None
+) -> Tensor:
+    """Ancestral sampling from the posterior q(x_s | x_t, x0) (Ho et al. 2020) on any subset of levels; `eta` unused."""
+    return sample_ddim(denoise, noise, grid, eta=1.0, generator=generator)
+
+
+@torch.no_grad()
+def sample_euler(
+    denoise: Denoiser, noise: Tensor, grid: NoiseGrid, eta: float = 0.0, generator: torch.Generator | None = None
+) -> Tensor:
+    """Euler on the probability-flow ODE (Karras et al. 2022, Alg. 1 without the correction; the flow's Euler).
+
+    In x / alpha over sigma / alpha, and equally in the flow's x over t, one Euler step is exactly DDIM's eta=0
+    step, so this is DDIM on the grid the process chose for Euler (Karras sigmas, shifted flow times).
+    """
+    return sample_ddim(denoise, noise, grid, eta=0.0)
+
+
+@torch.no_grad()
+def sample_heun(
+    denoise: Denoiser, noise: Tensor, grid: NoiseGrid, eta: float = 0.0, generator: torch.Generator | None = None
+) -> Tensor:
+    """Heun's second-order method (Karras et al. 2022, Alg. 1, deterministic) in the grid's frame.
+
+    Frame k: z = x / (alpha + k sigma) at time tau = sigma / (alpha + k sigma), with dz/dtau = eps - k x0.
+    The step to clean data is Euler (the derivative there is 0/0), so N steps cost 2N - 1 network calls.
+    """
+    k = grid.frame
+    x = noise
+    for i in range(grid.steps):
+        now, nxt = grid[i], grid[i + 1]
+        x0 = denoise(x, now)
+        scale, scale_next = now.alpha + k * now.sigma, nxt.alpha + k * nxt.sigma
+        dtau = nxt.sigma / scale_next - now.sigma / scale
+        slope = _eps(x, x0, now) - k * x0
+        z_euler = x / scale + dtau * slope
+        if nxt.sigma == 0:
+            x = z_euler * scale_next
+            continue
+        x_euler = z_euler * scale_next
+        x0_next = denoise(x_euler, nxt)
+        slope_next = _eps(x_euler, x0_next, nxt) - k * x0_next
+        x = (x / scale + dtau * 0.5 * (slope + slope_next)) * scale_next
     return x
 
 
 @torch.no_grad()
 def sample_dpmpp_2m(
-    denoise: Denoiser,
-    noise: Tensor,
-    alphas_cumprod: Tensor,
-    steps: int,
-    eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    denoise: Denoiser, noise: Tensor, grid: NoiseGrid, eta: float = 0.0, generator: torch.Generator | None = None
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022): second-order multistep in log-SNR, deterministic (`eta`, `generator` unused).
 
-    Steps touching an infinite log-SNR (pure noise at the start, clean data at the end) fall back
-    to first order, where the update is exact for a constant x0 estimate.
+    Steps touching an infinite log-SNR (pure noise at the start, clean data at the end) fall back to first order,
+    where the update is exact for a constant x0 estimate.
     """
     x, prev_x0, prev_h = noise, None, None
-    for t, a_t, a_s in _levels(alphas_cumprod, steps):
-        x0 = denoise(x, _t(x, t))
-        h = _half_log_snr(a_s) - _half_log_snr(a_t)
+    for i in range(grid.steps):
+        now, nxt = grid[i], grid[i + 1]
+        x0 = denoise(x, now)
+        h = _half_log_snr(nxt) - _half_log_snr(now)
         d = x0
         if prev_x0 is not None and math.isfinite(h) and math.isfinite(prev_h):
             r = prev_h / h
             d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * prev_x0
-        x = ((1 - a_s) / (1 - a_t)) ** 0.5 * x + a_s**0.5 * -math.expm1(-h) * d
+        x = (nxt.sigma / now.sigma) * x + nxt.alpha * -math.expm1(-h) * d
         prev_x0, prev_h = x0, h
     return x
 
 
-def _half_log_snr(alpha_bar: float) -> float:
+def _half_log_snr(level: Level) -> float:
     """lambda = log(alpha / sigma); -inf at pure noise, +inf at clean data."""
-    if alpha_bar <= 0.0 or alpha_bar >= 1.0:
-        return math.inf if alpha_bar >= 1.0 else -math.inf
-    return 0.5 * math.log(alpha_bar / (1 - alpha_bar))
+    if level.alpha <= 0.0:
+        return -math.inf
+    if level.sigma <= 0.0:
+        return math.inf
+    return math.log(level.alpha / level.sigma)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> list[float]:
+    """`steps` noise levels from sigma_max down to sigma_min, denser near sigma_min (Karras et al. 2022, eq. 5)."""
+    if steps == 1:
+        return [sigma_max]
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return [(hi + i / (steps - 1) * (lo - hi)) ** rho for i in range(steps)]
 
 
 Sampler = Callable[..., Tensor]
-"""`(denoise, noise, alphas_cumprod, steps, eta=, generator=) -> samples`: the one signature of every sampler."""
+"""`(denoise, noise, grid, eta=, generator=) -> samples`: the one signature of every sampler."""
 
-SAMPLERS: dict[str, Sampler] = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}
-"""Samplers by name; a new sampler is one entry."""
+SAMPLERS: dict[str, Sampler] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "euler": sample_euler,
+    "heun": sample_heun,
+}
+"""Samplers by name; a new sampler is one entry (and a name in the `samplers` of the processes it suits)."""
 
 
-def check_sampler(name: str) -> Sampler:
-    """The sampler called `name`, or one line listing the choices."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r} (--sampler); choose one of {', '.join(SAMPLERS)}")
+def check_sampler(name: str, supported: tuple[str, ...] | None = None, process: str | None = None) -> Sampler:
+    """The sampler called `name`, or one line listing the choices (those of `process` when given)."""
+    choices = supported if supported is not None else tuple(SAMPLERS)
+    if name not in choices:
+        where = f" of the {process} process" if process else ""
+        raise ValueError(f"unknown sampler {name!r} (--sampler); the samplers{where} are {', '.join(choices)}")
     return SAMPLERS[name]
-
-
-def run_sampler(
-    name: str,
-    denoise: Denoiser,
-    noise: Tensor,
-    alphas_cumprod: Tensor,
-    steps: int,
-    eta: float = 0.0,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Run the sampler called `name` (see SAMPLERS)."""
-    return check_sampler(name)(denoise, noise, alphas_cumprod, steps, eta=eta, generator=generator)

@@ -1,72 +1,73 @@
-"""Diffusion families: the denoising objective and sampling over pixels (PixelDiffusion) or latents (LatentDiffusion)."""
+"""Diffusion families: one model = process x space x backbone (pixels here, latents in LatentDiffusion).
+
+The process (vp, edm, flow; `diffusion/`) owns the noising, the training target and the sampling grid; the
+backbone (U-Net, DiT; `nn/`) is the network; the space is what the subclass diffuses. Guidance, EMA, text
+conditioning and the optimizer live here, once.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from genart_lightning.diffusion.guidance import classifier_free_guidance
-from genart_lightning.diffusion.parameterization import (
-    check_prediction,
-    min_snr_weight,
-    q_sample,
-    training_target,
-)
-from genart_lightning.diffusion.samplers import check_sampler, run_sampler, x0_denoiser
-from genart_lightning.diffusion.schedules import make_schedule
+from genart_lightning.diffusion.process import Process
+from genart_lightning.diffusion.samplers import check_sampler
+from genart_lightning.diffusion.vp import VP
 from genart_lightning.models.base import GenerativeModel, check_nonfinite_mode
+from genart_lightning.models.parts import build_part, part_config
+from genart_lightning.nn.backbone import Backbone
 from genart_lightning.nn.ema import make_ema
 from genart_lightning.nn.text_encoder import FrozenTextEncoder
-from genart_lightning.nn.unet import UNet
+from genart_lightning.nn.unet import UNetBackbone
 
 VAL_SEED = 20_240_601
 """Seed of the validation noise: the same noise every validation, so val/loss is comparable across steps."""
 
+CONDITIONING = ("both", "tokens", "pooled")
+"""What the backbone reads of a caption: token states (cross-attention), the pooled vector (added to time), or both."""
+
+LEGACY_PROCESS_ARGUMENTS = ("schedule", "timesteps", "zero_terminal_snr", "prediction", "min_snr_gamma")
+LEGACY_UNET_ARGUMENTS = ("base_channels", "channel_mult", "num_res_blocks", "attention_levels", "head_channels",
+                         "attention_block", "dropout")
+"""Flat arguments of checkpoints written before process and backbone were parts; folded into them on load."""
+
 
 class DiffusionModel(GenerativeModel):
-    """Shared by the diffusion families: DDPM objective (Ho et al. 2020) with eps / v / x0 prediction,
-    Min-SNR weighting, caption dropout for classifier-free guidance, EMA weights for sampling.
+    """Shared by the diffusion families: a process's objective over a backbone, caption dropout for classifier-free
+    guidance, EMA weights for sampling, optionally a text encoder trained along (`train_text_encoder`).
 
-    `attention_block` None picks the kind by conditioning: "transformer" (self + cross attention + MLP, as in
-    latent diffusion) with a text encoder, "plain" (DDPM's self-attention block) without one, as those papers'
-    unconditional models do; set it to override.
-
-    Subclasses say what the U-Net diffuses (`to_diffusion_space`, `from_diffusion_space`,
-    `diffusion_shape`) and call `build_unet(channels)` at the end of their __init__.
+    Subclasses say what is diffused (`to_diffusion_space`, `from_diffusion_space`, `diffusion_shape`) and call
+    `build_backbone(channels)` at the end of their __init__.
     """
 
     RENAMED_ARGUMENTS = {"cond_drop_prob": "caption_dropout"}
+    bounded_space: bool = False
+    """True when clean data lies in [-1, 1] (pixels), so x0 estimates may be clamped while sampling."""
 
     def __init__(
         self,
         image_size: int = 32,
-        base_channels: int = 64,
-        channel_mult: Sequence[int] = (1, 2, 2),
-        num_res_blocks: int = 2,
-        attention_levels: Sequence[int] = (1, 2),
-        head_channels: int = 32,
-        attention_block: str | None = None,
-        dropout: float = 0.0,
-        schedule: str = "cosine",
-        timesteps: int = 1000,
-        zero_terminal_snr: bool = False,
-        prediction: str = "eps",
-        min_snr_gamma: float | None = 5.0,
+        process: Process | None = None,
+        backbone: Backbone | None = None,
+        conditioning: str = "both",
         caption_dropout: float = 0.1,
         cond_drop_prob: float | None = None,
         text_encoder: str | None = "genart-tiny",
         text_pretrained: str | None = None,
         text_cache_dir: str | None = None,
+        train_text_encoder: bool = False,
+        text_lr_multiplier: float = 1.0,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         ema_decay: float = 0.999,
-        sampler: str = "ddim",
+        sampler: str | None = None,
         sample_steps: int = 50,
         guidance_scale: float = 4.0,
+        clip_x0: bool | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
         channels_last: bool = False,
@@ -75,111 +76,127 @@ class DiffusionModel(GenerativeModel):
         super().__init__()
         self.save_hyperparameters()  # also collects the subclass's own arguments
         check_nonfinite_mode(nonfinite)
-        check_prediction(prediction)
-        if zero_terminal_snr and prediction == "eps":
-            raise ValueError("zero_terminal_snr=True cannot be used with prediction='eps' (x0 = (x - eps)/0 at the last step); use prediction='v'")
-        check_sampler(sampler)
-        self.register_buffer("alphas_cumprod", make_schedule(schedule, timesteps, zero_terminal_snr), persistent=False)
-        self.text_encoder = FrozenTextEncoder(text_encoder, text_pretrained, text_cache_dir) if text_encoder else None
+        if conditioning not in CONDITIONING:
+            raise ValueError(f"unknown conditioning {conditioning!r}; choose one of {', '.join(CONDITIONING)}")
+        self.process = build_part(process, Process, self.default_process, "process")
+        self.hparams["process"] = part_config(self.process)
+        self.hparams["sampler"] = sampler = sampler or self.process.samplers[0]
+        self.process.check_sampler(sampler)
+        if clip_x0 and not self.bounded_space:
+            raise ValueError(f"clip_x0=True clamps x0 estimates to [-1, 1], but {type(self).__name__} diffuses unbounded "
+                             "latents; leave clip_x0 unset (it clamps in pixel space only)")
+        self.clip_x0 = self.bounded_space if clip_x0 is None else clip_x0
+        self.text_encoder = (FrozenTextEncoder(text_encoder, text_pretrained, text_cache_dir, trainable=train_text_encoder)
+                             if text_encoder else None)
+        if train_text_encoder and self.text_encoder is None:
+            raise ValueError("train_text_encoder=True needs a text_encoder; name one or set train_text_encoder=False")
         self.conditional = self.text_encoder is not None
-        # recorded resolved, so a checkpoint rebuilds the same net whatever the default becomes
-        self.hparams["attention_block"] = attention_block or ("transformer" if self.conditional else "plain")
+        self.backbone_spec = build_part(backbone, Backbone, UNetBackbone, "backbone")
+        self.register_load_state_dict_pre_hook(_rename_unet_keys)
 
-    def build_unet(self, channels: int) -> None:
-        """Create the U-Net over `channels`-channel inputs, its EMA copy, and apply the large-model switches."""
-        hp = self.hparams
-        text = self.text_encoder
-        self.unet = UNet(
-            in_channels=channels,
-            base_channels=hp.base_channels,
-            channel_mult=tuple(hp.channel_mult),
-            num_res_blocks=hp.num_res_blocks,
-            attention_levels=tuple(hp.attention_levels),
-            head_channels=hp.head_channels,
-            attention_block=hp.attention_block,
-            context_dim=text.token_dim if text else None,
-            pooled_dim=text.pooled_dim if text else None,
-            dropout=hp.dropout,
-            gradient_checkpointing=hp.gradient_checkpointing,
-        )
+    @staticmethod
+    def default_process() -> Process:
+        return VP()
+
+    def build_backbone(self, channels: int) -> None:
+        """Create the backbone over `channels`-channel inputs, its EMA copy, and apply the large-model switches."""
+        hp, text, spec = self.hparams, self.text_encoder, self.backbone_spec
+        spec.check_input((channels, *self.diffusion_shape()[1:]))
+        tokens = text is not None and hp.conditioning in ("both", "tokens")
+        pooled = text is not None and hp.conditioning in ("both", "pooled")
+        self.backbone = spec.build(channels, text.token_dim if tokens else None, text.pooled_dim if pooled else None,
+                                   hp.gradient_checkpointing)
+        self.hparams["backbone"] = part_config(spec)
         if hp.channels_last:
-            self.unet.to(memory_format=torch.channels_last)
-        self.ema = make_ema(self.unet, hp.ema_decay)
+            self.backbone.to(memory_format=torch.channels_last)
+        self.ema = make_ema(self.backbone, hp.ema_decay)
+        self.text_ema = make_ema(text, hp.ema_decay) if hp.train_text_encoder else None
         if hp.compile:
-            self.unet.compile()  # in place: parameter names (and checkpoints) stay those of the plain module
+            self.backbone.compile()  # in place: parameter names (and checkpoints) stay those of the plain module
 
-    # ---- what the U-Net diffuses (pixels here; latents in LatentDiffusion) ----
+    @classmethod
+    def upgrade_hparams(cls, hyper_parameters: dict) -> dict:
+        """Also folds the flat process and U-Net arguments of older checkpoints into `process` and `backbone`."""
+        out = super().upgrade_hparams(hyper_parameters)
+        if "process" not in out:
+            vp = {k: out.pop(k) for k in LEGACY_PROCESS_ARGUMENTS if k in out}
+            out["process"] = {"class_path": f"{VP.__module__}.VP", "init_args": vp}
+            unet = {k: out.pop(k) for k in LEGACY_UNET_ARGUMENTS if k in out}
+            out["backbone"] = {"class_path": f"{UNetBackbone.__module__}.UNetBackbone", "init_args": unet}
+        return out
+
+    # ---- what is diffused (pixels here; latents in LatentDiffusion) ----
 
     def diffusion_shape(self) -> tuple[int, int, int]:
         """Shape [C, H, W] of one diffused sample."""
         raise NotImplementedError
 
     def to_diffusion_space(self, images: Tensor) -> Tensor:
-        """Batch images in [-1, 1] -> what the U-Net diffuses."""
+        """Batch images in [-1, 1] -> what the backbone diffuses."""
         raise NotImplementedError
 
     def from_diffusion_space(self, x: Tensor, captions: Sequence[str] | None) -> Tensor:
         """Sampled tensors -> images in [-1, 1]."""
         raise NotImplementedError
 
-    x0_clip: float | None = None
-    """Bound of valid clean data, used to clamp x0 estimates while sampling (None: unbounded)."""
-
     # ---- conditioning ----
 
-    def encode_text(self, captions: Sequence[str]) -> dict[str, Tensor]:
-        """Captions -> the U-Net's conditioning inputs; "" is the unconditional input."""
-        emb = self.text_encoder(captions)
-        return {"context": emb.tokens, "context_mask": emb.mask, "pooled": emb.pooled}
+    def encode_text(self, captions: Sequence[str], encoder: FrozenTextEncoder | None = None) -> dict[str, Tensor]:
+        """Captions -> the backbone's conditioning inputs; "" is the unconditional input."""
+        emb = (encoder or self.text_encoder)(captions)
+        kind = self.hparams.conditioning
+        cond = {}
+        if kind in ("both", "tokens"):
+            cond |= {"context": emb.tokens, "context_mask": emb.mask}
+        if kind in ("both", "pooled"):
+            cond["pooled"] = emb.pooled
+        return cond
 
     def _net(self, net: torch.nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor] | None) -> Tensor:
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return net(x, t, **(cond or {}))
 
+    def _bound(self, net: torch.nn.Module, cond: dict[str, Tensor] | None) -> Callable[[Tensor, Tensor], Tensor]:
+        return lambda x, t: self._net(net, x, t, cond)
+
     # ---- training ----
 
-    def diffusion_loss(self, x0: Tensor, noise: Tensor, t: Tensor, cond: dict[str, Tensor] | None, weighted: bool = True) -> Tensor:
-        """Mean (Min-SNR weighted) squared error of the U-Net's prediction at timesteps t."""
-        hp = self.hparams
-        alpha_bar = self.alphas_cumprod[t]
-        out = self._net(self.unet, q_sample(x0, alpha_bar, noise), t, cond)
-        target = training_target(x0, noise, alpha_bar, hp.prediction)
-        per_sample = F.mse_loss(out.float(), target.float(), reduction="none").flatten(1).mean(1)
-        if weighted:
-            per_sample = per_sample * min_snr_weight(alpha_bar, hp.prediction, hp.min_snr_gamma).to(per_sample.dtype)
-        return per_sample.mean()
-
-    def training_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
+    def training_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor] | None:
         x0 = self.to_diffusion_space(batch["image"])
         cond = self.encode_text(self.drop_captions(batch["caption"])) if self.conditional else None
         noise = torch.randn_like(x0)  # global RNG: seeded per rank in on_fit_start, so ranks differ
-        t = torch.randint(0, self.hparams.timesteps, (x0.shape[0],), device=x0.device)
-        loss = self.diffusion_loss(x0, noise, t, cond)
+        u = torch.rand(x0.shape[0], device=x0.device, dtype=torch.float64)  # quantile of the process's noise level
+        loss = self.process.loss(self._bound(self.backbone, cond), x0, noise, u).mean()
         if self.skip_nonfinite(loss, self.hparams.nonfinite):
             return None
         self.log("train/loss", loss, prog_bar=True)
-        return {"loss": loss, "noise": noise.detach(), "t": t}  # noise and t are for callbacks (per-timestep stats)
+        return {"loss": loss, "noise": noise.detach(), "u": u}  # noise and u are for callbacks (per-level stats)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         # here, not in on_train_batch_end: once per real step under gradient accumulation, and before
         # ModelCheckpoint (a callback, called first at batch end) saves, so a checkpoint's EMA matches its weights
         super().optimizer_step(*args, **kwargs)
-        self.ema.update_parameters(self.unet)
+        self.ema.update_parameters(self.backbone)
+        if self.text_ema is not None:
+            self.text_ema.update_parameters(self.text_encoder)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x0 = self.to_diffusion_space(batch["image"])
         b = x0.shape[0]
         generator = torch.Generator(device=x0.device).manual_seed(VAL_SEED + batch_idx)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        # evenly spread timesteps: every validation covers the same noise levels
-        t = ((torch.arange(b, device=x0.device) + 0.5) * self.hparams.timesteps / b).long()
+        u = (torch.arange(b, device=x0.device, dtype=torch.float64) + 0.5) / b  # the same levels every validation
         cond = self.encode_text(batch["caption"]) if self.conditional else None
-        self.log("val/loss", self.diffusion_loss(x0, noise, t, cond, weighted=False), prog_bar=True, sync_dist=True, batch_size=b)
+        loss = self.process.loss(self._bound(self.backbone, cond), x0, noise, u, weighted=False).mean()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=b)
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.unet.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, fused=self.fused_optimizer())
+        groups = [{"params": list(self.backbone.parameters()), "lr": hp.lr}]
+        if hp.train_text_encoder:
+            groups.append({"params": list(self.text_encoder.parameters()), "lr": hp.lr * hp.text_lr_multiplier})
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay, fused=self.fused_optimizer())
         warmup = max(1, hp.warmup_steps)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -204,40 +221,49 @@ class DiffusionModel(GenerativeModel):
         guidance: float | None = None,
         eta: float = 0.0,
     ) -> Tensor:
-        """Draw n images with the EMA U-Net; unset options fall back to the config (sampler, sample_steps, guidance_scale)."""
-        hp = self.hparams
+        """Draw n images with the EMA weights; unset options fall back to the config (sampler, sample_steps, guidance_scale)."""
         settings = self.sampling_settings({"steps": steps, "sampler": sampler, "guidance": guidance, "eta": eta})
         steps, sampler, guidance = settings["steps"], settings["sampler"], settings["guidance"]
         if captions is not None and len(captions) != n:
             raise ValueError(f"got {len(captions)} captions for {n} samples; pass one caption per sample")
+        grid = self.process.grid(sampler, steps, self.diffusion_shape())
         net = self.ema.module
         was_training = net.training
         net.eval()
+        text = self.text_ema.module if self.text_ema is not None else None
         generator = torch.Generator().manual_seed(seed)  # CPU generator: a seed gives the same grid on any device
         noise = torch.randn((n, *self.diffusion_shape()), generator=generator).to(self.device)
-        cond = self.encode_text(list(captions) if captions else [""] * n) if self.conditional else None
+        noise = noise * self.process.initial_noise_scale(grid)
+        cond = self.encode_text(list(captions) if captions else [""] * n, text) if self.conditional else None
         if cond is not None and captions and guidance != 1.0:
-            model = classifier_free_guidance(lambda x, t, c: self._net(net, x, t, c), cond, self.encode_text([""] * n), guidance)
+            model = classifier_free_guidance(lambda x, t, c: self._net(net, x, t, c), cond,
+                                             self.encode_text([""] * n, text), guidance)
         else:
-            model = lambda x, t: self._net(net, x, t, cond)  # noqa: E731
-        denoise = x0_denoiser(model, self.alphas_cumprod, hp.prediction)
-        if self.x0_clip is not None:
-            bound = self.x0_clip
+            model = self._bound(net, cond)
+        denoise = self.process.denoiser(model)
+        if self.clip_x0:
             unclipped = denoise
-            denoise = lambda x, t: unclipped(x, t).clamp(-bound, bound)  # noqa: E731
-        x = run_sampler(sampler, denoise, noise, self.alphas_cumprod, steps, eta, generator)
+            denoise = lambda x, level: unclipped(x, level).clamp(-1, 1)  # noqa: E731
+        x = check_sampler(sampler)(denoise, noise, grid, eta=settings["eta"], generator=generator)
         net.train(was_training)
         return self.from_diffusion_space(x, captions)
 
 
-class PixelDiffusion(DiffusionModel):
-    """Pixel-space DDPM family (Ho et al. 2020; text conditioning as in Imagen/GLIDE via cross-attention)."""
+def _rename_unet_keys(module: torch.nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """Checkpoints from before backbones were parts call the network `unet`; it is `backbone` now."""
+    old = prefix + "unet."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "backbone." + key[len(old):]] = state_dict.pop(key)
 
-    x0_clip = 1.0  # pixels live in [-1, 1]
+
+class PixelDiffusion(DiffusionModel):
+    """Pixel-space diffusion (Ho et al. 2020; text conditioning as in Imagen/GLIDE via cross-attention)."""
+
+    bounded_space = True  # pixels live in [-1, 1]
 
     def __init__(self, channels: int = 3, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.build_unet(channels)
+        self.build_backbone(channels)
 
     def diffusion_shape(self) -> tuple[int, int, int]:
         return self.image_shape()

@@ -1,4 +1,4 @@
-"""Latent diffusion (Rombach et al. 2022): the pixel family's objective over a frozen VAE's scaled latents."""
+"""Latent diffusion (Rombach et al. 2022): any process and backbone over a frozen first stage's scaled latents."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from genart_lightning.diffusion.process import Process
+from genart_lightning.diffusion.vp import VP
 from genart_lightning.models.base import FirstStage
 from genart_lightning.models.diffusion import DiffusionModel
 from genart_lightning.models.loading import build_family, load_model
@@ -19,6 +21,7 @@ class LatentDiffusion(DiffusionModel):
     its family and hyperparameters are then kept in this model's hyperparameters and its weights in
     this model's state_dict, so a latent-diffusion checkpoint is self-contained: sampling from it
     does not need the VAE checkpoint any more. Images are decoded only for grids and evaluation.
+    The old `schedule` argument is the process's now: `process: {class_path: ...VP, init_args: {schedule: ...}}`.
     """
 
     def __init__(
@@ -26,10 +29,9 @@ class LatentDiffusion(DiffusionModel):
         first_stage_ckpt: str = "",
         first_stage_family: str | None = None,
         first_stage_hparams: dict | None = None,
-        schedule: str = "scaled_linear",
         **kwargs,
     ) -> None:
-        super().__init__(schedule=schedule, **kwargs)
+        super().__init__(**kwargs)
         if first_stage_hparams is None:
             if not first_stage_ckpt:
                 raise ValueError("LatentDiffusion needs first_stage_ckpt (--model.init_args.first_stage_ckpt=path/to/vae.ckpt)")
@@ -46,7 +48,11 @@ class LatentDiffusion(DiffusionModel):
             )
         self.first_stage = first_stage.eval().requires_grad_(False)
         self.latent_shape = tuple(first_stage.latent_shape(self.hparams.image_size))
-        self.build_unet(self.latent_shape[0])
+        self.build_backbone(self.latent_shape[0])
+
+    @staticmethod
+    def default_process() -> Process:
+        return VP(schedule="scaled_linear")  # LDM's schedule for unit-variance latents
 
     def train(self, mode: bool = True) -> LatentDiffusion:
         """Keep the frozen first stage in eval mode while the U-Net trains."""

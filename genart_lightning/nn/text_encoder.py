@@ -89,35 +89,42 @@ def _quiet_random_init(asked_for: bool) -> Iterator[None]:
 
 
 class FrozenTextEncoder(nn.Module):
-    """OpenCLIP text tower, frozen; its weights stay out of checkpoints and are rebuilt from the name.
+    """OpenCLIP text tower, frozen unless `trainable`; a frozen one stays out of checkpoints and is rebuilt from its name.
 
-    Keeping them out is what makes a 350M-parameter encoder cost nothing per checkpoint; the tiny
-    config is seeded, so it rebuilds to the same weights.
+    Keeping it out is what makes a 350M-parameter encoder cost nothing per checkpoint; the tiny config is seeded,
+    so it rebuilds to the same weights. `trainable=True` (diffusers' `--train_text_encoder`) trains it with the
+    model: its weights then are in the state dict like any other.
     """
 
-    def __init__(self, model_name: str = TINY_MODEL, pretrained: str | None = None, cache_dir: str | None = None) -> None:
+    def __init__(self, model_name: str = TINY_MODEL, pretrained: str | None = None, cache_dir: str | None = None,
+                 trainable: bool = False) -> None:
         super().__init__()
         clip, self.tokenizer = create_openclip(model_name, pretrained, cache_dir)
         clip.visual = None  # the image tower is not needed to read captions
-        self.clip = clip.requires_grad_(False)
+        self.trainable = trainable
+        self.clip = clip.requires_grad_(trainable)
         self.context_length: int = clip.context_length
         self.token_dim: int = clip.transformer.width
         self.pooled_dim: int = clip.text_projection.shape[-1] if clip.text_projection is not None else self.token_dim
-        self.register_state_dict_post_hook(_drop_own_keys)
-        self.register_load_state_dict_pre_hook(_note_load_prefix)
-        self.register_load_state_dict_post_hook(_ignore_own_missing_keys)
+        if not trainable:
+            self.register_state_dict_post_hook(_drop_own_keys)
+            self.register_load_state_dict_pre_hook(_note_load_prefix)
+            self.register_load_state_dict_post_hook(_ignore_own_missing_keys)
 
     def train(self, mode: bool = True) -> FrozenTextEncoder:
-        """Stay in eval mode: the encoder is frozen, dropout must not act."""
-        return super().train(False)
+        """A frozen encoder stays in eval mode: dropout must not act."""
+        return super().train(mode and self.trainable)
 
     def tokenize(self, captions: Sequence[str]) -> Tensor:
         """Token ids [B, context_length]; longer captions are truncated (the end token is kept)."""
         return self.tokenizer(list(captions), context_length=self.context_length)
 
-    @torch.no_grad()
     def forward(self, captions: Sequence[str]) -> TextEmbedding:
         """Encode captions; an empty caption is the unconditional input for guidance."""
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            return self._encode(captions)
+
+    def _encode(self, captions: Sequence[str]) -> TextEmbedding:
         device = self.clip.token_embedding.weight.device
         ids = self.tokenize(captions).to(device)
         clip = self.clip

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -11,17 +10,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from genart_lightning.nn.attention import SelfAttention2d, SpatialTransformer, group_norm
+from genart_lightning.nn.backbone import Backbone, timestep_embedding
 
 ATTENTION_BLOCKS = ("transformer", "plain")
 """U-Net attention block kinds: latent diffusion's transformer block (self + cross attention + MLP), DDPM's plain one."""
-
-
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
-    """Sinusoidal features [B, dim] of (possibly fractional) timesteps t [B]."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    angles = t.float()[:, None] * freqs[None]
-    return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
 def check_attention_block(kind: str, context_dim: int | None) -> str:
@@ -185,3 +177,40 @@ class UNet(nn.Module):
         for layer in self.up:
             h = self._run(layer, torch.cat([h, hs.pop()], dim=1), emb, context, context_mask)
         return self.out(h)
+
+
+class UNetBackbone(Backbone):
+    """Settings of the U-Net above. `attention_block` None picks by conditioning: "transformer" (self + cross
+    attention + MLP, as in latent diffusion) with a text encoder, "plain" (DDPM's block) without one."""
+
+    name = "unet"
+
+    def __init__(
+        self,
+        base_channels: int = 64,
+        channel_mult: Sequence[int] = (1, 2, 2),
+        num_res_blocks: int = 2,
+        attention_levels: Sequence[int] = (1, 2),
+        head_channels: int = 32,
+        attention_block: str | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        self.base_channels, self.channel_mult, self.num_res_blocks = base_channels, list(channel_mult), num_res_blocks
+        self.attention_levels, self.head_channels = list(attention_levels), head_channels
+        self.attention_block, self.dropout = attention_block, dropout
+
+    def build(self, in_channels: int, context_dim: int | None, pooled_dim: int | None,
+              gradient_checkpointing: bool = False) -> UNet:
+        # recorded resolved, so a checkpoint rebuilds the same net whatever the default becomes
+        self.attention_block = self.attention_block or ("transformer" if context_dim else "plain")
+        return UNet(in_channels=in_channels, base_channels=self.base_channels, channel_mult=tuple(self.channel_mult),
+                    num_res_blocks=self.num_res_blocks, attention_levels=tuple(self.attention_levels),
+                    head_channels=self.head_channels, attention_block=self.attention_block, context_dim=context_dim,
+                    pooled_dim=pooled_dim, dropout=self.dropout, gradient_checkpointing=gradient_checkpointing)
+
+    def check_input(self, shape: tuple[int, int, int]) -> None:
+        factor = 2 ** (len(self.channel_mult) - 1)
+        if shape[-1] % factor or shape[-2] % factor:
+            raise ValueError(f"the U-Net backbone halves its input {len(self.channel_mult) - 1} times (channel_mult "
+                             f"{self.channel_mult}), so the diffused size must be divisible by {factor}; the space gives "
+                             f"{shape[-2]}x{shape[-1]}: change channel_mult or image_size")

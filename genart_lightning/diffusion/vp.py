@@ -1,0 +1,102 @@
+"""The variance-preserving process of DDPM (Ho et al. 2020): discrete timesteps, eps / v / x0 prediction, Min-SNR."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from genart_lightning.diffusion.parameterization import check_prediction, min_snr_weight
+from genart_lightning.diffusion.process import Network, Process, bcast
+from genart_lightning.diffusion.samplers import Denoiser, NoiseGrid, karras_sigmas
+from genart_lightning.diffusion.schedules import make_schedule
+
+KARRAS_SAMPLERS = ("euler", "heun")
+"""Samplers that walk Karras sigmas over the schedule's range (as diffusers' `use_karras_sigmas=True`)."""
+
+
+class VP(Process):
+    """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps over `timesteps` discrete steps of a named schedule.
+
+    ddpm / ddim / dpmpp_2m walk evenly spaced training timesteps from the last one ("trailing");
+    euler / heun walk Karras sigmas (rho 7) between the schedule's smallest and largest sigma, feeding the
+    network the fractional timestep of each sigma, as diffusers' EulerDiscreteScheduler does.
+    """
+
+    name = "vp"
+
+    def __init__(
+        self,
+        schedule: str = "cosine",
+        timesteps: int = 1000,
+        zero_terminal_snr: bool = False,
+        prediction: str = "eps",
+        min_snr_gamma: float | None = 5.0,
+        rho: float = 7.0,
+    ) -> None:
+        check_prediction(prediction)
+        if zero_terminal_snr and prediction == "eps":
+            raise ValueError("zero_terminal_snr=True cannot be used with prediction='eps' (x0 = (x - eps)/0 at the last "
+                             "step); use prediction='v'")
+        self.schedule, self.timesteps, self.zero_terminal_snr = schedule, timesteps, zero_terminal_snr
+        self.prediction, self.min_snr_gamma, self.rho = prediction, min_snr_gamma, rho
+        self.alphas_cumprod = make_schedule(schedule, timesteps, zero_terminal_snr)
+        # sigma is infinite at SNR 0, so Karras sigmas need a finite top level
+        self.samplers = ("ddim", "ddpm", "dpmpp_2m") + (() if zero_terminal_snr else KARRAS_SAMPLERS)
+
+    def loss(self, net: Network, x0: Tensor, noise: Tensor, u: Tensor, weighted: bool = True) -> Tensor:
+        t = (u * self.timesteps).long().clamp(0, self.timesteps - 1).to(x0.device)
+        alpha_bar = self.alphas_cumprod.to(x0.device)[t]
+        a = bcast(alpha_bar, x0)
+        out = net(a.sqrt() * x0 + (1 - a).sqrt() * noise, t.float())
+        target = check_prediction(self.prediction).target(x0, noise, a)
+        per_sample = F.mse_loss(out.float(), target.float(), reduction="none").flatten(1).mean(1)
+        if weighted:
+            per_sample = per_sample * min_snr_weight(alpha_bar, self.prediction, self.min_snr_gamma).to(per_sample)
+        return per_sample
+
+    def denoiser(self, net: Network) -> Denoiser:
+        to_x0 = check_prediction(self.prediction).x0
+
+        def denoise(x: Tensor, level) -> Tensor:
+            time = torch.full((x.shape[0],), level.time, device=x.device)
+            return to_x0(net(x, time), x, torch.as_tensor(level.alpha**2, dtype=x.dtype, device=x.device))
+
+        return denoise
+
+    def grid(self, sampler: str, steps: int, shape: tuple[int, ...]) -> NoiseGrid:
+        self.check_sampler(sampler)
+        self.check_steps(steps)
+        if sampler in KARRAS_SAMPLERS:
+            sigmas = self.sigmas()
+            return self.grid_at_sigmas(karras_sigmas(float(sigmas[0]), float(sigmas[-1]), steps, self.rho))
+        if steps > self.timesteps:
+            raise ValueError(f"steps={steps} is out of range; use 1..{self.timesteps} (the training timesteps)")
+        return self.grid_at_timesteps(torch.linspace(self.timesteps - 1, 0, steps, dtype=torch.float64).round().long().tolist())
+
+    def grid_at_timesteps(self, timesteps: list[int]) -> NoiseGrid:
+        """Levels at these training timesteps, then clean data."""
+        a = [float(self.alphas_cumprod[t]) for t in timesteps]
+        return NoiseGrid(alpha=tuple(math.sqrt(v) for v in a) + (1.0,), sigma=tuple(math.sqrt(1 - v) for v in a) + (0.0,),
+                         time=tuple(float(t) for t in timesteps) + (0.0,))
+
+    def grid_at_sigmas(self, sigmas: list[float]) -> NoiseGrid:
+        """Levels at these sigma = sqrt((1 - a) / a) (Karras' variance-exploding sigma), then clean data."""
+        alpha = [1 / math.sqrt(1 + s * s) for s in sigmas]
+        return NoiseGrid(alpha=tuple(alpha) + (1.0,), sigma=tuple(s * a for s, a in zip(sigmas, alpha, strict=True)) + (0.0,),
+                         time=tuple(self.timestep_of_sigma(s) for s in sigmas) + (0.0,))
+
+    def sigmas(self) -> Tensor:
+        """Karras sigma of every training timestep (increasing)."""
+        return ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+
+    def timestep_of_sigma(self, sigma: float) -> float:
+        """The fractional training timestep whose sigma this is: linear in log sigma between neighbours."""
+        log_sigmas = self.sigmas().log()
+        target = math.log(sigma)
+        high = int(torch.searchsorted(log_sigmas, torch.tensor(target, dtype=log_sigmas.dtype)).clamp(1, len(log_sigmas) - 1))
+        low = high - 1
+        w = (target - float(log_sigmas[low])) / float(log_sigmas[high] - log_sigmas[low])
+        return low + min(max(w, 0.0), 1.0)

@@ -1,0 +1,35 @@
+"""What a denoising backbone is to the diffusion model: settings chosen in YAML, built once the widths are known."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class Backbone:
+    """Base class of backbone settings; configs may name its subclasses only.
+
+    The model knows the input channels (pixels or a first stage's latents) and the text widths only after it
+    has built its space and text encoder, so a config names settings and `build` makes the network later.
+    Subclasses keep their init arguments as same-named attributes (the model saves them to rebuild the net).
+    """
+
+    name: str = "backbone"
+
+    def build(self, in_channels: int, context_dim: int | None, pooled_dim: int | None,
+              gradient_checkpointing: bool = False) -> nn.Module:
+        """The network `net(x, t, context=, context_mask=, pooled=) -> output of x's shape`."""
+        raise NotImplementedError
+
+    def check_input(self, shape: tuple[int, int, int]) -> None:
+        """One line naming both parts when samples of `shape` [C, H, W] cannot go through this backbone."""
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
+    """Sinusoidal features [B, dim] of (possibly fractional) timesteps t [B]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
