@@ -35,6 +35,7 @@ from benchmarks.common import (
 )
 from genart_lightning.models.diffusion import PixelDiffusion
 from genart_lightning.nn.text_encoder import FrozenTextEncoder
+from genart_lightning.nn.unet import UNetBackbone
 
 IMAGE_SIZE, BATCH, BASE_CHANNELS = 32, 8, 32
 CAPTIONS = ["a red circle on a white background", "a small blue square", "a large green triangle", "a yellow star"]
@@ -127,7 +128,8 @@ def compare(conditional: bool, quick: bool, peak: float, gpu: bool) -> Compariso
     """One ours-vs-diffusers pair, alternating blocks of `block` steps."""
     torch.manual_seed(0)
     block, rounds = (1, 2) if quick else (2, 6)
-    model = PixelDiffusion(image_size=IMAGE_SIZE, base_channels=BASE_CHANNELS, text_encoder="genart-tiny" if conditional else None)
+    model = PixelDiffusion(image_size=IMAGE_SIZE, backbone=UNetBackbone(base_channels=BASE_CHANNELS),
+                           text_encoder="genart-tiny" if conditional else None)
     device = torch.device("cuda" if gpu else "cpu")
     text = FrozenTextEncoder("genart-tiny").to(device) if conditional else None
     theirs_net = diffusers_unet(text).to(device)
@@ -138,14 +140,14 @@ def compare(conditional: bool, quick: bool, peak: float, gpu: bool) -> Compariso
     }
     baseline = diffusers_loop(theirs_net, text, loader(batch, block * (rounds + 1) + 1), gpu)
     opt_ms = optimizer_step_ms([model.configure_optimizers()["optimizer"]])
-    ours_flops = flops_per_step(model.unet.to(device), text, True, device)
+    ours_flops = flops_per_step(model.backbone.to(device), text, True, device)
     theirs_flops = flops_per_step(theirs_net, text, False, device)
     ours, theirs = interleaved_fit(model, batch, baseline, block, rounds, gpu=gpu)
     kind = "UNet2DConditionModel" if conditional else "UNet2DModel"
     result = Comparison(
         section=f"2. Diffusion training throughput, {'text-conditional' if conditional else 'unconditional'} ({'GPU bf16' if gpu else 'CPU'})",
         metric=f"images/{CLOCK} s",
-        ours_label=f"Trainer.fit on PixelDiffusion ({parameter_count(model.unet) / 1e6:.2f}M U-Net params)",
+        ours_label=f"Trainer.fit on PixelDiffusion ({parameter_count(model.backbone) / 1e6:.2f}M U-Net params)",
         baseline_label=f"diffusers {kind} loop ({parameter_count(theirs_net) / 1e6:.2f}M params)",
         ours=[BATCH / s for s in ours],
         baseline=[BATCH / s for s in theirs],
@@ -154,7 +156,7 @@ def compare(conditional: bool, quick: bool, peak: float, gpu: bool) -> Compariso
         goal_text="images/s ratio >= 1.0",
         setup=(
             f"{IMAGE_SIZE}px, batch {BATCH}, AdamW lr 1e-4, eps prediction, {block} steps per block; ours: base_channels "
-            f"{BASE_CHANNELS}, channel_mult (1, 2, 2), 2 res blocks, attention at levels 1, 2 ({model.hparams.attention_block} "
+            f"{BASE_CHANNELS}, channel_mult (1, 2, 2), 2 res blocks, attention at levels 1, 2 ({model.hparams.backbone['init_args']['attention_block']} "
             f"blocks, the family default {'with' if conditional else 'without'} a text encoder); diffusers: "
             f"{CONDITIONAL if conditional else UNCONDITIONAL}"
             + ("; both encode the captions with the same frozen genart-tiny text encoder every step" if conditional else "")

@@ -10,8 +10,9 @@ import torch
 from torch import Tensor
 
 from benchmarks.common import CLOCK, Comparison, alternate, fix_threads, parameter_count, timed
-from genart_lightning.diffusion.samplers import sample_ddim, x0_denoiser
+from genart_lightning.diffusion.samplers import sample_ddim
 from genart_lightning.models.diffusion import PixelDiffusion
+from genart_lightning.nn.unet import UNetBackbone
 
 IMAGE_SIZE, IMAGES, STEPS, GUIDANCE = 32, 4, 50, 4.0
 CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
@@ -22,6 +23,7 @@ def two_pass_sample(model: PixelDiffusion, captions: list[str], seed: int) -> Te
     net = model.ema.module.eval()
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((len(captions), *model.diffusion_shape()), generator=generator).to(model.device)
+    grid = model.process.grid("ddim", STEPS, model.diffusion_shape())
     cond, uncond = model.encode_text(captions), model.encode_text([""] * len(captions))
 
     def guided(x: Tensor, t: Tensor) -> Tensor:
@@ -29,8 +31,8 @@ def two_pass_sample(model: PixelDiffusion, captions: list[str], seed: int) -> Te
         out_uncond = model._net(net, x, t, uncond)
         return out_uncond + GUIDANCE * (out_cond - out_uncond)
 
-    denoise = x0_denoiser(guided, model.alphas_cumprod, model.hparams.prediction)
-    x = sample_ddim(lambda x, t: denoise(x, t).clamp(-1, 1), noise, model.alphas_cumprod, STEPS)
+    denoise = model.process.denoiser(guided)
+    x = sample_ddim(lambda x, level: denoise(x, level).clamp(-1, 1), noise, grid)
     return model.from_diffusion_space(x, captions)
 
 
@@ -39,7 +41,8 @@ def main(quick: bool = False) -> list[Comparison]:
     threads = fix_threads()
     torch.manual_seed(0)
     gpu = torch.cuda.is_available()
-    model = PixelDiffusion(image_size=IMAGE_SIZE, base_channels=32, num_res_blocks=1, text_encoder="genart-tiny")
+    model = PixelDiffusion(image_size=IMAGE_SIZE, backbone=UNetBackbone(base_channels=32, num_res_blocks=1),
+                           text_encoder="genart-tiny")
     model = model.to("cuda" if gpu else "cpu").eval()
     with torch.no_grad():  # a fresh net has zero output layers; perturb them so every path carries signal
         for p in model.ema.module.parameters():
@@ -67,7 +70,7 @@ def main(quick: bool = False) -> list[Comparison]:
             goal_text="no numeric goal (report)",
             setup=(
                 f"{IMAGES} images of {IMAGE_SIZE}px per call, guidance {GUIDANCE}, EMA U-Net "
-                f"{parameter_count(model.unet) / 1e6:.2f}M params (base 32, 1 res block, genart-tiny text), "
+                f"{parameter_count(model.backbone) / 1e6:.2f}M params (base 32, 1 res block, genart-tiny text), "
                 f"{threads} thread(s); outputs equal to {difference:.1e}"
             ),
             note=(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from benchmarks.common import CLOCK, THREADS, Comparison, machine_info
 
-BENCHMARKS = ("gan_overhead", "diffusion", "data", "sampling", "eval", "cli")
+BENCHMARKS = ("gan_overhead", "diffusion", "data", "sampling", "eval", "cli", "dit")
 """Module names (benchmarks/bench_<name>.py), in the order of the issue's list."""
 
 

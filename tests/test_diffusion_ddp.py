@@ -1,4 +1,5 @@
-"""Real 2-process CPU DDP (gloo) fits of pixel and latent diffusion: ranks draw different noise, weights stay in sync."""
+"""Real 2-process CPU DDP (gloo) fits of pixel and latent diffusion and of flow + DiT: ranks draw different noise and
+noise levels, weights stay in sync."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules.webdataset import TextImageDataModule
+from genart_lightning.diffusion.flow import Flow
 from genart_lightning.models.diffusion import PixelDiffusion
 from genart_lightning.models.latent_diffusion import LatentDiffusion
 from genart_lightning.models.vae import VAE
+from genart_lightning.nn.dit import DiTBackbone
 from genart_lightning.nn.unet import UNetBackbone
 
 pytestmark = pytest.mark.slow
@@ -83,4 +86,11 @@ def test_latent_diffusion_ddp_fit(shapes_shards_16px: dict, tmp_path) -> None:
     vae_trainer.save_checkpoint(vae_path)
     latent_tiny = {"image_size": 16, "backbone": UNetBackbone(**{**UNET, "channel_mult": [1], "attention_levels": [0]})}  # 8 x 8 latents
     model = LatentDiffusion(first_stage_ckpt=str(vae_path), ema_decay=0.9, **latent_tiny)
+    _assert_ranks_differ_and_agree(_fit_ddp(model, shapes_shards_16px, tmp_path))
+
+
+@pytest.mark.timeout(300)
+def test_flow_dit_ddp_fit(shapes_shards_16px: dict, tmp_path) -> None:
+    dit = DiTBackbone(patch_size=2, hidden_size=32, depth=2, num_heads=2)
+    model = PixelDiffusion(image_size=16, process=Flow(), backbone=dit, ema_decay=0.9)
     _assert_ranks_differ_and_agree(_fit_ddp(model, shapes_shards_16px, tmp_path))

@@ -52,7 +52,8 @@ def trained(shapes_shards_16px: dict, tmp_path_factory: pytest.TempPathFactory) 
     root = tmp_path_factory.mktemp("ddpm")
     L.seed_everything(0)
     data = _data(shapes_shards_16px)
-    model = PixelDiffusion(**TINY, process=VP(prediction="v"), lr=3e-3, warmup_steps=20, ema_decay=0.99, sample_steps=20)
+    model = PixelDiffusion(**TINY, process=VP(prediction="v"), lr=3e-3, warmup_steps=20, ema_decay=0.99, sample_steps=20,
+                           train_text_encoder=True)
     checkpoint = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=TRAIN_STEPS)
     trainer = _trainer(root, TRAIN_STEPS, callbacks=[checkpoint])
     before = trainer.validate(model, data, verbose=False)[0]["val/loss"]
@@ -80,7 +81,7 @@ def test_guided_samples_follow_the_prompted_colour(trained: dict) -> None:
 
     unguided, guided = hit_rate(0.0), hit_rate(5.0)  # 0 = the unconditional prediction only
     print(f"prompted colour rate: guided (scale 5) {guided:.2f}, unguided {unguided:.2f}, chance {1 / len(COLOURS):.2f}")
-    assert guided >= 2 * unguided and guided >= unguided + 0.15, (guided, unguided)
+    assert guided >= 0.5 and guided >= 2 * unguided, (guided, unguided)  # measured 0.73 / 0.17 (0.23 with a frozen encoder)
 
 
 @pytest.mark.slow
@@ -94,11 +95,12 @@ def test_sampling_is_reproducible_uses_ema_and_survives_the_checkpoint(trained: 
 
     checkpoint = torch.load(trained["ckpt"], weights_only=True)
     assert int(checkpoint["state_dict"]["ema.n_averaged"]) == TRAIN_STEPS  # EMA is saved, so a resumed run continues it
-    assert not any(k.startswith("text_encoder.") for k in checkpoint["state_dict"])  # frozen encoder rebuilt from its name
+    saved = checkpoint["state_dict"]
+    assert any(k.startswith("text_encoder.") for k in saved) and any(k.startswith("text_ema.") for k in saved)
     loaded = load_model(trained["ckpt"])
     torch.testing.assert_close(loaded.sample(4, prompts, seed=3, steps=8, sampler="ddim"), first)
-    with torch.no_grad():  # sample() reads the EMA copy only: wrecking the raw backbone changes nothing
-        for p in loaded.backbone.parameters():
+    with torch.no_grad():  # sample() reads the EMA copies only: wrecking the raw backbone and text tower changes nothing
+        for p in [*loaded.backbone.parameters(), *loaded.text_encoder.parameters()]:
             p.zero_()
     torch.testing.assert_close(loaded.sample(4, prompts, seed=3, steps=8, sampler="ddim"), first)
 
@@ -110,6 +112,25 @@ def test_genart_sample_command_writes_a_guided_grid(trained: dict, tmp_path, cap
             "--prompt", "a large blue square in the centre, white background", "--steps", "10", "--sampler", "dpmpp_2m",
             "--guidance", "4", "--seed", "0", "--out", str(out)])
     assert out.is_file() and "8 samples" in capsys.readouterr().out
+
+
+def test_train_text_encoder_trains_and_saves_the_tower_and_a_frozen_one_stays_out(shapes_shards_16px: dict, tmp_path) -> None:
+    towers = {}
+    for trainable in (False, True):
+        L.seed_everything(0)
+        model = PixelDiffusion(**TINY, train_text_encoder=trainable, lr=1e-3)
+        start = [p.detach().clone() for p in model.text_encoder.parameters()]
+        trainer = _trainer(tmp_path / str(trainable), 3)
+        trainer.fit(model, _data(shapes_shards_16px, batch_size=8))
+        moved = [not torch.equal(a, b) for a, b in zip(start, model.text_encoder.parameters(), strict=True)]
+        trainer.save_checkpoint(tmp_path / f"{trainable}.ckpt")
+        saved = torch.load(tmp_path / f"{trainable}.ckpt", weights_only=True)["state_dict"]
+        towers[trainable] = (any(moved), sum(k.startswith("text_encoder.") for k in saved))
+        if trainable:  # the reloaded model has the trained tower, not the seeded random init
+            loaded = load_model(tmp_path / "True.ckpt")
+            torch.testing.assert_close(loaded.text_encoder(["a red circle"]).pooled, model.text_encoder(["a red circle"]).pooled)
+    assert towers[False] == (False, 0)  # frozen: untouched, rebuilt from its name
+    assert towers[True][0] and towers[True][1] > 0
 
 
 def test_bad_settings_fail_with_one_clear_line() -> None:

@@ -17,11 +17,14 @@ def _ema_update(ema: list[Tensor], current: list[Tensor], num_averaged: Tensor, 
         torch._foreach_copy_(ema, current)
 
 
-def make_ema(net: nn.Module, decay: float) -> AveragedModel:
+def make_ema(net: nn.Module, decay: float, average_buffers: bool = True) -> AveragedModel:
     """EMA copy of `net`; buffers are averaged too so norm statistics follow. Update with `.update_parameters(net)`.
+
+    `average_buffers=False` keeps the copy's buffers as they were: for constant buffers such as a causal attention
+    mask of -inf, which an average would turn into NaN (-inf + w * (-inf - -inf)).
 
     The update is a module-level function (not torch's closure), so the model pickles: `ddp_spawn` works.
     """
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"EMA decay {decay} is outside [0, 1]; use e.g. 0.999")
-    return AveragedModel(net, multi_avg_fn=partial(_ema_update, decay=decay), use_buffers=True).requires_grad_(False)
+    return AveragedModel(net, multi_avg_fn=partial(_ema_update, decay=decay), use_buffers=average_buffers).requires_grad_(False)

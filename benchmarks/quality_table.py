@@ -1,0 +1,94 @@
+"""Quality per training budget and per sampling step: vp, edm and flow with the U-Net, flow with the DiT, on shapes.
+
+    python -m benchmarks.quality_table [--train-steps 3000] [--num-samples 400] [--out benchmarks/QUALITY.md]
+
+Every row trains its shipped shapes config (`genart fit`) for the same number of steps of batch 32 on the same
+shards, then `genart eval` scores guided samples (scale 4) at 10, 20 and 50 steps of the config's own sampler:
+all-attribute accuracy (the mean over the judged attributes, as `genart eval` reports it) and FID on the shapes judge's features. The
+latent DiT row trains experiments/vae_shapes.yaml first (600 steps). Runs and metrics stay under --work, so a
+cut-off run continues where it stopped (a finished fit or eval is not redone). Wall times are this machine's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS = {  # label -> (config, sampler)
+    "vp + U-Net (ddpm_shapes)": ("ddpm_shapes", "ddim"),
+    "edm + U-Net (edm_shapes)": ("edm_shapes", "heun"),
+    "flow + U-Net (flow_shapes)": ("flow_shapes", "euler"),
+    "flow + DiT, latents (flow_dit_shapes)": ("flow_dit_shapes", "euler"),
+}
+SAMPLE_STEPS = (10, 20, 50)
+VAE_STEPS = 600
+
+
+def genart(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "genart_lightning.cli", *args], cwd=REPO, check=True)
+
+
+def fit(config: str, steps: int, work: Path, data: Path, extra: tuple[str, ...] = ()) -> tuple[Path, float]:
+    """Train `config` for `steps` (skipped when its checkpoint exists); the checkpoint and the minutes it took."""
+    root = work / config
+    ckpt = root / "checkpoints" / "last.ckpt"
+    timing = root / "fit_minutes.txt"
+    if not ckpt.is_file():
+        start = time.perf_counter()
+        genart("fit", "--config", f"experiments/{config}.yaml", f"--trainer.max_steps={steps}",
+               f"--trainer.default_root_dir={root}", "--trainer.logger=false", "--trainer.callbacks=[]",
+               f"--checkpoint.dirpath={root / 'checkpoints'}", f"--checkpoint.every_n_train_steps={steps}",
+               f"--data.init_args.train_urls={data}/train-{{000000..000005}}.tar",
+               f"--data.init_args.val_urls={data}/val-000000.tar", "--sample_grid.every_n_steps=0", *extra)
+        timing.write_text(f"{(time.perf_counter() - start) / 60:.1f}")
+    return ckpt, float(timing.read_text())
+
+
+def evaluate(ckpt: Path, sampler: str, steps: int, num_samples: int, data: Path, out: Path) -> dict:
+    if not out.is_file():
+        genart("eval", "--ckpt", str(ckpt), "--data", f"{data}/val-000000.tar", "--num-samples", str(num_samples),
+               "--fid-features", "judge", "--guidance", "4", "--steps", str(steps), "--sampler", sampler,
+               "--out", str(out))
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train-steps", type=int, default=3000)
+    parser.add_argument("--num-samples", type=int, default=400)
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "quality")
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row labels (default: all)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "QUALITY.md")
+    args = parser.parse_args()
+    work = args.work / f"steps{args.train_steps}"
+    data = args.work / "shapes"
+    if not (data / "val-000000.tar").is_file():
+        genart("shards", "shapes", "--out", str(data), "--num-samples", "6000", "--image-size", "32", "--seed", "0")
+    lines = [f"Shapes at 32px on CPU, {args.train_steps} training steps of batch 32 per row, guidance 4, "
+             f"{args.num_samples} samples per cell (`python -m benchmarks.quality_table --train-steps {args.train_steps} "
+             f"--num-samples {args.num_samples}`).", "",
+             "| process + backbone | sampler | training | " + " | ".join(f"{s} steps: accuracy / FID" for s in SAMPLE_STEPS) + " |",
+             "|---|---|---|" + "---|" * len(SAMPLE_STEPS)]
+    for label in args.rows.split(","):
+        config, sampler = ROWS[label]
+        extra: tuple[str, ...] = ()
+        if config == "flow_dit_shapes":
+            vae, _ = fit("vae_shapes", VAE_STEPS, work, data)
+            extra = (f"--model.init_args.first_stage_ckpt={vae}",)
+        ckpt, minutes = fit(config, args.train_steps, work, data, extra)
+        cells = []
+        for steps in SAMPLE_STEPS:
+            metrics = evaluate(ckpt, sampler, steps, args.num_samples, data, work / config / f"eval_{sampler}_{steps}.json")
+            cells.append(f"{metrics['attribute_accuracy']:.2f} / {metrics['fid']:.2f}")
+        lines.append(f"| {label} | {sampler} | {minutes:.0f} min | " + " | ".join(cells) + " |")
+        args.out.write_text("\n".join(lines) + "\n")  # after every row: a cut-off run keeps what it measured
+    print(f"quality table: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
