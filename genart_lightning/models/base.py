@@ -16,8 +16,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from genart_lightning.nn.text_encoder import FrozenTextEncoder
+
 FAMILY_KEY = "genart_family"
 """Checkpoint entry naming the family class, so `genart sample` can rebuild any checkpoint."""
+
+TEXT_ENCODER_KEY = "genart_text_encoder"
+"""Checkpoint entry with the fingerprint of the frozen text encoder the weights were trained with."""
 
 
 NONFINITE_MODES = ("raise", "skip")
@@ -150,11 +155,31 @@ class GenerativeModel(L.LightningModule):
         """Give every rank its own random stream: the same seed on all ranks would repeat noise and timesteps."""
         torch.manual_seed(rank_seed(int(os.environ.get("PL_GLOBAL_SEED", "0")), self.global_rank))
 
+    def frozen_text_encoder(self) -> FrozenTextEncoder | None:
+        """The text encoder this model rebuilds from its name instead of storing (None if none or trained along)."""
+        text = getattr(self, "text_encoder", None)
+        return text if isinstance(text, FrozenTextEncoder) and not text.trainable else None
+
+    def check_text_encoder(self, checkpoint: dict, source: str = "the checkpoint") -> None:
+        """One line when the frozen text encoder built now is not the one `checkpoint` was trained with."""
+        saved, text = checkpoint.get(TEXT_ENCODER_KEY), self.frozen_text_encoder()
+        if saved is None or text is None or saved == text.fingerprint():
+            return
+        now = text.fingerprint()
+        raise ValueError(
+            f"{source} was trained with text encoder {saved['model']} ({saved['pretrained']}, weights {saved['sha256']}) "
+            f"but {now['model']} ({now['pretrained']}, weights {now['sha256']}) was built now; give the same "
+            "text_encoder / text_pretrained (file or tag) as in training, or pin the open_clip version it was trained with"
+        )
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[FAMILY_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
         checkpoint["nonfinite_skips"] = getattr(self, "nonfinite_skips", 0)
+        if (text := self.frozen_text_encoder()) is not None:
+            checkpoint[TEXT_ENCODER_KEY] = text.fingerprint()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.check_text_encoder(checkpoint)
         self.nonfinite_skips = checkpoint.get("nonfinite_skips", 0)
 
 

@@ -59,6 +59,8 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Ge
         )
         global_step = checkpoint.get("global_step")
     model = build_family(family, hyper_parameters)
+    if path.suffix != ".safetensors":
+        model.check_text_encoder(checkpoint, f"checkpoint {path}")
     model.load_state_dict(state_dict)
     model.loaded_from = {"path": str(path.resolve()), "global_step": global_step if path.suffix != ".safetensors" else None,
                          "git_commit": run_commit(path)}

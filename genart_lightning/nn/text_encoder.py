@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -101,7 +102,8 @@ class FrozenTextEncoder(nn.Module):
         super().__init__()
         clip, self.tokenizer = create_openclip(model_name, pretrained, cache_dir)
         clip.visual = None  # the image tower is not needed to read captions
-        self.trainable = trainable
+        self.model_name, self.pretrained, self.trainable = model_name, pretrained, trainable
+        self._fingerprint: dict[str, str] | None = None
         self.clip = clip.requires_grad_(trainable)
         self.context_length: int = clip.context_length
         self.token_dim: int = clip.transformer.width
@@ -114,6 +116,22 @@ class FrozenTextEncoder(nn.Module):
     def train(self, mode: bool = True) -> FrozenTextEncoder:
         """A frozen encoder stays in eval mode: dropout must not act."""
         return super().train(mode and self.trainable)
+
+    def fingerprint(self) -> dict[str, str]:
+        """What this encoder is: config name, pretrained tag or file, and a hash of its weights as built.
+
+        A frozen encoder is rebuilt from its name, so a checkpoint keeps this to refuse a different one (another
+        tag or file, or a random init that changed with an open_clip upgrade). Hashed once per process: about a
+        second per GB of weights.
+        """
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for name, tensor in sorted(self.clip.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+            self._fingerprint = {"model": self.model_name, "pretrained": str(self.pretrained or "random init"),
+                                 "sha256": digest.hexdigest()[:16]}
+        return self._fingerprint
 
     def tokenize(self, captions: Sequence[str]) -> Tensor:
         """Token ids [B, context_length]; longer captions are truncated (the end token is kept)."""
