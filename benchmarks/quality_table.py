@@ -20,9 +20,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = {  # label -> (config, sampler)
+    "flow + U-Net (flow_shapes)": ("flow_shapes", "euler"),
     "vp + U-Net (ddpm_shapes)": ("ddpm_shapes", "ddim"),
     "edm + U-Net (edm_shapes)": ("edm_shapes", "heun"),
-    "flow + U-Net (flow_shapes)": ("flow_shapes", "euler"),
     "flow + DiT, latents (flow_dit_shapes)": ("flow_dit_shapes", "euler"),
 }
 SAMPLE_STEPS = (10, 20, 50)

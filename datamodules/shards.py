@@ -21,7 +21,14 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls as wds_expand_urls
 from webdataset.tariterators import base_plus_ext
 
-from datamodules.stream import IMAGE_EXTENSIONS, has_image_and_caption, read_shard
+from datamodules.stream import (
+    IMAGE_EXTENSIONS,
+    MAX_IMAGE_PIXELS,
+    has_image_and_caption,
+    open_image,
+    oversized_problem,
+    read_shard,
+)
 
 SIZES_FILE = "sizes.json"
 """Per-directory JSON {shard file name: sample count}; lets the datamodule plan epochs without scanning tars."""
@@ -325,11 +332,13 @@ def inspect_shards(urls: str | list[str], require_caption: bool = True) -> dict:
 
 
 def _sample_problem(sample: dict, require_caption: bool, report: dict) -> str:
+    if (oversized := oversized_problem(sample)) is not None:
+        return f"{oversized[0]}: {oversized[1]}"
     if not has_image_and_caption(sample, require_caption):
         return "no image" if not has_image_and_caption(sample, False) else "no caption"
     ext = next(e for e in IMAGE_EXTENSIONS if e in sample)
     try:
-        with Image.open(io.BytesIO(sample[ext])) as image:
+        with open_image(sample[ext], MAX_IMAGE_PIXELS) as image:
             image.load()
             report["sizes"][image.size] += 1
         report["caption_chars"].append(len(sample.get("txt", b"").decode("utf-8").strip()))

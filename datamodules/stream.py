@@ -20,7 +20,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms.v2 import functional as F
 from webdataset.gopen import gopen
 
-from datamodules.tarstream import tar_members
+from datamodules.tarstream import MAX_MEMBER_BYTES, Oversized, tar_members
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 READ_EXTENSIONS = frozenset((*IMAGE_EXTENSIONS, "txt"))
@@ -84,12 +84,19 @@ class Transform:
         return image
 
 
-def read_shard(url: str, everything: bool = False) -> Iterator[dict]:
-    """Yield samples {"__key__", ext: bytes} of one tar, reading only image and caption members (all: `everything`)."""
+MAX_IMAGE_PIXELS = 8192 * 8192
+"""Default cap on an image's pixel count, checked from its header before decoding (decompression bombs)."""
+
+
+def read_shard(url: str, everything: bool = False, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[dict]:
+    """Yield samples {"__key__", ext: bytes} of one tar, reading only image and caption members (all: `everything`).
+
+    A member over `max_member_bytes` comes as `Oversized` (read past, never held); `untrusted_problem` names it.
+    """
     stream = gopen(url)
     current: dict | None = None
     try:
-        for (key, ext), data in tar_members(stream, _sample_member if everything else _wanted_member):
+        for (key, ext), data in tar_members(stream, _sample_member if everything else _wanted_member, max_member_bytes):
             if current is not None and key != current["__key__"]:
                 yield current
                 current = None
@@ -105,6 +112,25 @@ def read_shard(url: str, everything: bool = False) -> Iterator[dict]:
         stream.close()
     if current is not None:
         yield current
+
+
+def oversized_problem(sample: dict) -> tuple[str, str] | None:
+    """(reason, detail) when a member of `sample` was over the size cap and skipped."""
+    for ext, value in sample.items():
+        if isinstance(value, Oversized):
+            return "oversized member", (f".{ext} member of {value.size} bytes is over max_member_bytes={value.limit}; "
+                                        "re-encode it smaller or raise --data.max_member_bytes")
+    return None
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """A lazily decoded PIL image, refused from its header alone when it has more than `max_pixels` pixels."""
+    image = Image.open(io.BytesIO(data))
+    if image.width * image.height > max_pixels:
+        image.close()
+        raise ValueError(f"image of {image.width}x{image.height} pixels is over max_image_pixels={max_pixels} "
+                         "(a decompression bomb, or raise --data.max_image_pixels)")
+    return image
 
 
 def _sample_member(name: str) -> tuple[str, str] | None:
@@ -141,6 +167,8 @@ class StreamConfig:
     require_caption: bool
     strict: bool
     shuffle_buffer: int
+    max_member_bytes: int = MAX_MEMBER_BYTES
+    max_image_pixels: int = MAX_IMAGE_PIXELS
     slot_shards: list[list[int]] = field(default_factory=list)  # exact train: shard ids per slot
     slot_quotas: list[int] = field(default_factory=list)  # train: batches per slot
     resume: dict[int, tuple[int, int]] = field(default_factory=dict)  # slot -> (pops, batches) already consumed
@@ -217,9 +245,11 @@ class ShardStream(IterableDataset):
             url = cfg.urls[shard]
             key = "-"
             try:
-                for sample in read_shard(url):
+                for sample in read_shard(url, max_member_bytes=cfg.max_member_bytes):
                     key = sample["__key__"]
-                    if not any(e in sample for e in IMAGE_EXTENSIONS):
+                    if (oversized := oversized_problem(sample)) is not None:
+                        self._bad(*oversized[:1], url, key, oversized[1], skipped)
+                    elif not any(e in sample for e in IMAGE_EXTENSIONS):
                         self._bad("no image", url, key, "no .jpg/.jpeg/.png/.webp member", skipped)
                     elif cfg.require_caption and "txt" not in sample:
                         self._bad("no caption", url, key, "no .txt member", skipped)
@@ -246,7 +276,7 @@ class ShardStream(IterableDataset):
         except UnicodeDecodeError as exn:
             raise BadSample("bad caption", url, key, str(exn)) from None
         try:
-            with Image.open(io.BytesIO(raw[ext])) as image:
+            with open_image(raw[ext], cfg.max_image_pixels) as image:
                 if cfg.transform.resize:
                     image.draft("RGB", (cfg.transform.image_size, cfg.transform.image_size))  # JPEG: decode small
                 image.load()

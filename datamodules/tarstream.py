@@ -4,6 +4,10 @@ Why: a shard of small images is mostly headers. Python's tarfile parses every he
 webdataset's writer gives each member an extra PAX header), which costs ~4x the PNG decode of a 32px image. Here a
 header is a few slices of one 512-byte block. Reads ustar, PAX (path and size records) and GNU long-name archives,
 plain or gzip/bzip2/xz compressed, from any object with `read` (local files and `pipe:` streams alike).
+
+Shards are untrusted input: a member over `max_member_bytes` is read past in chunks and stands as `Oversized`
+(never allocated), PAX and GNU long-name headers are capped at MAX_HEADER_BYTES, and every malformed archive ends
+in a TarError after at most one pass over its bytes.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import gzip
 import lzma
 import struct
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import BinaryIO, TypeVar
 
 T = TypeVar("T")
@@ -24,6 +29,11 @@ REGULAR = frozenset(b"0\x007")
 NO_DATA = frozenset(b"123456")
 """Links, devices, directories and fifos: their size field does not announce data blocks."""
 PAX, GNU_LONG_NAME = ord("x"), ord("L")
+MAX_MEMBER_BYTES = 64 * 2**20
+"""Default cap on a member read into memory (the largest web image is far smaller)."""
+MAX_HEADER_BYTES = 2**20
+"""Cap on a PAX or GNU long-name header's data: real ones are a few hundred bytes."""
+SKIP_CHUNK = 2**20
 _SIGNED_BYTES = struct.Struct("148b8x356b")
 
 
@@ -31,29 +41,49 @@ class TarError(ValueError):
     """The stream is not a tar archive, or it ends inside a member."""
 
 
-def tar_members(stream: BinaryIO, select: Callable[[str], T | None]) -> Iterator[tuple[T, bytes]]:
-    """(select(name), contents) of every regular file whose `select` is not None; other members are read past."""
+@dataclass(frozen=True)
+class Oversized:
+    """In place of the contents of a member larger than the cap, which were read past, not kept."""
+
+    size: int
+    limit: int
+
+
+def tar_members(
+    stream: BinaryIO, select: Callable[[str], T | None], max_member_bytes: int = MAX_MEMBER_BYTES
+) -> Iterator[tuple[T, bytes | Oversized]]:
+    """(select(name), contents) of every regular file whose `select` is not None; other members are read past.
+
+    A selected member over `max_member_bytes` yields `Oversized` instead of its contents.
+    """
     stream, block = _open(stream)
     if not block:
         raise TarError("empty file")
     pending: dict[str, str] = {}  # path/size from a PAX or GNU long-name header, for the next member
-    while block and block != ZERO_BLOCK:  # tar writers end with zero blocks; a stream may also just stop
+    while block and block != ZERO_BLOCK:
         if len(block) < BLOCK:
             raise TarError(f"truncated header ({len(block)} of {BLOCK} bytes)")
         name, size, kind = _parse_header(block)
+        if kind in (PAX, GNU_LONG_NAME) and size > MAX_HEADER_BYTES:
+            raise TarError(f"{'PAX' if kind == PAX else 'GNU long-name'} header of {size} bytes (the cap is {MAX_HEADER_BYTES})")
         if kind == PAX:
             pending.update(_pax_records(_read_data(stream, size)))
         elif kind == GNU_LONG_NAME:
             pending["path"] = _cstring(_read_data(stream, size))
         else:
-            name, size = pending.get("path", name), int(pending.get("size", size))
+            name, size = pending.get("path", name), _pax_size(pending.get("size"), size)
             pending = {}
             selected = select(name) if kind in REGULAR else None
-            if selected is not None:
+            if selected is not None and size <= max_member_bytes:
                 yield selected, _read_data(stream, size)
+            elif selected is not None:
+                _skip_data(stream, size)
+                yield selected, Oversized(size, max_member_bytes)
             elif kind not in NO_DATA:
-                _read_data(stream, size)  # read, not seek: a member cut short must show as a truncated archive
+                _skip_data(stream, size)  # read, not seek: a member cut short must show as a truncated archive
         block = _read_up_to(stream, BLOCK)
+    if not block:  # every tar writer ends with zero blocks: a stream that just stops was cut (a killed writer)
+        raise TarError("archive ends without its end-of-archive blocks (truncated)")
 
 
 def _open(stream: BinaryIO) -> tuple[BinaryIO, bytes]:
@@ -109,6 +139,26 @@ def _pax_records(data: bytes) -> dict[str, str]:
             records[key.decode()] = value.decode("utf-8", "surrogateescape")
         pos += length
     return records
+
+
+def _pax_size(record: str | None, header_size: int) -> int:
+    if record is None:
+        return header_size
+    if not record.isdigit():
+        raise TarError(f"invalid PAX size record {record[:20]!r}")
+    return int(record)
+
+
+def _skip_data(stream: BinaryIO, size: int) -> None:
+    """Read past a member and its padding in bounded chunks (a size field may claim terabytes)."""
+    left = -(-size // BLOCK) * BLOCK
+    while left > 0:
+        got = len(stream.read(min(left, SKIP_CHUNK)))
+        if not got:
+            if left > -(-size // BLOCK) * BLOCK - size:  # only padding may be missing at the very end
+                raise TarError(f"truncated member (claims {size} bytes)")
+            return
+        left -= got
 
 
 def _read_data(stream: BinaryIO, size: int) -> bytes:

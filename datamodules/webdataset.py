@@ -21,7 +21,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from datamodules.distributed import rank_world
 from datamodules.loader import ShardLoader, pin_memory_default
 from datamodules.shards import count_samples, expand_urls, is_local
-from datamodules.stream import StreamConfig, Transform
+from datamodules.stream import MAX_IMAGE_PIXELS, StreamConfig, Transform
+from datamodules.tarstream import MAX_MEMBER_BYTES
 
 
 def existing_shards(urls: str | list[str], name: str) -> list[str]:
@@ -58,6 +59,8 @@ class TextImageDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         require_caption: bool = True,
         strict: bool = False,
+        max_member_bytes: int = MAX_MEMBER_BYTES,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
         seed: int = 0,
         pin_memory: bool | None = None,
     ):
@@ -77,6 +80,8 @@ class TextImageDataModule(L.LightningDataModule):
             shuffle_buffer: training samples shuffled in a buffer of this many per worker (1 = off).
             require_caption: skip samples without KEY.txt (False: they get caption "").
             strict: raise at the first unusable sample (naming shard and key) instead of skipping and counting.
+            max_member_bytes: a tar member larger than this is read past and counted ("oversized member"), never held.
+            max_image_pixels: an image with more pixels is refused from its header, before decoding ("corrupt image").
             seed: shard order, shuffling and flips; same seed, same epoch order.
             pin_memory: pin batches for faster GPU copies (default: when CUDA is available).
         """
@@ -116,6 +121,8 @@ class TextImageDataModule(L.LightningDataModule):
             epoch=0,
             require_caption=hp.require_caption,
             strict=hp.strict,
+            max_member_bytes=hp.max_member_bytes,
+            max_image_pixels=hp.max_image_pixels,
             shuffle_buffer=hp.shuffle_buffer if stage == "train" else 1,
         )
         pin = pin_memory_default() if hp.pin_memory is None else hp.pin_memory

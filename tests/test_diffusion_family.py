@@ -13,12 +13,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from datamodules.synthetic import COLOURS, caption_with_colour, dominant_shape_colour
 from datamodules.webdataset import TextImageDataModule
 from genart_lightning.cli import main as genart
+from genart_lightning.diffusion.flow import Flow
 from genart_lightning.diffusion.vp import VP
 from genart_lightning.models.diffusion import PixelDiffusion
 from genart_lightning.models.grids import save_grid
 from genart_lightning.models.latent_diffusion import LatentDiffusion
 from genart_lightning.models.loading import load_model
 from genart_lightning.models.vae import VAE
+from genart_lightning.nn.dit import DiTBackbone
 from genart_lightning.nn.unet import UNetBackbone
 
 TRAIN_STEPS = 600
@@ -182,7 +184,19 @@ def test_latent_diffusion_trains_on_scaled_latents_and_is_self_contained(shapes_
     trainer.fit(model, data)
     assert all(not p.requires_grad for p in model.first_stage.parameters()) and not model.first_stage.training
     trainer.save_checkpoint(tmp_path / "ldm.ckpt")
-    vae_path.unlink()  # the latent-diffusion checkpoint must not need the VAE file any more
+
+    dit = LatentDiffusion(first_stage_ckpt=str(vae_path), image_size=16, process=Flow(), ema_decay=0.9,
+                          backbone=DiTBackbone(patch_size=2, hidden_size=32, depth=2, num_heads=2))  # 16 latent patches
+    trainer_dit = _trainer(tmp_path / "dit", 3)
+    trainer_dit.fit(dit, data)
+    trainer_dit.save_checkpoint(tmp_path / "dit.ckpt")
+    with pytest.raises(ValueError, match="clip_x0=True clamps x0 estimates to .* LatentDiffusion diffuses unbounded"):
+        LatentDiffusion(first_stage_ckpt=str(vae_path), image_size=16, clip_x0=True)
+
+    vae_path.unlink()  # the latent-diffusion checkpoints must not need the VAE file any more
+    dit_samples = dit.eval().sample(2, ["a red circle", "a blue square"], seed=0, steps=3, sampler="heun")
+    torch.testing.assert_close(load_model(tmp_path / "dit.ckpt").sample(2, ["a red circle", "a blue square"], seed=0, steps=3,
+                                                                        sampler="heun"), dit_samples)
     loaded = load_model(tmp_path / "ldm.ckpt")
     expected = model.eval().sample(2, ["a red circle", "a blue square"], seed=0, steps=4, sampler="dpmpp_2m")
     torch.testing.assert_close(loaded.sample(2, ["a red circle", "a blue square"], seed=0, steps=4, sampler="dpmpp_2m"), expected)
