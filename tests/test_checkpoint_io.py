@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import signal
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from genart_lightning import UserError
+from genart_lightning.run import checkpoint_io
 from genart_lightning.run.checkpoint_io import AtomicCheckpointIO
 
 # Writes a second checkpoint over argv[1] through AtomicCheckpointIO, with torch.save slowed down so the
@@ -68,6 +71,23 @@ def test_failed_write_keeps_the_previous_checkpoint_and_leaves_no_temporary(tmp_
         io.save_checkpoint({"step": 2, "weights": torch.zeros(4), "lock": threading.Lock()}, path)
     assert torch.load(path, weights_only=True)["step"] == 1
     assert list(tmp_path.iterdir()) == [path]
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"),
+                                     RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0: No space left on device")])
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_disk_full_with_the_path(tmp_path: Path, monkeypatch, failure) -> None:
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint(checkpoint(1), path)
+
+    def write_then_fail(obj, f):
+        f.write(b"the first bytes of a checkpoint")
+        raise failure
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", write_then_fail)
+    with pytest.raises(UserError, match=f"^disk full: checkpoint {path} was not written \\(the previous one there is intact\\)"):
+        AtomicCheckpointIO().save_checkpoint(checkpoint(2), path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 1 and list(tmp_path.iterdir()) == [path]
 
 
 def test_storage_options_are_refused_and_file_urls_write_atomically(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
+
+from genart_lightning import UserError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -33,8 +36,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, Path(local_path))
 
 
+class DiskFullError(UserError, OSError):
+    """A checkpoint write ran out of space (or quota); the previous checkpoint under that name is intact."""
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    """ENOSPC / EDQUOT, raised as is by Python's writes or wrapped in a RuntimeError by torch's zip writer."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(err, RuntimeError) and ("No space left" in str(err) or "quota exceeded" in str(err).lower())
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """`torch.save` through a temporary file in the same directory, fsynced, then renamed over `path`."""
+    """`torch.save` through a temporary file in the same directory, fsynced, then renamed over `path`.
+
+    A full disk is one line naming the path (DiskFullError); the temporary is removed and the previous file stays.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
@@ -43,8 +60,11 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if _is_disk_full(err):
+            raise DiskFullError(f"disk full: checkpoint {path} was not written (the previous one there is intact); "
+                                f"free space on the filesystem of {path.parent} or point the run elsewhere") from None
         raise
     _fsync_dir(path.parent)
     # Temporaries of writers killed before their rename (SIGKILL skips the cleanup above).
