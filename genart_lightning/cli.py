@@ -87,9 +87,22 @@ def condense_config_error(message: str) -> str:
     if key and problems:
         cls = re.search(r"'([^']+)'", lines[problems[0]])
         detail = lines[problems[0] + 1] if problems[0] + 1 < len(lines) else ""
-        return (f"config key {key.group(1)} ({cls.group(1) if cls else 'class'}): {detail.rstrip('.')}; "
-                f"check the spelling against `genart fit --help` (or --{key.group(1)}.help CLASS)")
+        where = f"config key {key.group(1)} ({cls.group(1) if cls else 'class'}): {detail.rstrip('.')}; "
+        return where + (moved_argument_hint(detail) or
+                        f"check the spelling against `genart fit --help` (or --{key.group(1)}.help CLASS)")
     return " ".join(lines[:2]) + ("" if len(lines) <= 2 else " (more with --debug)")
+
+
+def moved_argument_hint(detail: str) -> str | None:
+    """For a diffusion argument that moved into `process:` or `backbone:`, where to write it now."""
+    from genart_lightning.models.diffusion import LEGACY_PROCESS_ARGUMENTS, LEGACY_UNET_ARGUMENTS
+
+    name = re.search(r"Option '([^']+)' is not accepted", detail)
+    if name is None or name.group(1) not in (*LEGACY_PROCESS_ARGUMENTS, *LEGACY_UNET_ARGUMENTS):
+        return None
+    part, cls = (("process", "genart_lightning.diffusion.vp.VP") if name.group(1) in LEGACY_PROCESS_ARGUMENTS
+                 else ("backbone", "genart_lightning.nn.unet.UNetBackbone"))
+    return f"{name.group(1)} moved into the model's {part}: write {part}: {{class_path: {cls}, init_args: {{{name.group(1)}: ...}}}}"
 
 
 def release_process_group() -> None:

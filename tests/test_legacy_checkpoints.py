@@ -57,3 +57,15 @@ def test_an_old_class_path_in_a_config_names_the_new_one(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {moved_class_error(['--config', str(config)])}"]
+
+
+def test_a_flat_diffusion_argument_of_an_old_config_says_where_it_moved(tmp_path):
+    config = tmp_path / "old.yaml"
+    model = {"class_path": "genart_lightning.models.diffusion.PixelDiffusion", "init_args": {"image_size": 16, "base_channels": 8}}
+    config.write_text(yaml.safe_dump({"model": model}))
+    result = subprocess.run([sys.executable, "-m", "genart_lightning.cli", "fit", "--config", str(config), "--print_config"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.endswith("base_channels moved into the model's backbone: write backbone: {class_path: "
+                         "genart_lightning.nn.unet.UNetBackbone, init_args: {base_channels: ...}}"), line
