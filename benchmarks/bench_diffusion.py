@@ -12,7 +12,6 @@ peak; on CPU the same figure is reported against the measured fp32 matmul peak o
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 
 import torch
@@ -23,7 +22,7 @@ from torch.utils.data import DataLoader
 from benchmarks.common import (
     CLOCK,
     Comparison,
-    clock,
+    baseline_steps,
     fix_threads,
     interleaved_fit,
     loader,
@@ -31,7 +30,6 @@ from benchmarks.common import (
     optimizer_step_ms,
     parameter_count,
     step_flops,
-    sync,
 )
 from genart_lightning.models.diffusion import PixelDiffusion
 from genart_lightning.nn.text_encoder import FrozenTextEncoder
@@ -78,29 +76,20 @@ def diffusers_loop(unet: nn.Module, text: FrozenTextEncoder | None, batches: Dat
 
     device = torch.device("cuda" if gpu else "cpu")
     scheduler = DDPMScheduler(num_train_timesteps=1000)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
-    stream = iter(batches)
 
-    def run(n: int) -> float:
-        sync(device)
-        start = clock()
-        for batch in itertools.islice(stream, n):
-            x0 = batch["image"].to(device, non_blocking=True)
-            noise = torch.randn_like(x0)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), device=device)
-            kwargs = {}
-            if text is not None:
-                emb = text(batch["caption"])
-                kwargs = {"encoder_hidden_states": emb.tokens, "encoder_attention_mask": emb.mask, "class_labels": emb.pooled}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
-                pred = unet(scheduler.add_noise(x0, noise, t), t, **kwargs).sample
-            F.mse_loss(pred.float(), noise.float()).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        sync(device)
-        return (clock() - start) / n
+    def loss(batch: dict) -> torch.Tensor:
+        x0 = batch["image"].to(device, non_blocking=True)
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), device=device)
+        kwargs = {}
+        if text is not None:
+            emb = text(batch["caption"])
+            kwargs = {"encoder_hidden_states": emb.tokens, "encoder_attention_mask": emb.mask, "class_labels": emb.pooled}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+            pred = unet(scheduler.add_noise(x0, noise, t), t, **kwargs).sample
+        return F.mse_loss(pred.float(), noise.float())
 
-    return run
+    return baseline_steps(loss, unet, batches, device)
 
 
 def flops_per_step(net: nn.Module, text: FrozenTextEncoder | None, ours: bool, device: torch.device) -> float:

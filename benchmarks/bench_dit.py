@@ -9,7 +9,6 @@ it (EMA update, caption dropout, pooled text in adaLN); the baseline is a plain 
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 
 import torch
@@ -20,12 +19,11 @@ from torch.utils.data import DataLoader
 from benchmarks.common import (
     CLOCK,
     Comparison,
-    clock,
+    baseline_steps,
     fix_threads,
     interleaved_fit,
     loader,
     parameter_count,
-    sync,
 )
 from genart_lightning.diffusion.flow import Flow
 from genart_lightning.models.diffusion import PixelDiffusion
@@ -48,28 +46,19 @@ def pixart(text: FrozenTextEncoder) -> nn.Module:
 def pixart_loop(net: nn.Module, text: FrozenTextEncoder, batches: DataLoader, gpu: bool) -> Callable[[int], float]:
     """A flow-matching step over PixArt: x_t = (1 - t) x0 + t eps, velocity target, logit-normal t."""
     device = torch.device("cuda" if gpu else "cpu")
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    stream = iter(batches)
 
-    def run(n: int) -> float:
-        sync(device)
-        start = clock()
-        for batch in itertools.islice(stream, n):
-            x0 = batch["image"].to(device, non_blocking=True)
-            noise = torch.randn_like(x0)
-            t = torch.sigmoid(torch.randn(x0.shape[0], device=device))
-            tb = t.view(-1, 1, 1, 1)
-            emb = text(batch["caption"])
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
-                out = net((1 - tb) * x0 + tb * noise, encoder_hidden_states=emb.tokens, timestep=1000 * t,
-                          encoder_attention_mask=emb.mask.long(), added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
-            F.mse_loss(out.float(), (noise - x0).float()).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        sync(device)
-        return (clock() - start) / n
+    def loss(batch: dict) -> torch.Tensor:
+        x0 = batch["image"].to(device, non_blocking=True)
+        noise = torch.randn_like(x0)
+        t = torch.sigmoid(torch.randn(x0.shape[0], device=device))
+        tb = t.view(-1, 1, 1, 1)
+        emb = text(batch["caption"])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+            out = net((1 - tb) * x0 + tb * noise, encoder_hidden_states=emb.tokens, timestep=1000 * t,
+                      encoder_attention_mask=emb.mask.long(), added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        return F.mse_loss(out.float(), (noise - x0).float())
 
-    return run
+    return baseline_steps(loss, net, batches, device)
 
 
 def main(quick: bool = False) -> list[Comparison]:

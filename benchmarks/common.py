@@ -8,6 +8,7 @@ per-block numbers, and their ratio, are what we report.
 from __future__ import annotations
 
 import inspect
+import itertools
 import os
 import platform
 import statistics
@@ -226,6 +227,26 @@ class FixedBatches(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return self.batch
+
+
+def baseline_steps(loss: Callable[[dict], torch.Tensor], net: torch.nn.Module, batches: DataLoader,
+                   device: torch.device) -> Callable[[int], float]:
+    """A plain training loop over `batches` (AdamW lr 1e-4 on `net`, `loss(batch)` then backward and step), as the
+    baselines of diffusers' examples run it; returns `run(n) -> seconds per step`, timed between device syncs."""
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    stream = iter(batches)
+
+    def run(n: int) -> float:
+        sync(device)
+        start = clock()
+        for batch in itertools.islice(stream, n):
+            loss(batch).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        return (clock() - start) / n
+
+    return run
 
 
 def loader(batch: dict, length: int) -> DataLoader:

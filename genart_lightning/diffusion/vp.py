@@ -43,12 +43,16 @@ class VP(Process):
         self.schedule, self.timesteps, self.zero_terminal_snr = schedule, timesteps, zero_terminal_snr
         self.prediction, self.min_snr_gamma, self.rho = prediction, min_snr_gamma, rho
         self.alphas_cumprod = make_schedule(schedule, timesteps, zero_terminal_snr)
+        self._schedule_on: dict[torch.device, Tensor] = {}  # copies per device: one transfer, not one per step
         # sigma is infinite at SNR 0, so Karras sigmas need a finite top level
+        self._log_sigmas = self.sigmas().log()
         self.samplers = ("ddim", "ddpm", "dpmpp_2m") + (() if zero_terminal_snr else KARRAS_SAMPLERS)
 
     def loss(self, net: Network, x0: Tensor, noise: Tensor, u: Tensor, weighted: bool = True) -> Tensor:
         t = (u * self.timesteps).long().clamp(0, self.timesteps - 1).to(x0.device)
-        alpha_bar = self.alphas_cumprod.to(x0.device)[t]
+        if x0.device not in self._schedule_on:
+            self._schedule_on[x0.device] = self.alphas_cumprod.to(x0.device)
+        alpha_bar = self._schedule_on[x0.device][t]
         a = bcast(alpha_bar, x0)
         out = net(a.sqrt() * x0 + (1 - a).sqrt() * noise, t.float())
         target = check_prediction(self.prediction).target(x0, noise, a)
@@ -94,7 +98,7 @@ class VP(Process):
 
     def timestep_of_sigma(self, sigma: float) -> float:
         """The fractional training timestep whose sigma this is: linear in log sigma between neighbours."""
-        log_sigmas = self.sigmas().log()
+        log_sigmas = self._log_sigmas
         target = math.log(sigma)
         high = int(torch.searchsorted(log_sigmas, torch.tensor(target, dtype=log_sigmas.dtype)).clamp(1, len(log_sigmas) - 1))
         low = high - 1

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from genart_lightning.nn.attention import Attention
-from genart_lightning.nn.backbone import Backbone, timestep_embedding
+from genart_lightning.nn.backbone import Backbone, run_block, timestep_embedding
 
 FREQUENCY_DIM = 256
 """Width of the sinusoidal timestep features before the embedding MLP (DiT's choice)."""
@@ -121,10 +120,7 @@ class DiT(nn.Module):
             c = c + self.pooled_embed(pooled.to(c.dtype))
         context = self.context_embed(context.to(c.dtype)) if self.context_embed is not None and context is not None else None
         for block in self.blocks:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, c, context, context_mask, use_reentrant=False)
-            else:
-                tokens = block(tokens, c, context, context_mask)
+            tokens = run_block(block, self.gradient_checkpointing, tokens, c, context, context_mask)
         shift, scale = self.final_modulation(c).chunk(2, dim=-1)
         out = self.final(modulate(self.final_norm(tokens), shift, scale))  # [B, h*w, p*p*C]
         out = out.reshape(b, h, w, p, p, self.out_channels).permute(0, 5, 1, 3, 2, 4)

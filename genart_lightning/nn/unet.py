@@ -7,10 +7,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from genart_lightning.nn.attention import SelfAttention2d, SpatialTransformer, group_norm
-from genart_lightning.nn.backbone import Backbone, timestep_embedding
+from genart_lightning.nn.backbone import Backbone, run_block, timestep_embedding
 
 ATTENTION_BLOCKS = ("transformer", "plain")
 """U-Net attention block kinds: latent diffusion's transformer block (self + cross attention + MLP), DDPM's plain one."""
@@ -149,10 +148,7 @@ class UNet(nn.Module):
         self.base_channels = base_channels
 
     def _run(self, layer: Layer, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            # recompute activations in backward: memory ~ one layer instead of the whole net
-            return checkpoint(layer, h, emb, context, mask, use_reentrant=False)
-        return layer(h, emb, context, mask)
+        return run_block(layer, self.gradient_checkpointing, h, emb, context, mask)
 
     def forward(
         self,
