@@ -7,7 +7,7 @@ import torch
 
 from genart_lightning.diffusion.flow import Flow
 from genart_lightning.models.diffusion import PixelDiffusion
-from genart_lightning.nn.dit import DiT, DiTBackbone, DiTBlock, sincos_position_embedding
+from genart_lightning.nn.dit import DiT, DiTBackbone, sincos_position_embedding
 
 
 def tiny_dit(**kwargs) -> DiT:
@@ -91,5 +91,5 @@ def test_pooled_only_conditioning_builds_no_cross_attention():
     model = PixelDiffusion(image_size=16, process=Flow(), conditioning="pooled",
                            backbone=DiTBackbone(patch_size=2, hidden_size=32, depth=1, num_heads=2))
     assert model.backbone.context_embed is None and all(b.cross_attn is None for b in model.backbone.blocks)
-    assert isinstance(model.backbone.blocks[0], DiTBlock) and model.backbone.pooled_embed is not None
+    assert model.backbone.pooled_embed is not None
     assert set(model.encode_text(["a red circle"])) == {"pooled"}
