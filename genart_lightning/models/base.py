@@ -61,6 +61,11 @@ class FirstStage(Protocol):
         """The factor `encode` applies so that latents have unit variance."""
         ...
 
+    @property
+    def image_channels(self) -> int:
+        """Channels of the images `decode` returns."""
+        ...
+
 
 class GenerativeModel(L.LightningModule):
     """Base class of all families; configs may only name its subclasses (LightningCLI subclass mode)."""
@@ -160,23 +165,31 @@ class GenerativeModel(L.LightningModule):
         text = getattr(self, "text_encoder", None)
         return text if isinstance(text, FrozenTextEncoder) and not text.trainable else None
 
+    def frozen_fingerprints(self) -> dict[str, dict[str, str]]:
+        """Checkpoint entry -> fingerprint of each frozen part this model rebuilds from its source instead of storing."""
+        text = self.frozen_text_encoder()
+        return {TEXT_ENCODER_KEY: text.fingerprint()} if text is not None else {}
+
     def check_text_encoder(self, checkpoint: dict, source: str = "the checkpoint") -> None:
-        """One line when the frozen text encoder built now is not the one `checkpoint` was trained with."""
-        saved, text = checkpoint.get(TEXT_ENCODER_KEY), self.frozen_text_encoder()
-        if saved is None or text is None or saved == text.fingerprint():
-            return
-        now = text.fingerprint()
-        raise ValueError(
-            f"{source} was trained with text encoder {saved['model']} ({saved['pretrained']}, weights {saved['sha256']}) "
-            f"but {now['model']} ({now['pretrained']}, weights {now['sha256']}) was built now; give the same "
-            "text_encoder / text_pretrained (file or tag) as in training, or pin the open_clip version it was trained with"
-        )
+        """One line when a frozen part built now (text encoder, pretrained first stage) is not the one `checkpoint`
+        was trained with."""
+        for key, now in self.frozen_fingerprints().items():
+            saved = checkpoint.get(key)
+            if saved is None or saved == now:
+                continue
+            if key == TEXT_ENCODER_KEY:
+                raise ValueError(
+                    f"{source} was trained with text encoder {saved['model']} ({saved['pretrained']}, weights {saved['sha256']}) "
+                    f"but {now['model']} ({now['pretrained']}, weights {now['sha256']}) was built now; give the same "
+                    "text_encoder / text_pretrained (file or tag) as in training, or pin the open_clip version it was trained with"
+                )
+            raise ValueError(f"{source} was trained with the frozen {key.removeprefix('genart_').replace('_', ' ')} "
+                             f"{saved} but {now} was built now; point it at the weights it was trained with")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[FAMILY_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
         checkpoint["nonfinite_skips"] = getattr(self, "nonfinite_skips", 0)
-        if (text := self.frozen_text_encoder()) is not None:
-            checkpoint[TEXT_ENCODER_KEY] = text.fingerprint()
+        checkpoint.update(self.frozen_fingerprints())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.check_text_encoder(checkpoint)

@@ -62,6 +62,7 @@ class DiffusionModel(GenerativeModel):
         text_encoder: str | None = "genart-tiny",
         text_pretrained: str | None = None,
         text_cache_dir: str | None = None,
+        text_layer: str = "final",
         train_text_encoder: bool = False,
         text_lr_multiplier: float = 0.1,
         lr: float = 1e-4,
@@ -90,7 +91,8 @@ class DiffusionModel(GenerativeModel):
             raise ValueError(f"clip_x0=True clamps x0 estimates to [-1, 1], but {type(self).__name__} diffuses unbounded "
                              "latents; leave clip_x0 unset (it clamps in pixel space only)")
         self.clip_x0 = self.bounded_space if clip_x0 is None else clip_x0
-        self.text_encoder = (FrozenTextEncoder(text_encoder, text_pretrained, text_cache_dir, trainable=train_text_encoder)
+        self.text_encoder = (FrozenTextEncoder(text_encoder, text_pretrained, text_cache_dir, trainable=train_text_encoder,
+                                               layer=text_layer)
                              if text_encoder else None)
         if train_text_encoder and self.text_encoder is None:
             raise ValueError("train_text_encoder=True needs a text_encoder; name one or set train_text_encoder=False")

@@ -5,22 +5,27 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from genart_lightning.diffusion.process import Process
 from genart_lightning.diffusion.vp import VP
 from genart_lightning.models.base import FirstStage
 from genart_lightning.models.diffusion import DiffusionModel
 from genart_lightning.models.loading import build_family, load_model
+from genart_lightning.models.parts import build_part, part_config
+
+FIRST_STAGE_KEY = "genart_first_stage"
+"""Checkpoint entry with the fingerprint of a pretrained first stage rebuilt from its path."""
 
 
 class LatentDiffusion(DiffusionModel):
     """Diffuses `first_stage.encode(images)` (latents already multiplied by the VAE's latent scale).
 
-    The first stage is read once from `first_stage_ckpt` (a VAE checkpoint written by `genart fit`);
-    its family and hyperparameters are then kept in this model's hyperparameters and its weights in
-    this model's state_dict, so a latent-diffusion checkpoint is self-contained: sampling from it
-    does not need the VAE checkpoint any more. Images are decoded only for grids and evaluation.
+    The first stage is either a genart VAE read once from `first_stage_ckpt` (a checkpoint written by `genart fit`;
+    its family and hyperparameters are then kept in this model's hyperparameters and its weights in this model's
+    state_dict, so sampling does not need the VAE checkpoint any more), or a pretrained part named by `first_stage`
+    (`{class_path: genart_lightning.nn.diffusers_parts.DiffusersAutoencoder, init_args: {path: ...}}`), rebuilt
+    from its path and fingerprinted in the checkpoint. Images are decoded only for grids and evaluation.
     The old `schedule` argument is the process's now: `process: {class_path: ...VP, init_args: {schedule: ...}}`.
     """
 
@@ -29,10 +34,16 @@ class LatentDiffusion(DiffusionModel):
         first_stage_ckpt: str = "",
         first_stage_family: str | None = None,
         first_stage_hparams: dict | None = None,
+        first_stage: dict | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        if first_stage_hparams is None:
+        if first_stage is not None:
+            if first_stage_ckpt:
+                raise ValueError("give either first_stage_ckpt (a genart VAE) or first_stage (a pretrained part), not both")
+            first_stage = build_part(first_stage, nn.Module, nn.Module, "first_stage")
+            self.hparams["first_stage"] = part_config(first_stage)
+        elif first_stage_hparams is None:
             if not first_stage_ckpt:
                 raise ValueError("LatentDiffusion needs first_stage_ckpt (--model.init_args.first_stage_ckpt=path/to/vae.ckpt)")
             first_stage = load_model(first_stage_ckpt)
@@ -43,8 +54,8 @@ class LatentDiffusion(DiffusionModel):
             first_stage = build_family(first_stage_family, first_stage_hparams)  # weights come with our state_dict
         if not isinstance(first_stage, FirstStage):
             raise ValueError(
-                f"first stage {type(first_stage).__name__} from {first_stage_ckpt!r} does not keep the FirstStage contract "
-                "(encode, decode, latent_shape, scaling); use a VAE checkpoint"
+                f"first stage {type(first_stage).__name__} from {first_stage_ckpt or 'first_stage'!r} does not keep the "
+                "FirstStage contract (encode, decode, latent_shape, scaling, image_channels); use a VAE"
             )
         self.first_stage = first_stage.eval().requires_grad_(False)
         self.latent_shape = tuple(first_stage.latent_shape(self.hparams.image_size))
@@ -64,7 +75,14 @@ class LatentDiffusion(DiffusionModel):
         return self.latent_shape
 
     def image_shape(self) -> tuple[int, int, int]:
-        return self.first_stage.image_shape()
+        return (self.first_stage.image_channels, self.hparams.image_size, self.hparams.image_size)
+
+    def frozen_fingerprints(self) -> dict[str, dict[str, str]]:
+        """Also the pretrained first stage's, which is rebuilt from its path (a genart VAE is stored instead)."""
+        out = super().frozen_fingerprints()
+        if hasattr(self.first_stage, "fingerprint"):
+            out[FIRST_STAGE_KEY] = self.first_stage.fingerprint()
+        return out
 
     @torch.no_grad()
     def to_diffusion_space(self, images: Tensor) -> Tensor:

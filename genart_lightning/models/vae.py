@@ -121,6 +121,10 @@ class VAE(GenerativeModel):
         """Factor that gives posterior-mean latents unit variance; `encode` applies it, `decode` undoes it."""
         return float(self._latent_scale)
 
+    @property
+    def image_channels(self) -> int:
+        return self.hparams.in_channels
+
     def image_shape(self) -> tuple[int, int, int]:
         return (self.hparams.in_channels, self.hparams.image_size, self.hparams.image_size)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -13,6 +12,11 @@ from pathlib import Path
 import open_clip
 import torch
 from torch import Tensor, nn
+
+from genart_lightning.nn.frozen import keep_out_of_state_dict, weights_digest
+
+TEXT_LAYERS = ("final", "penultimate")
+"""Which transformer layer's token states the backbone reads: SD 1.x reads the final, SD 2.x and SDXL the penultimate."""
 
 TINY_MODEL = "genart-tiny"
 """A random-init OpenCLIP config that ships with the package: offline runs and tests."""
@@ -28,7 +32,7 @@ class WeightsNotFoundError(RuntimeError):
 class TextEmbedding:
     """Per-token states for cross-attention and one pooled vector per caption."""
 
-    tokens: Tensor  # [B, L, D] final-layer token states
+    tokens: Tensor  # [B, L, D] token states of the chosen layer, after the final layer norm
     pooled: Tensor  # [B, E] projected embedding (what CLIP compares with images)
     mask: Tensor  # [B, L] True where a real token (incl. start/end) stands
 
@@ -94,12 +98,17 @@ class FrozenTextEncoder(nn.Module):
 
     Keeping it out is what makes a 350M-parameter encoder cost nothing per checkpoint; the tiny config is seeded,
     so it rebuilds to the same weights. `trainable=True` (diffusers' `--train_text_encoder`) trains it with the
-    model: its weights then are in the state dict like any other.
+    model: its weights then are in the state dict like any other. `layer="penultimate"` gives the token states of
+    the last-but-one block (through the final layer norm, as Stable Diffusion 2 reads OpenCLIP ViT-H-14); the pooled
+    vector always comes from the final block.
     """
 
     def __init__(self, model_name: str = TINY_MODEL, pretrained: str | None = None, cache_dir: str | None = None,
-                 trainable: bool = False) -> None:
+                 trainable: bool = False, layer: str = "final") -> None:
         super().__init__()
+        if layer not in TEXT_LAYERS:
+            raise ValueError(f"unknown text layer {layer!r} (from --model.init_args.text_layer); choose final or penultimate")
+        self.layer = layer
         clip, self.tokenizer = create_openclip(model_name, pretrained, cache_dir)
         clip.visual = None  # the image tower is not needed to read captions
         self.model_name, self.pretrained, self.trainable = model_name, pretrained, trainable
@@ -109,9 +118,7 @@ class FrozenTextEncoder(nn.Module):
         self.token_dim: int = clip.transformer.width
         self.pooled_dim: int = clip.text_projection.shape[-1] if clip.text_projection is not None else self.token_dim
         if not trainable:
-            self.register_state_dict_post_hook(_drop_own_keys)
-            self.register_load_state_dict_pre_hook(_note_load_prefix)
-            self.register_load_state_dict_post_hook(_ignore_own_missing_keys)
+            keep_out_of_state_dict(self)
 
     def train(self, mode: bool = True) -> FrozenTextEncoder:
         """A frozen encoder stays in eval mode: dropout must not act."""
@@ -125,12 +132,8 @@ class FrozenTextEncoder(nn.Module):
         second per GB of weights.
         """
         if self._fingerprint is None:
-            digest = hashlib.sha256()
-            for name, tensor in sorted(self.clip.state_dict().items()):
-                digest.update(name.encode())
-                digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
             self._fingerprint = {"model": self.model_name, "pretrained": str(self.pretrained or "random init"),
-                                 "sha256": digest.hexdigest()[:16]}
+                                 "sha256": weights_digest(self.clip)}
         return self._fingerprint
 
     def tokenize(self, captions: Sequence[str]) -> Tensor:
@@ -147,26 +150,27 @@ class FrozenTextEncoder(nn.Module):
         ids = self.tokenize(captions).to(device)
         clip = self.clip
         x = clip.token_embedding(ids) + clip.positional_embedding
-        x = clip.transformer(x, attn_mask=clip.attn_mask)
-        x = clip.ln_final(x)
+        if self.layer == "final":
+            x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask))
+            tokens = x
+        else:
+            tokens, x = self._penultimate_and_final(x)
         pooled = open_clip.transformer.text_global_pool(x, ids, clip.text_pool_type)
         if isinstance(pooled, tuple):
             pooled = pooled[0]
         if clip.text_projection is not None:
             pooled = clip.text_projection(pooled) if isinstance(clip.text_projection, nn.Linear) else pooled @ clip.text_projection
-        return TextEmbedding(tokens=x, pooled=pooled, mask=ids != 0)
+        return TextEmbedding(tokens=tokens, pooled=pooled, mask=ids != 0)
 
-
-def _drop_own_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        del state_dict[key]
-
-
-def _note_load_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
-    module._load_prefix = prefix  # where this encoder sits in the model being loaded, for the post hook
-
-
-def _ignore_own_missing_keys(module: nn.Module, incompatible_keys) -> None:
-    """The frozen encoder is not saved with the model (it is rebuilt from its name): its keys are not missing."""
-    prefix = module.__dict__.pop("_load_prefix", "")
-    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(prefix)]
+    def _penultimate_and_final(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Layer-normed states after the last-but-one and after the last block (one pass through the tower)."""
+        transformer, mask = self.clip.transformer, self.clip.attn_mask
+        if not transformer.batch_first:
+            x = x.transpose(0, 1)
+        *body, last = transformer.resblocks
+        for block in body:
+            x = block(x, attn_mask=mask)
+        penultimate, final = x, last(x, attn_mask=mask)
+        if not transformer.batch_first:
+            penultimate, final = penultimate.transpose(0, 1), final.transpose(0, 1)
+        return self.clip.ln_final(penultimate), self.clip.ln_final(final)

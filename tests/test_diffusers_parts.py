@@ -1,0 +1,140 @@
+"""diffusers models as parts, on tiny random-init models saved the way the hubs store them (`save_pretrained`):
+an AutoencoderKL as first stage (equal to diffusers' own encode/decode), a UNet2DConditionModel as backbone,
+OpenCLIP's penultimate layer, and the one-line errors for a missing directory, a wrong one, or a missing extra."""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from datamodules.webdataset import TextImageDataModule
+from genart_lightning import UserError
+from genart_lightning.diffusion.flow import Flow
+from genart_lightning.models.latent_diffusion import FIRST_STAGE_KEY, LatentDiffusion
+from genart_lightning.models.loading import load_model
+from genart_lightning.nn.diffusers_parts import DiffusersAutoencoder, DiffusersUNetBackbone, load_pretrained
+from genart_lightning.nn.text_encoder import FrozenTextEncoder
+
+diffusers = pytest.importorskip("diffusers")
+
+VAE_SCALING, VAE_SHIFT = 0.6, 0.2
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny AutoencoderKL (16px -> 4 x 8 x 8, with SD3-style shift) and a UNet2DConditionModel over its latents
+    cross-attending to the tiny text tower's 64-wide tokens, each in its own save_pretrained directory."""
+    root = tmp_path_factory.mktemp("pretrained")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                                  norm_num_groups=8, sample_size=16, scaling_factor=VAE_SCALING, shift_factor=VAE_SHIFT)
+    unet = diffusers.UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                          layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+                                          attention_head_dim=8, norm_num_groups=8)
+    vae.save_pretrained(root / "vae")
+    unet.save_pretrained(root / "unet")
+    return {"vae": str(root / "vae"), "unet": str(root / "unet"), "root": root}
+
+
+def _parts(pretrained: dict) -> dict:
+    return dict(image_size=16, process=Flow(), conditioning="tokens", sample_steps=4, lr=1e-3,
+                first_stage={"class_path": "genart_lightning.nn.diffusers_parts.DiffusersAutoencoder",
+                             "init_args": {"path": pretrained["vae"]}},
+                backbone=DiffusersUNetBackbone(path=pretrained["unet"]))
+
+
+def test_first_stage_equals_diffusers_own_encode_and_decode(pretrained):
+    ours = DiffusersAutoencoder(pretrained["vae"])
+    reference = diffusers.AutoencoderKL.from_pretrained(pretrained["vae"]).eval()
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        expected = (reference.encode(images).latent_dist.mean - VAE_SHIFT) * VAE_SCALING
+        latents = ours.encode(images)
+        assert latents.shape == (2, *ours.latent_shape(16)) == (2, 4, 8, 8)
+        torch.testing.assert_close(latents, expected, atol=1e-5, rtol=0)
+        decoded = reference.decode(expected / VAE_SCALING + VAE_SHIFT).sample.clamp(-1, 1)
+        torch.testing.assert_close(ours.decode(latents), decoded, atol=1e-5, rtol=0)
+        sampled = DiffusersAutoencoder(pretrained["vae"], sample_posterior=True).encode(images)
+        assert not torch.allclose(sampled, latents)  # the switch samples the posterior instead of taking its mean
+
+
+@pytest.mark.slow
+def test_latent_diffusion_trains_over_diffusers_vae_and_unet(pretrained, shapes_shards_16px, tmp_path):
+    L.seed_everything(0)
+    model = LatentDiffusion(**_parts(pretrained))
+    start = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    data = TextImageDataModule(shapes_shards_16px["train_urls"], shapes_shards_16px["val_urls"], batch_size=8,
+                               num_workers=0, image_size=16)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=6)
+    trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_progress_bar=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, enable_model_summary=False, callbacks=[checkpoint], default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=data)
+    assert any(not torch.equal(start[k], v) for k, v in model.backbone.state_dict().items())  # the U-Net trained
+    assert all(model.first_stage.vae.state_dict()[k].equal(v) for k, v in
+               diffusers.AutoencoderKL.from_pretrained(pretrained["vae"]).state_dict().items())  # the VAE stayed frozen
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert not any(".vae." in k for k in saved["state_dict"])  # rebuilt from its path, not stored
+    assert saved[FIRST_STAGE_KEY]["path"] == pretrained["vae"]
+    assert saved["hyper_parameters"]["backbone"]["init_args"]["config"]["cross_attention_dim"] == 64
+    images = model.sample(2, ["a red circle", "a blue square"], seed=3)
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+    reloaded = load_model(tmp_path / "last.ckpt")
+    torch.testing.assert_close(reloaded.sample(2, ["a red circle", "a blue square"], seed=3), images)
+
+
+def test_a_different_vae_at_the_same_path_is_refused(pretrained, tmp_path):
+    model = LatentDiffusion(**_parts(pretrained))
+    checkpoint = {FIRST_STAGE_KEY: dict(model.frozen_fingerprints()[FIRST_STAGE_KEY], sha256="0" * 16)}
+    with pytest.raises(ValueError, match="was trained with the frozen first stage"):
+        model.on_load_checkpoint(checkpoint)
+
+
+def test_penultimate_text_layer_reads_the_last_but_one_block():
+    final, penultimate = FrozenTextEncoder(), FrozenTextEncoder(layer="penultimate")
+    captions = ["a red circle", ""]
+    reference = copy.deepcopy(final)
+    reference.clip.transformer.resblocks = reference.clip.transformer.resblocks[:-1]
+    with torch.no_grad():
+        ours, full, short = penultimate(captions), final(captions), reference(captions)
+    torch.testing.assert_close(ours.tokens, short.tokens)
+    torch.testing.assert_close(ours.pooled, full.pooled)  # the pooled vector stays the final layer's
+    assert not torch.allclose(ours.tokens, full.tokens)
+    with pytest.raises(ValueError, match="choose final or penultimate"):
+        FrozenTextEncoder(layer="last")
+
+
+def test_wrong_widths_and_bad_directories_are_one_line(pretrained, tmp_path):
+    with pytest.raises(ValueError, match="cross-attends to width 64, but the text encoder gives tokens of width 32"):
+        DiffusersUNetBackbone(path=pretrained["unet"]).build(4, 32, None)
+    with pytest.raises(ValueError, match="takes 4 and returns 4 channels, but the diffused space has 3"):
+        DiffusersUNetBackbone(path=pretrained["unet"]).build(3, 64, None)
+    with pytest.raises(ValueError, match="reads text tokens only.*conditioning: tokens"):
+        DiffusersUNetBackbone(path=pretrained["unet"]).build(4, 64, 64)
+    problems = {
+        "pretrained weights directory not found": (tmp_path / "nowhere", None),
+        "not a diffusers save_pretrained directory": (tmp_path, None),
+        "holds a diffusers UNet2DConditionModel, not a AutoencoderKL": (pretrained["unet"], None),
+    }
+    for message, (path, subfolder) in problems.items():
+        with pytest.raises(UserError, match=message) as caught:
+            load_pretrained("AutoencoderKL", str(path), subfolder)
+        assert "\n" not in str(caught.value)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((pretrained["root"] / "vae" / "config.json").read_text())
+    with pytest.raises(UserError, match="cannot load AutoencoderKL from") as caught:  # config but no weights file
+        load_pretrained("AutoencoderKL", str(broken))
+    assert "\n" not in str(caught.value)
+
+
+def test_missing_extra_names_it(monkeypatch, pretrained):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers now raises ImportError
+    with pytest.raises(UserError, match=r"pip install 'genart-lightning\[diffusers\]'"):
+        DiffusersAutoencoder(pretrained["vae"])
