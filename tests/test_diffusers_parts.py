@@ -89,6 +89,21 @@ def test_latent_diffusion_trains_over_diffusers_vae_and_unet(pretrained, shapes_
     torch.testing.assert_close(reloaded.sample(2, ["a red circle", "a blue square"], seed=3), images)
 
 
+def test_init_from_a_diffusers_directory_loads_its_unet_and_starts_the_ema_there(pretrained):
+    parts = _parts(pretrained)
+    config = diffusers.UNet2DConditionModel.load_config(pretrained["unet"])
+    torch.manual_seed(5)
+    model = LatentDiffusion(**(parts | {"backbone": DiffusersUNetBackbone(config={k: v for k, v in config.items()
+                                                                                  if not k.startswith("_")})}))
+    expected = diffusers.UNet2DConditionModel.from_pretrained(pretrained["unet"]).state_dict()
+    assert not torch.equal(model.backbone.unet.conv_in.weight, expected["conv_in.weight"])  # random init from config
+    report = model.initialise_from(pretrained["unet"], strict=True)
+    assert report.mismatches() == 0
+    for name, tensor in expected.items():
+        assert torch.equal(model.backbone.unet.state_dict()[name], tensor) and torch.equal(
+            model.ema.module.unet.state_dict()[name], tensor), name
+
+
 def test_a_different_vae_at_the_same_path_is_refused(pretrained, tmp_path):
     model = LatentDiffusion(**_parts(pretrained))
     checkpoint = {FIRST_STAGE_KEY: dict(model.frozen_fingerprints()[FIRST_STAGE_KEY], sha256="0" * 16)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from genart_lightning.diffusion.guidance import classifier_free_guidance
@@ -17,8 +18,10 @@ from genart_lightning.diffusion.process import Process
 from genart_lightning.diffusion.samplers import check_sampler
 from genart_lightning.diffusion.vp import VP
 from genart_lightning.models.base import GenerativeModel, check_nonfinite_mode
+from genart_lightning.models.init_weights import InitReport, load_initial_weights, read_source_weights
 from genart_lightning.models.parts import build_part, part_config
 from genart_lightning.nn.backbone import Backbone
+from genart_lightning.nn.diffusers_parts import DiffusersUNet
 from genart_lightning.nn.ema import make_ema
 from genart_lightning.nn.text_encoder import FrozenTextEncoder
 from genart_lightning.nn.unet import UNetBackbone
@@ -77,6 +80,8 @@ class DiffusionModel(GenerativeModel):
         compile: bool = False,
         channels_last: bool = False,
         nonfinite: str = "raise",
+        init_from: str | None = None,
+        init_strict: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # also collects the subclass's own arguments
@@ -120,6 +125,24 @@ class DiffusionModel(GenerativeModel):
         self.text_ema = make_ema(text, hp.ema_decay, average_buffers=False) if hp.train_text_encoder else None
         if hp.compile:
             self.backbone.compile()  # in place: parameter names (and checkpoints) stay those of the plain module
+
+    def setup(self, stage: str) -> None:
+        """`init_from`: weights only, before Lightning restores a `ckpt_path` (which then wins, so a resumed
+        fine-tuning run continues from its own checkpoint, not from the source again)."""
+        if stage == "fit" and self.hparams.get("init_from"):
+            self.initialise_from(self.hparams.init_from, self.hparams.init_strict)
+
+    def initialise_from(self, path: str, strict: bool = False) -> InitReport:
+        """Load weights from a genart .ckpt, a `genart export` .safetensors or a diffusers U-Net directory; the
+        optimizer and step start fresh. Where the source has no EMA weights, the EMA starts at the loaded ones."""
+        prefix = "backbone.unet." if isinstance(self.backbone, DiffusersUNet) else None
+        weights = dict(read_source_weights(path, prefix))
+        if not any(k.startswith("ema.") for k in weights):
+            weights |= {"ema.module." + k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
+            weights["ema.n_averaged"] = torch.zeros_like(self.ema.n_averaged)  # the first update copies the weights
+        report = load_initial_weights(self, weights, strict, path)
+        rank_zero_info(report.summary(path))
+        return report
 
     @classmethod
     def upgrade_hparams(cls, hyper_parameters: dict) -> dict:
