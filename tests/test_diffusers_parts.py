@@ -153,3 +153,27 @@ def test_missing_extra_names_it(monkeypatch, pretrained):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers now raises ImportError
     with pytest.raises(UserError, match=r"pip install 'genart-lightning\[diffusers\]'"):
         DiffusersAutoencoder(pretrained["vae"])
+
+
+@pytest.mark.slow
+def test_export_to_diffusers_reloads_in_diffusers_with_identical_outputs(pretrained, tmp_path, capsys):
+    from genart_lightning.cli import main as genart
+
+    model = LatentDiffusion(**_parts(pretrained))
+    with torch.no_grad():  # give the EMA copy weights of its own, so the test sees which weights were written
+        for p in model.ema.module.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    trainer = L.Trainer(accelerator="cpu", logger=False, max_steps=0, enable_progress_bar=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    genart(["export", "--ckpt", str(tmp_path / "model.ckpt"), "--diffusers", str(tmp_path / "out")])
+    assert "diffusers save_pretrained" in capsys.readouterr().out
+    unet = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "out" / "unet").eval()
+    vae = diffusers.AutoencoderKL.from_pretrained(tmp_path / "out" / "vae").eval()
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 700.0]), torch.randn(2, 32, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t, encoder_hidden_states=context).sample,
+                                   model.ema.module(x, t, context=context), atol=0, rtol=0)
+        images = torch.rand(1, 3, 16, 16) * 2 - 1
+        torch.testing.assert_close(vae.encode(images).latent_dist.mean, model.first_stage.vae.encode(images).latent_dist.mean)
+    assert vae.config.scaling_factor == VAE_SCALING and vae.config.shift_factor == VAE_SHIFT

@@ -1,4 +1,6 @@
-"""`genart export`: a training checkpoint -> safetensors weights with the family, hyperparameters and config as metadata."""
+"""`genart export`: a training checkpoint -> safetensors weights with the family, hyperparameters and config as metadata,
+or (`--diffusers DIR`) a model built from diffusers parts -> diffusers directories (`unet/`, `vae/`) that
+`from_pretrained` loads."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="convert a .ckpt to .safetensors (weights + config metadata)", description=__doc__)
     p.add_argument("--ckpt", required=True, help="checkpoint written by `genart fit` (.ckpt)")
     p.add_argument("--out", help="output file (default: the checkpoint's path with .safetensors)")
+    p.add_argument("--diffusers", metavar="DIR", help="write the EMA U-Net (and a diffusers VAE first stage) as diffusers "
+                   "save_pretrained directories DIR/unet and DIR/vae instead")
     p.add_argument("--config", help="resolved config to embed (default: config.yaml beside the checkpoint, if any)")
     p.set_defaults(func=run)
 
@@ -45,10 +49,33 @@ def export_checkpoint(ckpt: Path, out: Path, config: Path | None = None) -> dict
     return metadata
 
 
+def export_diffusers(ckpt: Path, out: Path) -> list[Path]:
+    """Save the sampling (EMA) weights of a diffusers U-Net backbone, and a diffusers first stage, with save_pretrained."""
+    from genart_lightning import UserError
+    from genart_lightning.models.loading import load_model
+    from genart_lightning.nn.diffusers_parts import DiffusersAutoencoder, DiffusersUNet
+
+    model = load_model(ckpt)
+    net = model.ema.module if hasattr(model, "ema") else None
+    if not isinstance(net, DiffusersUNet):
+        raise UserError(f"{ckpt} has a {type(net or model).__name__} backbone, not a diffusers U-Net, so it has no diffusers "
+                        "form; export it without --diffusers (genart safetensors)")
+    written = [out / "unet"]
+    net.unet.save_pretrained(written[0])
+    if isinstance(getattr(model, "first_stage", None), DiffusersAutoencoder):
+        written.append(out / "vae")
+        model.first_stage.vae.save_pretrained(written[1])
+    return written
+
+
 def run(args: argparse.Namespace) -> None:
     from genart_lightning.models.base import FAMILY_KEY
 
     ckpt = Path(args.ckpt)
+    if args.diffusers:
+        written = export_diffusers(ckpt, Path(args.diffusers))
+        print(f"wrote {', '.join(map(str, written))} (diffusers save_pretrained; the U-Net holds the EMA weights)")
+        return
     out = Path(args.out) if args.out else ckpt.with_suffix(".safetensors")
     metadata = export_checkpoint(ckpt, out, Path(args.config) if args.config else None)
     config_note = "with config" if "config" in metadata else "no config.yaml found beside it"
