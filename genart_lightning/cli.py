@@ -93,6 +93,18 @@ def condense_config_error(message: str) -> str:
     return " ".join(lines[:2]) + ("" if len(lines) <= 2 else " (more with --debug)")
 
 
+def innermost_problem(message: str) -> str:
+    """The one line that says what went wrong: a class's own error raised while jsonargparse instantiated a config
+    comes wrapped in a report of every Union subtype tried ("- Expected a <class 'NoneType'>", the given value)."""
+    lines = message.splitlines()
+    if len(lines) == 1 or not lines[0].startswith("Does not validate against any of the Union subtypes"):
+        return message
+    wrappers = ("Expected a <class", "Does not validate against", "Problem with given class_path")
+    causes = [line.strip()[2:] for line in lines
+              if line.strip().startswith("- ") and not any(w in line for w in wrappers)]
+    return causes[0] if causes else lines[0]
+
+
 def moved_argument_hint(detail: str) -> str | None:
     """For a diffusion argument that moved into `process:` or `backbone:`, where to write it now."""
     from genart_lightning.models.diffusion import LEGACY_PROCESS_ARGUMENTS, LEGACY_UNET_ARGUMENTS
@@ -173,7 +185,7 @@ def entry(argv: list[str] | None = None) -> None:
             raise SystemExit(2) from None
         raise
     except (UserError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err} (traceback: --debug)", file=sys.stderr)
+        print(f"error: {innermost_problem(str(err))} (traceback: --debug)", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -177,3 +178,17 @@ def test_export_to_diffusers_reloads_in_diffusers_with_identical_outputs(pretrai
         images = torch.rand(1, 3, 16, 16) * 2 - 1
         torch.testing.assert_close(vae.encode(images).latent_dist.mean, model.first_stage.vae.encode(images).latent_dist.mean)
     assert vae.config.scaling_factor == VAE_SCALING and vae.config.shift_factor == VAE_SHIFT
+
+
+def test_shipped_sd2_config_without_its_weights_is_one_line(shapes_shards_16px, capsys):
+    from genart_lightning.cli import entry
+
+    config = str(Path(__file__).parents[1] / "experiments" / "ldm_sd2_finetune_512.yaml")
+    with pytest.raises(SystemExit) as exit_:
+        entry(["fit", "--config", config, "--trainer.accelerator=cpu", "--trainer.devices=1",
+               "--model.init_args.text_encoder=genart-tiny", "--model.init_args.text_pretrained=null",
+               f"--data.init_args.train_urls={shapes_shards_16px['train_urls']}",
+               f"--data.init_args.val_urls={shapes_shards_16px['val_urls']}"])
+    assert exit_.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: pretrained weights directory not found: /weights/stable-diffusion-2-base; copy")

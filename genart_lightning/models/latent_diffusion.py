@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from genart_lightning.diffusion.process import Process
 from genart_lightning.diffusion.vp import VP
@@ -13,6 +13,7 @@ from genart_lightning.models.base import FirstStage
 from genart_lightning.models.diffusion import DiffusionModel
 from genart_lightning.models.loading import build_family, load_model
 from genart_lightning.models.parts import build_part, part_config
+from genart_lightning.nn.diffusers_parts import DiffusersAutoencoder
 
 FIRST_STAGE_KEY = "genart_first_stage"
 """Checkpoint entry with the fingerprint of a pretrained first stage rebuilt from its path."""
@@ -34,14 +35,14 @@ class LatentDiffusion(DiffusionModel):
         first_stage_ckpt: str = "",
         first_stage_family: str | None = None,
         first_stage_hparams: dict | None = None,
-        first_stage: dict | None = None,
+        first_stage: DiffusersAutoencoder | dict | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         if first_stage is not None:
             if first_stage_ckpt:
                 raise ValueError("give either first_stage_ckpt (a genart VAE) or first_stage (a pretrained part), not both")
-            first_stage = build_part(first_stage, nn.Module, nn.Module, "first_stage")
+            first_stage = build_part(first_stage, DiffusersAutoencoder, DiffusersAutoencoder, "first_stage")
             self.hparams["first_stage"] = part_config(first_stage)
         elif first_stage_hparams is None:
             if not first_stage_ckpt:
