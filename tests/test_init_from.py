@@ -82,7 +82,7 @@ def test_missing_or_wrong_source_is_one_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="init_from weights not found"):
         model.initialise_from(str(tmp_path / "nope.ckpt"))
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="is not a readable checkpoint"):
+    with pytest.raises(ValueError, match="is unreadable"):
         model.initialise_from(str(tmp_path / "junk.ckpt"))
     with pytest.raises(UserError, match="a directory without diffusion_pytorch_model.safetensors"):
         model.initialise_from(str(tmp_path))

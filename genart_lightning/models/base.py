@@ -170,7 +170,7 @@ class GenerativeModel(L.LightningModule):
         text = self.frozen_text_encoder()
         return {TEXT_ENCODER_KEY: text.fingerprint()} if text is not None else {}
 
-    def check_text_encoder(self, checkpoint: dict, source: str = "the checkpoint") -> None:
+    def check_frozen_parts(self, checkpoint: dict, source: str = "the checkpoint") -> None:
         """One line when a frozen part built now (text encoder, pretrained first stage) is not the one `checkpoint`
         was trained with."""
         for key, now in self.frozen_fingerprints().items():
@@ -192,7 +192,7 @@ class GenerativeModel(L.LightningModule):
         checkpoint.update(self.frozen_fingerprints())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.check_text_encoder(checkpoint)
+        self.check_frozen_parts(checkpoint)
         self.nonfinite_skips = checkpoint.get("nonfinite_skips", 0)
 
 

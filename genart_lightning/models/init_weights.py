@@ -10,11 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from genart_lightning import UserError
-from genart_lightning.models.loading import read_export
+from genart_lightning.models.loading import read_checkpoint, read_export
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -59,11 +58,7 @@ def read_source_weights(path: str, diffusers_prefix: str | None) -> dict[str, Te
                                 ".safetensors or a diffusers directory")
     if source.suffix == ".safetensors":
         return read_export(source)[2]
-    try:
-        checkpoint = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, corrupt or not a checkpoint at all
-        raise UserError(f"init_from {path} is not a readable checkpoint ({type(err).__name__}); give a genart .ckpt, "
-                        "a `genart export` .safetensors or a diffusers directory") from None
+    checkpoint = read_checkpoint(source)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise UserError(f"init_from {path} has no state_dict; give a checkpoint written by `genart fit`")
     return checkpoint["state_dict"]

@@ -46,12 +46,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Ge
     if path.suffix == ".safetensors":
         family, hyper_parameters, state_dict = read_export(path, map_location)
     else:
-        try:
-            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as err:  # truncated or corrupt files fail as OSError, RuntimeError, EOFError, pickle errors
-            detail = str(err).splitlines()[0] if str(err) else "no detail"
-            raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt: {type(err).__name__}: {detail}); "
-                             "use an earlier checkpoint of the run") from None
+        checkpoint = read_checkpoint(path, map_location)
         if FAMILY_KEY not in checkpoint:
             raise ValueError(f"{path} has no '{FAMILY_KEY}' entry: it was not written by a genart family")
         family, hyper_parameters, state_dict = (
@@ -60,11 +55,21 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Ge
         global_step = checkpoint.get("global_step")
     model = build_family(family, hyper_parameters)
     if path.suffix != ".safetensors":
-        model.check_text_encoder(checkpoint, f"checkpoint {path}")
+        model.check_frozen_parts(checkpoint, f"checkpoint {path}")
     model.load_state_dict(state_dict)
     model.loaded_from = {"path": str(path.resolve()), "global_step": global_step if path.suffix != ".safetensors" else None,
                          "git_commit": run_commit(path)}
     return model.eval()
+
+
+def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """A .ckpt's contents, loaded without unpickling code; a truncated or corrupt file is one line."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated or corrupt files fail as OSError, RuntimeError, EOFError, pickle errors
+        detail = str(err).splitlines()[0] if str(err) else "no detail"
+        raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt: {type(err).__name__}: {detail}); "
+                         "use an earlier checkpoint of the run") from None
 
 
 def run_commit(path: Path) -> str | None:
