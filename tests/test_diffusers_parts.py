@@ -192,3 +192,32 @@ def test_shipped_sd2_config_without_its_weights_is_one_line(shapes_shards_16px, 
     assert exit_.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("error: pretrained weights directory not found: /weights/stable-diffusion-2-base; copy")
+
+
+@pytest.mark.slow
+def test_lora_over_a_diffusers_unet_checkpoints_adapters_and_exports_merged_to_diffusers(pretrained, shapes_shards_16px,
+                                                                                          tmp_path, capsys):
+    pytest.importorskip("peft")
+    from genart_lightning.cli import main as genart
+
+    L.seed_everything(0)
+    model = LatentDiffusion(**(_parts(pretrained) | {"lora": {"rank": 4}, "ema_decay": 0.5}))
+    data = TextImageDataModule(shapes_shards_16px["train_urls"], shapes_shards_16px["val_urls"], batch_size=8,
+                               num_workers=0, image_size=16)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=4)
+    L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False, num_sanity_val_steps=0,
+              limit_val_batches=0, enable_model_summary=False, callbacks=[checkpoint],
+              default_root_dir=tmp_path).fit(model, datamodule=data)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    assert saved and all("lora_" in k for k in saved if k.startswith(("backbone.", "ema.module.")))
+    with pytest.raises(UserError, match="holds LoRA adapters.*add --merge-lora"):
+        genart(["export", "--ckpt", str(tmp_path / "last.ckpt"), "--diffusers", str(tmp_path / "out")])
+    genart(["export", "--ckpt", str(tmp_path / "last.ckpt"), "--merge-lora", "--diffusers", str(tmp_path / "out")])
+    assert "diffusers save_pretrained" in capsys.readouterr().out
+    unet = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "out" / "unet").eval()
+    base = diffusers.UNet2DConditionModel.from_pretrained(pretrained["unet"]).eval()
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 700.0]), torch.randn(2, 32, 64)
+    with torch.no_grad():
+        adapted = model.ema.module.eval()(x, t, context=context)
+        torch.testing.assert_close(unet(x, t, encoder_hidden_states=context).sample, adapted, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(base(x, t, encoder_hidden_states=context).sample, adapted, atol=1e-4)

@@ -7,6 +7,7 @@ conditioning and the optimizer live here, once.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -19,10 +20,13 @@ from genart_lightning.diffusion.samplers import check_sampler
 from genart_lightning.diffusion.vp import VP
 from genart_lightning.models.base import GenerativeModel, check_nonfinite_mode
 from genart_lightning.models.init_weights import InitReport, load_initial_weights, read_source_weights
+from genart_lightning.models.loading import build_family
 from genart_lightning.models.parts import build_part, part_config
 from genart_lightning.nn.backbone import Backbone
 from genart_lightning.nn.diffusers_parts import DiffusersUNet
 from genart_lightning.nn.ema import make_ema
+from genart_lightning.nn.frozen import keep_out_of_state_dict, weights_digest
+from genart_lightning.nn.lora import LoRASettings, inject_lora, merge_lora
 from genart_lightning.nn.text_encoder import FrozenTextEncoder
 from genart_lightning.nn.unet import UNetBackbone
 
@@ -31,6 +35,9 @@ VAL_SEED = 20_240_601
 
 CONDITIONING = ("both", "tokens", "pooled")
 """What the backbone reads of a caption: token states (cross-attention), the pooled vector (added to time), or both."""
+
+LORA_BASE_KEY = "genart_lora_base"
+"""Checkpoint entry with the source and weights hash of the frozen base a LoRA checkpoint's adapters belong to."""
 
 LEGACY_PROCESS_ARGUMENTS = ("schedule", "timesteps", "zero_terminal_snr", "prediction", "min_snr_gamma")
 LEGACY_UNET_ARGUMENTS = ("base_channels", "channel_mult", "num_res_blocks", "attention_levels", "head_channels",
@@ -82,6 +89,7 @@ class DiffusionModel(GenerativeModel):
         nonfinite: str = "raise",
         init_from: str | None = None,
         init_strict: bool = False,
+        lora: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # also collects the subclass's own arguments
@@ -103,6 +111,8 @@ class DiffusionModel(GenerativeModel):
             raise ValueError("train_text_encoder=True needs a text_encoder; name one or set train_text_encoder=False")
         self.conditional = self.text_encoder is not None
         self.backbone_spec = build_part(backbone, Backbone, UNetBackbone, "backbone")
+        self.lora = LoRASettings.from_config(lora) if lora is not None else None
+        self.lora_base: dict[str, str] | None = None
         self.register_load_state_dict_pre_hook(_rename_unet_keys)
 
     @staticmethod
@@ -110,38 +120,85 @@ class DiffusionModel(GenerativeModel):
         return VP()
 
     def build_backbone(self, channels: int) -> None:
-        """Create the backbone over `channels`-channel inputs, its EMA copy, and apply the large-model switches."""
+        """Create the backbone over `channels`-channel inputs (with LoRA adapters over its base weights when `lora`
+        is set), its EMA copy, and apply the large-model switches."""
         hp, text, spec = self.hparams, self.text_encoder, self.backbone_spec
         spec.check_input((channels, *self.diffusion_shape()[1:]))
         tokens = text is not None and hp.conditioning in ("both", "tokens")
         pooled = text is not None and hp.conditioning in ("both", "pooled")
+        settings, pretrained = part_config(spec), spec.pretrained_source()  # before build records a config
         self.backbone = spec.build(channels, text.token_dim if tokens else None, text.pooled_dim if pooled else None,
                                    hp.gradient_checkpointing)
-        self.hparams["backbone"] = part_config(spec)
+        # a LoRA base is rebuilt from its source every time, not from a config recorded by the first build
+        self.hparams["backbone"] = settings if self.lora else part_config(spec)
+        frozen = self.attach_lora(pretrained) if self.lora else None
         if hp.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
         self.ema = make_ema(self.backbone, hp.ema_decay)
+        if frozen:  # only the adapters are checkpointed; the base is rebuilt from its source (fingerprinted)
+            keep_out_of_state_dict(self.backbone, frozen)
+            keep_out_of_state_dict(self.ema.module, frozen)
         # the text tower's buffers are constants (its causal mask holds -inf): average its parameters only
         self.text_ema = make_ema(text, hp.ema_decay, average_buffers=False) if hp.train_text_encoder else None
         if hp.compile:
             self.backbone.compile()  # in place: parameter names (and checkpoints) stay those of the plain module
 
+    def attach_lora(self, pretrained: str | None) -> set[str]:
+        """Load the base weights (`init_from`, else the backbone's own `pretrained` ones), fingerprint them, then add
+        adapters and freeze the rest; returns the frozen parameter names. The base is the source's sampling (EMA)
+        weights where it has them: what it generates with is what the adapters adapt."""
+        hp, spec = self.hparams, self.backbone_spec
+        source = hp.init_from or pretrained
+        if source is None:
+            raise ValueError(f"lora trains adapters over pretrained weights, but the {spec.name} backbone is random-init; "
+                             "set init_from: PATH (a genart .ckpt, a `genart export` .safetensors or a diffusers directory)")
+        if hp.init_from:
+            weights = self.read_initial_weights(hp.init_from)
+            base = "ema.module." if any(k.startswith("ema.module.") for k in weights) else "backbone."
+            report = load_initial_weights(self.backbone, {k.removeprefix(base): v for k, v in weights.items()
+                                                          if k.startswith(base)}, hp.init_strict, hp.init_from)
+            rank_zero_info(report.summary(hp.init_from) + f" (LoRA base: the source's {base.rstrip('.')} weights)")
+        self.lora_base = {"source": source, "sha256": weights_digest(self.backbone)}
+        return inject_lora(self.backbone, self.lora, spec.lora_targets, spec.name)
+
+    def without_lora(self) -> DiffusionModel:
+        """A plain copy of this LoRA model with its adapters merged into the base weights (live and EMA), for export."""
+        hp = dict(self.hparams) | {"lora": None, "init_from": None, "backbone": part_config(self.backbone_spec)}
+        plain = build_family(f"{type(self).__module__}.{type(self).__qualname__}", hp)
+        plain.load_state_dict(self.state_dict(), strict=False)  # what is not the backbone (a trained text tower, ...)
+        for adapted, target in ((self.backbone, plain.backbone), (self.ema.module, plain.ema.module)):
+            merged = merge_lora(copy.deepcopy(adapted))  # a copy: the live and EMA networks share one base
+            # by name, not state_dict(): the copy keeps the hook that leaves the base out of checkpoints
+            missing = target.load_state_dict(dict(merged.named_parameters()) | dict(merged.named_buffers()),
+                                             strict=False).missing_keys
+            if missing:
+                raise RuntimeError(f"merging LoRA left {len(missing)} tensors unset ({', '.join(missing[:3])})")
+        return plain.eval()
+
+    def frozen_fingerprints(self) -> dict[str, dict[str, str]]:
+        return super().frozen_fingerprints() | ({LORA_BASE_KEY: self.lora_base} if self.lora_base else {})
+
     def setup(self, stage: str) -> None:
         """`init_from`: weights only, before Lightning restores a `ckpt_path` (which then wins, so a resumed
-        fine-tuning run continues from its own checkpoint, not from the source again)."""
+        fine-tuning run continues from its own checkpoint, not from the source again). Under LoRA the source is the
+        frozen base, loaded when the model is built; here the rest (a text tower trained along) loads as without it."""
         if stage == "fit" and self.hparams.get("init_from"):
             self.initialise_from(self.hparams.init_from, self.hparams.init_strict)
+
+    def read_initial_weights(self, path: str) -> dict[str, Tensor]:
+        """The source's tensors keyed as in this model (a diffusers directory's as this diffusers backbone's)."""
+        return read_source_weights(path, "backbone.unet." if isinstance(self.backbone, DiffusersUNet) else None)
 
     def initialise_from(self, path: str, strict: bool = False) -> InitReport:
         """Load weights from a genart .ckpt, a `genart export` .safetensors or a diffusers U-Net directory; the
         optimizer and step start fresh. Where the source has no EMA weights, the EMA starts at the loaded ones."""
-        prefix = "backbone.unet." if isinstance(self.backbone, DiffusersUNet) else None
-        weights = dict(read_source_weights(path, prefix))
-        if not any(k.startswith("ema.") for k in weights):
+        weights = dict(self.read_initial_weights(path))
+        base = ("backbone.", "ema.") if self.lora else ()  # the LoRA base is loaded (and fingerprinted) at build
+        if not base and not any(k.startswith("ema.") for k in weights):
             weights |= {"ema.module." + k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
             weights["ema.n_averaged"] = torch.zeros_like(self.ema.n_averaged)  # the first update copies the weights
-        report = load_initial_weights(self, weights, strict, path)
-        rank_zero_info(report.summary(path))
+        report = load_initial_weights(self, weights, strict, path, ignore=base)
+        rank_zero_info(report.summary(path) + (" (besides the LoRA base)" if base else ""))
         return report
 
     @classmethod
@@ -223,7 +280,7 @@ class DiffusionModel(GenerativeModel):
 
     def configure_optimizers(self):
         hp = self.hparams
-        groups = [{"params": list(self.backbone.parameters()), "lr": hp.lr}]
+        groups = [{"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": hp.lr}]  # LoRA: adapters
         if hp.train_text_encoder:
             groups.append({"params": list(self.text_encoder.parameters()), "lr": hp.lr * hp.text_lr_multiplier})
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay, fused=self.fused_optimizer())

@@ -64,12 +64,16 @@ def read_source_weights(path: str, diffusers_prefix: str | None) -> dict[str, Te
     return checkpoint["state_dict"]
 
 
-def load_initial_weights(model: nn.Module, weights: dict[str, Tensor], strict: bool, source: str) -> InitReport:
-    """Copy the tensors of `weights` that match `model` by name and shape; strict makes any mismatch one error line."""
-    own = model.state_dict()
+def load_initial_weights(model: nn.Module, weights: dict[str, Tensor], strict: bool, source: str,
+                         ignore: tuple[str, ...] = ()) -> InitReport:
+    """Copy the tensors of `weights` that match `model` by name and shape; strict makes any mismatch one error line.
+    Names starting with an `ignore` prefix are left out on both sides (parts loaded otherwise)."""
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(ignore)} if ignore else model.state_dict()
     report = InitReport()
     usable = {}
     for name, tensor in weights.items():
+        if ignore and name.startswith(ignore):
+            continue
         if name not in own:
             report.unexpected.append(name)
         elif own[name].shape != tensor.shape:

@@ -18,11 +18,17 @@ class Backbone:
     """
 
     name: str = "backbone"
+    lora_targets: tuple[str, ...] = ()
+    """Layer names LoRA adapts when `lora.target_modules` is not set (peft matches them as name suffixes)."""
 
     def build(self, in_channels: int, context_dim: int | None, pooled_dim: int | None,
               gradient_checkpointing: bool = False) -> nn.Module:
         """The network `net(x, t, context=, context_mask=, pooled=) -> output of x's shape`."""
         raise NotImplementedError
+
+    def pretrained_source(self) -> str | None:
+        """Where `build` reads pretrained weights from (None: random-init)."""
+        return None
 
     def check_input(self, shape: tuple[int, int, int]) -> None:
         """One line naming both parts when samples of `shape` [C, H, W] cannot go through this backbone."""

@@ -148,6 +148,7 @@ class DiffusersUNetBackbone(Backbone):
     """
 
     name = "diffusers_unet"
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections diffusers' LoRA scripts adapt
 
     def __init__(self, path: str | None = None, subfolder: str | None = None, attention_mask: bool = False,
                  config: dict | None = None) -> None:
@@ -166,6 +167,9 @@ class DiffusersUNetBackbone(Backbone):
         if gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         return DiffusersUNet(unet, self.attention_mask)
+
+    def pretrained_source(self) -> str | None:
+        return self.path if self.config is None else None  # with a recorded config, build makes random weights
 
     def _check_widths(self, config: Any, in_channels: int, context_dim: int | None, pooled_dim: int | None) -> None:
         source = f"the diffusers U-Net at {self.path}"

@@ -131,6 +131,7 @@ class DiTBackbone(Backbone):
     """Settings of the DiT above (DiT-S/2 is hidden 384, depth 12, 6 heads, patch 2)."""
 
     name = "dit"
+    lora_targets = ("to_q", "to_kv", "to_out")  # self- and cross-attention projections
 
     def __init__(
         self,

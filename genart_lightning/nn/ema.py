@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from functools import partial
 
 import torch
@@ -11,6 +12,10 @@ from torch.optim.swa_utils import AveragedModel
 
 @torch.no_grad()
 def _ema_update(ema: list[Tensor], current: list[Tensor], num_averaged: Tensor, decay: float) -> None:
+    pairs = [(e, c) for e, c in zip(ema, current, strict=True) if e.data_ptr() != c.data_ptr()]  # frozen ones are shared
+    if not pairs:
+        return
+    ema, current = [e for e, _ in pairs], [c for _, c in pairs]
     if ema[0].is_floating_point():
         torch._foreach_lerp_(ema, current, 1.0 - decay)
     else:  # integer buffers (BatchNorm's num_batches_tracked) follow the network
@@ -23,8 +28,13 @@ def make_ema(net: nn.Module, decay: float, average_buffers: bool = True) -> Aver
     `average_buffers=False` keeps the copy's buffers as they were: for constant buffers such as a causal attention
     mask of -inf, which an average would turn into NaN (-inf + w * (-inf - -inf)).
 
+    Frozen parameters (`requires_grad=False`, e.g. the base weights under LoRA) are not copied: the average of a
+    constant is itself, so the copy shares them with `net` and only the trainable tensors cost memory and updates.
+
     The update is a module-level function (not torch's closure), so the model pickles: `ddp_spawn` works.
     """
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"EMA decay {decay} is outside [0, 1]; use e.g. 0.999")
-    return AveragedModel(net, multi_avg_fn=partial(_ema_update, decay=decay), use_buffers=average_buffers).requires_grad_(False)
+    ema = AveragedModel(nn.Module(), multi_avg_fn=partial(_ema_update, decay=decay), use_buffers=average_buffers)
+    ema.module = copy.deepcopy(net, memo={id(p): p for p in net.parameters() if not p.requires_grad})
+    return ema.requires_grad_(False)

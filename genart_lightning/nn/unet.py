@@ -180,6 +180,7 @@ class UNetBackbone(Backbone):
     attention + MLP, as in latent diffusion) with a text encoder, "plain" (DDPM's block) without one."""
 
     name = "unet"
+    lora_targets = ("to_q", "to_kv", "to_out", "qkv", "proj_out")  # attention projections of both block kinds
 
     def __init__(
         self,
