@@ -94,3 +94,23 @@ def test_flow_dit_ddp_fit(shapes_shards_16px: dict, tmp_path) -> None:
     dit = DiTBackbone(patch_size=2, hidden_size=32, depth=2, num_heads=2)
     model = PixelDiffusion(image_size=16, process=Flow(), backbone=dit, ema_decay=0.9)
     _assert_ranks_differ_and_agree(_fit_ddp(model, shapes_shards_16px, tmp_path))
+
+
+@pytest.mark.timeout(300)
+def test_lora_flow_dit_ddp_fit(shapes_shards_16px: dict, tmp_path) -> None:
+    pytest.importorskip("peft")
+    dit = DiTBackbone(patch_size=2, hidden_size=32, depth=2, num_heads=2)
+    source = PixelDiffusion(image_size=16, process=Flow(), backbone=dit)
+    with torch.no_grad():  # weights of its own: a fresh DiT's zero-init output layer would pass no gradient back
+        for p in source.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    saver = L.Trainer(accelerator="cpu", logger=False, max_steps=0, enable_progress_bar=False)
+    saver.strategy.connect(source)
+    saver.save_checkpoint(tmp_path / "base.ckpt")
+    model = PixelDiffusion(image_size=16, process=Flow(), backbone=dit, ema_decay=0.9, init_from=str(tmp_path / "base.ckpt"),
+                           lora={"rank": 4})
+    _assert_ranks_differ_and_agree(_fit_ddp(model, shapes_shards_16px, tmp_path))
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["state_dict"]
+    adapters = {k: v for k, v in state.items() if k.startswith("backbone.")}
+    assert adapters and all("lora_" in k for k in adapters)
+    assert all(v.abs().sum() > 0 for k, v in adapters.items() if "lora_B" in k)  # trained from zero on both ranks
