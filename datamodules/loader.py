@@ -6,6 +6,7 @@ import math
 import random
 import time
 import warnings
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -144,6 +145,10 @@ class ShardLoader:
             pin_memory=self.pin_memory,
             prefetch_factor=4 if cfg.num_workers > 0 else None,
             collate_fn=_as_sent,
+            # its own generator for the workers' base seed: drawn from the global RNG, a new iterator (every epoch
+            # and validation) would shift the training noise of the steps after it, so a run resumed from a
+            # checkpoint saved before it (end of epoch, before validation) would draw other noise than the original
+            generator=torch.Generator().manual_seed(zlib.crc32(f"{cfg.seed}-{cfg.stage}-{self.epoch}-{cfg.rank}".encode())),
         )
         pin = self.pin_memory and torch.cuda.is_available()
         slots = range(cfg.rank * self.workers, (cfg.rank + 1) * self.workers)

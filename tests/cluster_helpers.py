@@ -1,4 +1,4 @@
-"""Shared by the cluster tests (preemption, SLURM, export): a tiny DCGAN fit config and checkpoint readers."""
+"""Shared by the cluster tests (preemption, SLURM, export): tiny DCGAN and diffusion fit configs, checkpoint readers."""
 
 from __future__ import annotations
 
@@ -34,6 +34,33 @@ def dcgan_config(shards: dict, root: Path, max_steps: int) -> dict:
             "log_every_n_steps": 5,
             "enable_progress_bar": False,
             "enable_model_summary": False,
+        },
+        "sample_grid": {"every_n_steps": 0, "num_samples": 4},
+        "checkpoint": {"every_n_train_steps": CHECKPOINT_EVERY},
+    }
+
+
+def diffusion_config(shards: dict, root: Path, max_steps: int, val_every: int) -> dict:
+    """16px text-conditional pixel diffusion as `ddpm_shapes.yaml` trains it (text tower trained along, warmup,
+    clipping), with validation every `val_every` steps: what a resume must reproduce besides the weights."""
+    unet = {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [1], "head_channels": 16}
+    return {
+        "seed_everything": 0,
+        "model": {
+            "class_path": "genart_lightning.models.diffusion.PixelDiffusion",
+            "init_args": {"image_size": 16, "backbone": {"class_path": "genart_lightning.nn.unet.UNetBackbone",
+                                                         "init_args": unet},
+                          "train_text_encoder": True, "warmup_steps": 5, "ema_decay": 0.9},
+        },
+        "data": {
+            "class_path": "datamodules.webdataset.TextImageDataModule",
+            "init_args": {"train_urls": shards["train_urls"], "val_urls": shards["val_urls"], "batch_size": 16,
+                          "num_workers": 0, "image_size": 16, "seed": 0},
+        },
+        "trainer": {
+            "accelerator": "cpu", "max_steps": max_steps, "default_root_dir": str(root), "deterministic": True,
+            "val_check_interval": val_every, "check_val_every_n_epoch": None, "limit_val_batches": 2,
+            "gradient_clip_val": 1.0, "logger": False, "enable_progress_bar": False, "enable_model_summary": False,
         },
         "sample_grid": {"every_n_steps": 0, "num_samples": 4},
         "checkpoint": {"every_n_train_steps": CHECKPOINT_EVERY},

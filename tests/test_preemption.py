@@ -15,7 +15,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from cluster_helpers import REPO, dcgan_config, load_checkpoint, write_config
+from cluster_helpers import REPO, dcgan_config, diffusion_config, load_checkpoint, write_config
 from jsonargparse import Namespace
 from lightning.pytorch.loggers import CSVLogger
 
@@ -112,6 +112,25 @@ def test_resumed_run_continues_from_the_saved_step_and_ends_where_an_uninterrupt
     stop_row = runs["preempted"]["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"]
     assert steps == sorted(set(steps)) == sorted({*reference_steps, stop_row})
     assert min(steps) < stop_row < max(steps)
+
+
+@pytest.mark.slow
+def test_diffusion_resumed_at_an_epoch_end_before_validation_ends_bit_identical(shapes_shards_16px: dict,
+                                                                                tmp_path: Path) -> None:
+    # 28 batches per epoch here; validation every 14 steps. The signal after batch 26 is acted on at batch 28: the
+    # checkpoint is written before that step's validation and the next epoch's loader start, which the uninterrupted
+    # run does before its step 29. Neither may touch the training noise (both used to draw from the global RNG).
+    epoch, steps = 28, 36
+    reference = fit(write_config(diffusion_config(shapes_shards_16px, tmp_path / "reference", steps, epoch // 2),
+                                 tmp_path / "reference.yaml"))
+    config = write_config(diffusion_config(shapes_shards_16px, tmp_path / "run", steps, epoch // 2), tmp_path / "run.yaml")
+    fit(config, f"--preemption.check_every_n_steps={CHECK_EVERY}", callbacks=(SignalAt(epoch - 2),))
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / PREEMPTED_CKPT)["global_step"] == epoch
+    resumed = fit(config, "--resume=always")
+    assert resumed.global_step == reference.global_step == steps
+    ref_weights, run_weights = reference.lightning_module.state_dict(), resumed.lightning_module.state_dict()
+    different = [k for k in ref_weights if not torch.equal(ref_weights[k], run_weights[k])]
+    assert not different, f"{len(different)} of {len(ref_weights)} tensors differ after resume: {different[:3]}"
 
 
 def logged_steps(metrics_csv: Path) -> list[int]:

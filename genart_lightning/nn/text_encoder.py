@@ -18,6 +18,9 @@ from genart_lightning.nn.frozen import keep_out_of_state_dict, weights_digest
 TEXT_LAYERS = ("final", "penultimate")
 """Which transformer layer's token states the backbone reads: SD 1.x reads the final, SD 2.x and SDXL the penultimate."""
 
+CONTRASTIVE_ONLY = ("logit_scale", "logit_bias")
+"""CLIP parameters of the image-text loss only (temperature, SigLIP bias): frozen even in a trained tower."""
+
 TINY_MODEL = "genart-tiny"
 """A random-init OpenCLIP config that ships with the package: offline runs and tests."""
 
@@ -114,6 +117,9 @@ class FrozenTextEncoder(nn.Module):
         self.model_name, self.pretrained, self.trainable = model_name, pretrained, trainable
         self._fingerprint: dict[str, str] | None = None
         self.clip = clip.requires_grad_(trainable)
+        for name in CONTRASTIVE_ONLY:  # no caption embedding reads them; DDP refuses trainable weights without gradients
+            if isinstance(getattr(clip, name, None), nn.Parameter):
+                getattr(clip, name).requires_grad_(False)
         self.context_length: int = clip.context_length
         self.token_dim: int = clip.transformer.width
         self.pooled_dim: int = clip.text_projection.shape[-1] if clip.text_projection is not None else self.token_dim
