@@ -15,7 +15,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from cluster_helpers import REPO, dcgan_config, diffusion_config, load_checkpoint, write_config
+from cluster_helpers import REPO, PaceSteps, dcgan_config, diffusion_config, load_checkpoint, write_config
 from jsonargparse import Namespace
 from lightning.pytorch.loggers import CSVLogger
 
@@ -36,15 +36,16 @@ CHECK_EVERY = 4  # batches between the ranks' agreements on the flag: the save c
 
 
 class SignalAt(L.Callback):
-    """Sends this process SIGUSR1 at the end of one training batch, as `scancel -s USR1` would."""
+    """Sends this process a signal at the end of one training batch, as `scancel -s USR1` (or, for SIGTERM,
+    `scontrol requeue` and preemption) would."""
 
-    def __init__(self, batch: int) -> None:
-        self.batch, self.seen = batch, 0
+    def __init__(self, batch: int, signum: int = signal.SIGUSR1) -> None:
+        self.batch, self.signum, self.seen = batch, signum, 0
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
         self.seen += 1
         if self.seen == self.batch:
-            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), self.signum)
 
 
 def fit(config: Path, *args: str, callbacks: tuple[L.Callback, ...] = ()) -> L.Trainer:
@@ -131,6 +132,48 @@ def test_diffusion_resumed_at_an_epoch_end_before_validation_ends_bit_identical(
     ref_weights, run_weights = reference.lightning_module.state_dict(), resumed.lightning_module.state_dict()
     different = [k for k in ref_weights if not torch.equal(ref_weights[k], run_weights[k])]
     assert not different, f"{len(different)} of {len(ref_weights)} tensors differ after resume: {different[:3]}"
+
+
+@pytest.mark.slow
+def test_sigterm_inside_an_accumulation_group_saves_at_its_end_without_requeue_and_resumes_exactly(
+        shapes_shards_16px: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    requeued = []
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")  # inside a job: SLURM requeues after SIGTERM itself, the callback must not
+    monkeypatch.setattr("genart_lightning.callbacks.preemption.requeue", requeued.append)
+    accumulate, steps, signal_after = 4, 10, 14  # optimizer steps at batches 4, 8, 12, 16, ...: batch 14 is inside one
+
+    def config(name: str) -> Path:
+        settings = diffusion_config(shapes_shards_16px, tmp_path / name, steps, 14)
+        settings["trainer"]["accumulate_grad_batches"] = accumulate
+        return write_config(settings, tmp_path / f"{name}.yaml")
+
+    reference = fit(config("reference"))
+    run = config("run")
+    stopped = fit(run, "--preemption.check_every_n_steps=1", callbacks=(SignalAt(signal_after, signal.SIGTERM),))
+    preempted = load_checkpoint(tmp_path / "run" / "checkpoints" / PREEMPTED_CKPT)
+    assert preempted["global_step"] == stopped.global_step == -(-signal_after // accumulate)  # the group's end: batch 16
+    assert preempted["callbacks"]["Preemption"]["steps"] == preempted["global_step"]  # the callback's counters are saved
+    assert requeued == []
+    resumed = fit(run, "--resume=always")
+    assert resumed.global_step == reference.global_step == steps
+    ref_weights, run_weights = reference.lightning_module.state_dict(), resumed.lightning_module.state_dict()
+    different = [k for k in ref_weights if not torch.equal(ref_weights[k], run_weights[k])]
+    assert not different, f"{len(different)} of {len(ref_weights)} tensors differ after resume: {different[:3]}"
+
+
+@pytest.mark.slow
+def test_agreement_interval_shrinks_on_slow_steps_so_the_save_comes_within_the_bound(shapes_shards_16px: dict,
+                                                                                      tmp_path: Path) -> None:
+    # 0.2 s per DCGAN iteration and agree_within_s 0.5: the ranks agree every 2 iterations, not every 50
+    config = dcgan_config(shapes_shards_16px, tmp_path / "run", MAX_STEPS)
+    config["trainer"]["logger"] = False
+    signal_after = 6
+    fit(write_config(config, tmp_path / "run.yaml"), "--preemption.check_every_n_steps=50",
+        "--preemption.agree_within_s=0.5", callbacks=(PaceSteps(0.2), SignalAt(signal_after)))
+    preempted = load_checkpoint(tmp_path / "run" / "checkpoints" / PREEMPTED_CKPT)
+    iterations = preempted["global_step"] // 2
+    assert signal_after <= iterations <= signal_after + 2, iterations
+    assert preempted["callbacks"]["Preemption"]["interval"] in (1, 2)  # 1 where a slower machine takes > 0.25 s
 
 
 def logged_steps(metrics_csv: Path) -> list[int]:
