@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 import time
 import warnings
 import zlib
@@ -145,6 +146,7 @@ class ShardLoader:
             pin_memory=self.pin_memory,
             prefetch_factor=4 if cfg.num_workers > 0 else None,
             collate_fn=_as_sent,
+            worker_init_fn=_leave_signals_to_the_trainer,
             # its own generator for the workers' base seed: drawn from the global RNG, a new iterator (every epoch
             # and validation) would shift the training noise of the steps after it, so a run resumed from a
             # checkpoint saved before it (end of epoch, before validation) would draw other noise than the original
@@ -218,6 +220,14 @@ def _batch_order(quotas: list[int], slots: range, resume: dict[int, tuple[int, i
         for s in slots:
             if start[s] <= index < quotas[s]:
                 yield index, s
+
+
+def _leave_signals_to_the_trainer(worker_id: int) -> None:
+    """SLURM signals every process of a job step, loader workers included: a worker killed by the SIGTERM of a requeue
+    (or the SIGUSR1 of a time limit) would crash the training process before it saves. The trainer handles them and
+    stops its workers itself."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _as_sent(item: dict) -> dict:

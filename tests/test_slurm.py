@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from cluster_helpers import CHECKPOINT_EVERY, REPO, dcgan_config, load_checkpoint, write_config
+from cluster_helpers import (
+    CHECKPOINT_EVERY,
+    REPO,
+    dcgan_config,
+    diffusion_config,
+    load_checkpoint,
+    write_config,
+)
 
 from genart_lightning.cli import main
 from genart_lightning.run.cluster import PREEMPTED_CKPT
@@ -140,6 +147,66 @@ def test_sigusr1_requeues_and_the_job_resumes_to_the_uninterrupted_result(refere
     # job that was never interrupted.
     different = [k for k, v in reference["state_dict"].items() if not torch.equal(v, final["state_dict"][k])]
     assert not different, f"differ from the uninterrupted job after a save at step {step}: {different[:5]}; log:\n{text[-3000:]}"
+
+
+DIFFUSION_STEPS = 70  # 2 ranks x 14 batches per epoch: the job crosses 5 epoch ends and validates every 7 steps
+DIFFUSION_PACE_S = 0.4
+
+
+@pytest.fixture(scope="module")
+def diffusion_job_config(cluster: None, shapes_shards_16px: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The configuration of the report in the reliability issue, scaled down: text-conditional pixel diffusion with
+    its text tower trained along, 1 loader worker, deterministic, and its uninterrupted 2-task job."""
+    tmp = tmp_path_factory.mktemp("slurm_diffusion")
+    config = diffusion_config(shapes_shards_16px, tmp / "unused", DIFFUSION_STEPS, val_every=7)
+    config["data"]["init_args"]["num_workers"] = 1
+    config["trainer"]["callbacks"] = [{"class_path": "cluster_helpers.PaceSteps", "init_args": {"seconds": DIFFUSION_PACE_S}}]
+    config = write_config(config, tmp / "ddpm.yaml")
+    run_dir, log = tmp / "reference", tmp / "reference.out"
+    job_id = submit(config, run_dir, log)
+    wait_until(lambda: finished(job_id), "completion", job_id, log)
+    assert job(job_id)["JobState"] == "COMPLETED", log.read_text()[-3000:]
+    return {"config": config, "final": load_checkpoint(run_dir / "checkpoints" / "last.ckpt")}
+
+
+def step_of(checkpoint: Path) -> int:
+    """Global step of a checkpoint the job may be rewriting (atomically), -1 while there is none."""
+    try:
+        return load_checkpoint(checkpoint)["global_step"]
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return -1
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_diffusion_job_interrupted_by_usr1_requeue_and_usr1_ends_as_the_uninterrupted_job(diffusion_job_config: dict,
+                                                                                           tmp_path: Path) -> None:
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    last, preempted = run_dir / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / PREEMPTED_CKPT
+    job_id = submit(diffusion_job_config["config"], run_dir, log)
+    interruptions = {"USR1": ["scancel", "--signal=USR1", job_id],  # the time-limit warning: the callback requeues
+                     "requeue": ["scontrol", "requeue", job_id]}  # SIGTERM, then SIGKILL after KillWait; SLURM requeues
+    for restarts, kind in enumerate(("USR1", "requeue", "USR1"), start=1):
+        def trained_on(restarts: int = restarts) -> bool:  # this restart resumed on both ranks and saved once since
+            resumed = log.exists() and log.read_text().count("] resumed at global step") >= (restarts - 1) * TASKS
+            return resumed and step_of(last) > max(step_of(preempted), 0)
+
+        wait_until(trained_on, f"a checkpoint of restart {restarts - 1}", job_id, log)
+        subprocess.run(interruptions[kind], check=True)
+        wait_until(lambda restarts=restarts: int(job(job_id).get("Restarts", 0)) >= restarts, f"restart {restarts}",
+                   job_id, log)
+    wait_until(lambda: finished(job_id), "completion after three interruptions", job_id, log)
+    text = log.read_text()
+    assert job(job_id)["JobState"] == "COMPLETED" and job(job_id)["Restarts"] == "3", text[-3000:]
+    assert text.count("SIGTERM: saved") == TASKS, text[-3000:]  # both ranks saved within KillWait on the requeue
+    final = load_checkpoint(last)
+    history = final["callbacks"]["Preemption"]["history"]
+    assert len(history["preempted_at"]) == 3 and history["resumed_at"] == history["preempted_at"], history
+    # every restart began at the step its save was made: no optimizer step was done twice, none was lost
+    reference = diffusion_job_config["final"]
+    assert final["global_step"] == reference["global_step"] == DIFFUSION_STEPS
+    different = [k for k, v in reference["state_dict"].items() if not torch.equal(v, final["state_dict"][k])]
+    assert not different, f"{len(different)} tensors differ from the uninterrupted job: {different[:3]}; log:\n{text[-3000:]}"
 
 
 def test_submit_helper_builds_the_sbatch_line(capsys: pytest.CaptureFixture) -> None:

@@ -56,8 +56,10 @@ class Preemption(L.Callback):
         self.signums = [_parse_signal(name) for name in ([signals] if isinstance(signals, str) else signals)]
         self.check_every_n_steps, self.agree_within_s, self.requeue = check_every_n_steps, agree_within_s, requeue
         self.received: int | None = None
+        self._received_at: float | None = None
         self.interval = 1  # optimizer steps between agreements; the first one measures the step time
         self._steps = self._steps_at_check = 0
+        self._timed_from_check = False
         self._last_global_step = -1
         self._last_check = 0.0
         self._previous_handlers: dict[int, Any] = {}
@@ -69,10 +71,10 @@ class Preemption(L.Callback):
 
     @requested.setter
     def requested(self, value: bool) -> None:
-        self.received = self.signums[0] if value else None
+        self.received, self._received_at = (self.signums[0] if value else None), None
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.received = signum
+        self.received, self._received_at = signum, time.monotonic()
 
     def _install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -101,6 +103,7 @@ class Preemption(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._install()  # again: Lightning's connector has since put its own (exit without saving) on SIGTERM
         self._last_check, self._last_global_step, self._steps_at_check = time.monotonic(), trainer.global_step, self._steps
+        self._timed_from_check = False
         if trainer.ckpt_path:
             self.history["resumed_at"].append(trainer.global_step)
             rank_message(trainer, f"resumed at global step {trainer.global_step} from {trainer.ckpt_path}")
@@ -116,8 +119,9 @@ class Preemption(L.Callback):
         step_s = (now - self._last_check) / (self._steps - self._steps_at_check)
         mine = torch.tensor([float(self.received or 0), step_s], device=pl_module.device)
         signum, slowest_step_s = trainer.strategy.reduce(mine, reduce_op="max").tolist()
-        self._last_check, self._steps_at_check = now, self._steps
-        self.interval = max(1, min(self.check_every_n_steps, int(self.agree_within_s / max(slowest_step_s, 1e-9))))
+        if self._timed_from_check:  # the time from train start to the first check misses hooks that run after this one
+            self.interval = max(1, min(self.check_every_n_steps, int(self.agree_within_s / max(slowest_step_s, 1e-9))))
+        self._last_check, self._steps_at_check, self._timed_from_check = now, self._steps, True
         if signum:
             self._save_and_stop(trainer, int(signum))
 
@@ -125,12 +129,13 @@ class Preemption(L.Callback):
         path = checkpoint_dir(trainer) / PREEMPTED_CKPT
         self.history["preempted_at"].append(trainer.global_step)
         trainer.save_checkpoint(path)
-        rank_message(trainer, f"{signal.Signals(signum).name}: saved {path} at global step {trainer.global_step}")
+        delay = f", {time.monotonic() - self._received_at:.1f} s after this rank got it" if self._received_at else ""
+        rank_message(trainer, f"{signal.Signals(signum).name}: saved {path} at global step {trainer.global_step}{delay}")
         job_id = slurm_job_id()
         if self.requeue and signum != signal.SIGTERM and job_id and trainer.is_global_zero:
             requeue(job_id)  # after SIGTERM SLURM requeues by itself (requeue, preemption), or the user cancelled
         trainer.should_stop = True
-        self.received = None
+        self.received = self._received_at = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history, "steps": self._steps, "interval": self.interval}
