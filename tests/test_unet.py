@@ -51,13 +51,22 @@ def test_timestep_and_text_change_the_output_but_masked_tokens_do_not():
         torch.testing.assert_close(net(x, t, context, mask, pooled), masked)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_gradient_checkpointing_recomputes_each_layer_and_gives_the_same_gradients():
     x, t, context, mask, pooled = inputs()
-    grads = []
+    grads, calls = [], {}
     for checkpointing in (False, True):
         net = tiny_unet(context_dim=12, pooled_dim=6, gradient_checkpointing=checkpointing).train()
+        layers = [*net.down, net.middle, *net.up]
+        calls[checkpointing] = 0
+
+        def count(*_, key=checkpointing) -> None:  # a pre hook: a post hook misses early-stopped recomputes
+            calls[key] += 1
+
+        for layer in layers:
+            layer.register_forward_pre_hook(count)
         net(x, t, context, mask, pooled).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    assert calls == {False: len(layers), True: 2 * len(layers)}  # with the switch every layer runs again in backward
     torch.testing.assert_close(grads[0], grads[1])
 
 
