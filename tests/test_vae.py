@@ -137,3 +137,24 @@ def test_text_conditioned_flat_vae_with_warmup_and_adversary_trains(shapes_shard
     model.eval()
     assert not torch.equal(model.sample(2, captions, seed=3), model.sample(2, captions[::-1], seed=3))
     torch.testing.assert_close(model.sample(2, captions, seed=3), model.sample(2, captions, seed=3))
+
+
+def test_gradient_checkpointing_recomputes_each_block_and_gives_the_same_gradients() -> None:
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    grads, calls = {}, {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        vae = VAE(image_size=16, base_channels=8, channel_mults=[1, 2], gradient_checkpointing=checkpointing).train()
+        blocks = [*vae.encoder.blocks, *vae.decoder.blocks]
+        calls[checkpointing] = 0
+
+        def count(*_, key=checkpointing) -> None:  # a pre hook: a post hook misses early-stopped recomputes
+            calls[key] += 1
+
+        for block in blocks:
+            block.register_forward_pre_hook(count)
+        mean, _ = vae.encoder(images).chunk(2, dim=1)
+        vae.decoder(mean).square().mean().backward()
+        grads[checkpointing] = torch.cat([p.grad.flatten() for p in [*vae.encoder.parameters(), *vae.decoder.parameters()]])
+    assert calls == {False: len(blocks), True: 2 * len(blocks)}  # with the switch every block runs again in backward
+    torch.testing.assert_close(grads[True], grads[False])

@@ -56,6 +56,9 @@ class VAE(GenerativeModel):
     at the start) and stored in the `_latent_scale` buffer at every step. Updating it each step rather
     than at validation means any checkpoint, whenever written (step-based, SLURM requeue, end of
     fit), holds the scale of the weights it holds, whatever the validation schedule.
+
+    `gradient_checkpointing` recomputes each encoder and decoder block in backward instead of keeping its
+    activations: the memory of one block for a second forward pass, for large images and batches.
     """
 
     reconstructs = True
@@ -84,6 +87,7 @@ class VAE(GenerativeModel):
         latent_scale_decay: float = 0.99,
         num_logged_reconstructions: int = 8,
         nonfinite: str = "raise",
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         check_nonfinite_mode(nonfinite)
@@ -105,8 +109,10 @@ class VAE(GenerativeModel):
             cond_dim = self.text_encoder.pooled_dim
         self.conditional = self.text_encoder is not None
         spatial = latent == "spatial"
-        self.encoder = Encoder(in_channels, 2 * latent_channels if spatial else latent_channels, base_channels, channel_mults, num_res_blocks)
-        self.decoder = Decoder(latent_channels, in_channels, base_channels, channel_mults, num_res_blocks, cond_dim)
+        self.encoder = Encoder(in_channels, 2 * latent_channels if spatial else latent_channels, base_channels, channel_mults,
+                               num_res_blocks, gradient_checkpointing)
+        self.decoder = Decoder(latent_channels, in_channels, base_channels, channel_mults, num_res_blocks, cond_dim,
+                               gradient_checkpointing)
         side = image_size // self.downsample
         self.bottleneck = None if spatial else FlatBottleneck((latent_channels, side, side), latent_dim)
         self.discriminator = PatchDiscriminator(in_channels, disc_channels, disc_layers) if adv_weight > 0 else None

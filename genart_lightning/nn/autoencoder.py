@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from genart_lightning.nn.backbone import run_block
+
 
 def _norm(channels: int) -> nn.GroupNorm:
     # gcd keeps any channel count legal; groups of several channels keep colour means (instance norm would not)
@@ -52,8 +54,10 @@ class Encoder(nn.Module):
         base_channels: int = 32,
         channel_mults: Sequence[int] = (1, 2, 4),
         num_res_blocks: int = 1,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        self.gradient_checkpointing = gradient_checkpointing
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
         blocks: list[nn.Module] = []
         ch = base_channels
@@ -70,7 +74,10 @@ class Encoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Encode images in [-1, 1]."""
-        return self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(x)))))
+        h = self.conv_in(x)
+        for block in self.blocks:
+            h = run_block(block, self.gradient_checkpointing, h)
+        return self.conv_out(F.silu(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
@@ -84,8 +91,10 @@ class Decoder(nn.Module):
         channel_mults: Sequence[int] = (1, 2, 4),
         num_res_blocks: int = 1,
         cond_dim: int = 0,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        self.gradient_checkpointing = gradient_checkpointing
         ch = base_channels * channel_mults[-1]
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.blocks = nn.ModuleList([ResBlock(ch, ch, cond_dim)])
@@ -102,7 +111,7 @@ class Decoder(nn.Module):
         """Decode latents; the output is unbounded (the loss compares it with images in [-1, 1])."""
         h = self.conv_in(z)
         for block in self.blocks:
-            h = block(h, cond) if isinstance(block, ResBlock) else block(h)
+            h = run_block(block, self.gradient_checkpointing, h, *((cond,) if isinstance(block, ResBlock) else ()))
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
