@@ -128,10 +128,7 @@ def test_diffusion_resumed_at_an_epoch_end_before_validation_ends_bit_identical(
     fit(config, f"--preemption.check_every_n_steps={CHECK_EVERY}", callbacks=(SignalAt(epoch - 2),))
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / PREEMPTED_CKPT)["global_step"] == epoch
     resumed = fit(config, "--resume=always")
-    assert resumed.global_step == reference.global_step == steps
-    ref_weights, run_weights = reference.lightning_module.state_dict(), resumed.lightning_module.state_dict()
-    different = [k for k in ref_weights if not torch.equal(ref_weights[k], run_weights[k])]
-    assert not different, f"{len(different)} of {len(ref_weights)} tensors differ after resume: {different[:3]}"
+    assert_resumed_to_the_reference(resumed, reference, steps)
 
 
 @pytest.mark.slow
@@ -155,10 +152,7 @@ def test_sigterm_inside_an_accumulation_group_saves_at_its_end_without_requeue_a
     assert preempted["callbacks"]["Preemption"]["steps"] == preempted["global_step"]  # the callback's counters are saved
     assert requeued == []
     resumed = fit(run, "--resume=always")
-    assert resumed.global_step == reference.global_step == steps
-    ref_weights, run_weights = reference.lightning_module.state_dict(), resumed.lightning_module.state_dict()
-    different = [k for k in ref_weights if not torch.equal(ref_weights[k], run_weights[k])]
-    assert not different, f"{len(different)} of {len(ref_weights)} tensors differ after resume: {different[:3]}"
+    assert_resumed_to_the_reference(resumed, reference, steps)
 
 
 @pytest.mark.slow
@@ -174,6 +168,14 @@ def test_agreement_interval_shrinks_on_slow_steps_so_the_save_comes_within_the_b
     iterations = preempted["global_step"] // 2
     assert signal_after <= iterations <= signal_after + 2, iterations
     assert preempted["callbacks"]["Preemption"]["interval"] in (1, 2)  # 1 where a slower machine takes > 0.25 s
+
+
+def assert_resumed_to_the_reference(resumed: L.Trainer, reference: L.Trainer, steps: int) -> None:
+    """The resumed run ended at the reference's step with bit-identical weights (EMA and text tower included)."""
+    assert resumed.global_step == reference.global_step == steps
+    ref_weights, run_weights = reference.lightning_module.state_dict(), resumed.lightning_module.state_dict()
+    different = [k for k in ref_weights if not torch.equal(ref_weights[k], run_weights[k])]
+    assert not different, f"{len(different)} of {len(ref_weights)} tensors differ after resume: {different[:3]}"
 
 
 def logged_steps(metrics_csv: Path) -> list[int]:
