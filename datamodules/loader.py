@@ -167,9 +167,10 @@ class ShardLoader:
                 if time.monotonic() - last_warning > WARN_EVERY_S:
                     last_warning = time.monotonic()
                     warnings.warn(self._skipped_message(per_slot, "so far"), stacklevel=2)
-            if "image" not in item:
+            if "key" not in item:
                 continue  # a worker's end-of-epoch report
-            item["image"] = _image_tensor(item["image"], pin)
+            for name in ARRAY_FIELDS.intersection(item):
+                item[name] = _as_tensor(item[name], pin)
             position = (item.pop("__pops__"), item.pop("__index__"))
             if order is None:
                 yield item
@@ -235,11 +236,15 @@ def _as_sent(item: dict) -> dict:
     return item
 
 
-def _image_tensor(image: np.ndarray | torch.Tensor, pin: bool) -> torch.Tensor:
-    """The batch's image tensor; one that came through a worker's pipe is pinned here (the DataLoader pins tensors)."""
-    if isinstance(image, torch.Tensor):
-        return image
-    tensor = torch.from_numpy(image)
+ARRAY_FIELDS = frozenset(("image", "latent", "text_tokens", "text_mask", "text_pooled"))
+"""Batch fields that leave a worker as arrays (numpy through the pipe, or tensors in shared memory)."""
+
+
+def _as_tensor(array: np.ndarray | torch.Tensor, pin: bool) -> torch.Tensor:
+    """A batch field as a tensor; one that came through a worker's pipe is pinned here (the DataLoader pins tensors)."""
+    if isinstance(array, torch.Tensor):
+        return array
+    tensor = torch.from_numpy(array)
     return tensor.pin_memory() if pin else tensor
 
 

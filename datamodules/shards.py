@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import glob
 import io
 import json
@@ -21,10 +22,11 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls as wds_expand_urls
 from webdataset.tariterators import base_plus_ext
 
+from datamodules.latents import LATENT_MEMBER, TEXT_MEMBER, load_array, load_text
 from datamodules.stream import (
     IMAGE_EXTENSIONS,
     MAX_IMAGE_PIXELS,
-    has_image_and_caption,
+    has_payload_and_caption,
     open_image,
     oversized_problem,
     read_shard,
@@ -60,16 +62,21 @@ def write_shards(samples: Iterable[dict], out_dir: str | os.PathLike, prefix: st
         writer.write(sample)
         count += 1
     close()
-    _record_sizes(out, {Path(p).name: n for p, n in written})
+    record_sizes(out, {Path(p).name: n for p, n in written})
     return written
 
 
-def _record_sizes(out: Path, sizes: dict[str, int]) -> None:
-    """Merge shard counts into out/sizes.json (other splits in the same directory keep theirs)."""
+def record_sizes(out: Path, sizes: dict[str, int]) -> None:
+    """Merge shard counts into out/sizes.json (other splits in the same directory keep theirs); under a lock, so the
+    ranks of a distributed encode writing into one directory do not lose each other's counts."""
     path = out / SIZES_FILE
-    known = json.loads(path.read_text()) if path.exists() else {}
-    known.update(sizes)
-    path.write_text(json.dumps(dict(sorted(known.items())), indent=1) + "\n")
+    with open(out / f".{SIZES_FILE}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        known = json.loads(path.read_text()) if path.exists() else {}
+        known.update(sizes)
+        temporary = path.with_name(f".{SIZES_FILE}.{os.getpid()}")
+        temporary.write_text(json.dumps(dict(sorted(known.items())), indent=1) + "\n")
+        os.replace(temporary, path)
 
 
 def brace_pattern(paths: list[str]) -> str:
@@ -94,18 +101,19 @@ def is_local(url: str) -> bool:
     return not url.startswith("pipe:") and "://" not in url
 
 
-def count_samples(url: str, require_caption: bool = True) -> int:
-    """Samples of a shard that have an image (and a caption); from sizes.json beside it when present, else a scan."""
+def count_samples(url: str, require_caption: bool = True, kind: str = "images") -> int:
+    """Samples of a shard that have an image or latent (and a caption); from sizes.json beside it when present, else a
+    scan."""
     if is_local(url):
         sizes = Path(url).parent / SIZES_FILE
         if sizes.exists() and require_caption:
             known = json.loads(sizes.read_text()).get(Path(url).name)
             if known is not None:
                 return int(known)
-    return _scan_count(url, require_caption)
+    return _scan_count(url, require_caption, kind)
 
 
-def _scan_count(url: str, require_caption: bool) -> int:
+def _scan_count(url: str, require_caption: bool, kind: str) -> int:
     keys: dict[str, dict] = {}
     # Local tars are read by seeking from header to header; streams (pipe:, http) must be read through.
     mode, source = ("r:*", url) if is_local(url) else ("r|*", gopen(url))
@@ -120,7 +128,7 @@ def _scan_count(url: str, require_caption: bool) -> int:
     finally:
         if not isinstance(source, str):
             source.close()
-    return sum(has_image_and_caption(v, require_caption) for v in keys.values())
+    return sum(has_payload_and_caption(v, require_caption, kind) for v in keys.values())
 
 
 IMAGE_COLUMNS = ("file", "image", "filename", "path")
@@ -312,13 +320,14 @@ def _folder_sample(key: str, path: Path, root: Path, captions: dict, resize: int
 
 def inspect_shards(urls: str | list[str], require_caption: bool = True) -> dict:
     """Decode every sample of the shards: counts, image sizes, caption lengths and every unusable entry."""
-    report: dict = {"shards": {}, "sizes": Counter(), "caption_chars": [], "unreadable": [], "ignored": Counter()}
+    report: dict = {"shards": {}, "sizes": Counter(), "latent_shapes": Counter(), "caption_chars": [], "unreadable": [],
+                    "ignored": Counter()}
     for url in tqdm(expand_urls(urls), desc="reading shards", unit="shard"):
         count, key = 0, "-"
         try:
             for sample in read_shard(url, everything=True):
                 key = sample["__key__"]
-                report["ignored"].update(e for e in sample if e != "__key__" and e not in (*IMAGE_EXTENSIONS, "txt", "json"))
+                report["ignored"].update(e for e in sample if e != "__key__" and e not in KNOWN_MEMBERS)
                 problem = _sample_problem(sample, require_caption, report)
                 if problem:
                     report["unreadable"].append(f"{url}: {key}: {problem}")
@@ -331,11 +340,23 @@ def inspect_shards(urls: str | list[str], require_caption: bool = True) -> dict:
     return report
 
 
+KNOWN_MEMBERS = (*IMAGE_EXTENSIONS, LATENT_MEMBER, TEXT_MEMBER, "txt", "json")
+
+
 def _sample_problem(sample: dict, require_caption: bool, report: dict) -> str:
     if (oversized := oversized_problem(sample)) is not None:
         return f"{oversized[0]}: {oversized[1]}"
-    if not has_image_and_caption(sample, require_caption):
-        return "no image" if not has_image_and_caption(sample, False) else "no caption"
+    if LATENT_MEMBER in sample:  # a latent shard (genart shards encode)
+        try:
+            report["latent_shapes"][tuple(load_array(sample[LATENT_MEMBER]).shape)] += 1
+            if TEXT_MEMBER in sample:
+                load_text(sample[TEXT_MEMBER])
+        except Exception as exn:
+            return f"corrupt latent: {type(exn).__name__}: {exn}"
+        report["caption_chars"].append(len(sample.get("txt", b"").decode("utf-8", "replace").strip()))
+        return "" if "txt" in sample or not require_caption else "no caption"
+    if not has_payload_and_caption(sample, require_caption):
+        return "no image" if not has_payload_and_caption(sample, False) else "no caption"
     ext = next(e for e in IMAGE_EXTENSIONS if e in sample)
     try:
         with open_image(sample[ext], MAX_IMAGE_PIXELS) as image:
@@ -355,6 +376,9 @@ def format_report(report: dict) -> str:
         heights = [h for (_, h), n in report["sizes"].items() for _ in range(n)]
         common = ", ".join(f"{w}x{h} ({n})" for (w, h), n in report["sizes"].most_common(3))
         lines.append(f"image width {min(widths)}..{max(widths)}, height {min(heights)}..{max(heights)}; most common: {common}")
+    if report["latent_shapes"]:
+        lines.append("latents: " + ", ".join(f"{'x'.join(map(str, shape))} ({n})"
+                                             for shape, n in report["latent_shapes"].most_common(3)))
     if report["caption_chars"]:
         chars = report["caption_chars"]
         empty = sum(c == 0 for c in chars)

@@ -20,10 +20,13 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms.v2 import functional as F
 from webdataset.gopen import gopen
 
+from datamodules.latents import LATENT_MEMBER, TEXT_MEMBER, load_array, load_text
 from datamodules.tarstream import MAX_MEMBER_BYTES, Oversized, tar_members
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-READ_EXTENSIONS = frozenset((*IMAGE_EXTENSIONS, "txt"))
+PAYLOADS = {"images": IMAGE_EXTENSIONS, "latents": (LATENT_MEMBER,)}
+"""What a training sample of each data kind must hold besides its caption."""
+READ_EXTENSIONS = frozenset((*IMAGE_EXTENSIONS, LATENT_MEMBER, TEXT_MEMBER, "txt"))
 MAX_PASSES = 2
 """Exact mode re-reads a worker's shards at most once more when unreadable samples leave its quota unmet."""
 PIPE_MAX_BYTES = 2 << 20
@@ -104,8 +107,8 @@ def read_shard(url: str, everything: bool = False, max_member_bytes: int = MAX_M
                 current = {"__key__": key}
             current[ext] = data
     except Exception:
-        # A truncated tail: the sample read so far is whole if it has its image and caption (the cut came later).
-        if current is not None and has_image_and_caption(current, require_caption=True):
+        # A truncated tail: the sample read so far is whole if it has its payload and caption (the cut came later).
+        if current is not None and any(has_payload_and_caption(current, True, kind) for kind in PAYLOADS):
             yield current
         raise
     finally:
@@ -145,9 +148,9 @@ def _wanted_member(name: str) -> tuple[str, str] | None:
     return parts if parts is not None and parts[1] in READ_EXTENSIONS else None
 
 
-def has_image_and_caption(sample: dict, require_caption: bool) -> bool:
-    """Whether a raw sample can become a training example (before decoding)."""
-    return any(e in sample for e in IMAGE_EXTENSIONS) and (not require_caption or "txt" in sample)
+def has_payload_and_caption(sample: dict, require_caption: bool, kind: str = "images") -> bool:
+    """Whether a raw sample can become a training example of this data kind (before decoding)."""
+    return any(e in sample for e in PAYLOADS[kind]) and (not require_caption or "txt" in sample)
 
 
 @dataclass
@@ -169,6 +172,7 @@ class StreamConfig:
     shuffle_buffer: int
     max_member_bytes: int = MAX_MEMBER_BYTES
     max_image_pixels: int = MAX_IMAGE_PIXELS
+    kind: str = "images"  # or "latents" (shards written by `genart shards encode`)
     slot_shards: list[list[int]] = field(default_factory=list)  # exact train: shard ids per slot
     slot_quotas: list[int] = field(default_factory=list)  # train: batches per slot
     resume: dict[int, tuple[int, int]] = field(default_factory=dict)  # slot -> (pops, batches) already consumed
@@ -195,7 +199,7 @@ class ShardStream(IterableDataset):
         samples = self._raw_samples(slot, skipped)
         for _ in range(pops):  # resume: replay the stream (no decoding) to the consumed position
             next(samples)
-        batch: list[tuple[str, str, np.ndarray]] = []
+        batch: list[tuple[str, str, dict[str, np.ndarray]]] = []
         for raw in samples:
             pops += 1
             try:
@@ -249,8 +253,9 @@ class ShardStream(IterableDataset):
                     key = sample["__key__"]
                     if (oversized := oversized_problem(sample)) is not None:
                         self._bad(*oversized[:1], url, key, oversized[1], skipped)
-                    elif not any(e in sample for e in IMAGE_EXTENSIONS):
-                        self._bad("no image", url, key, "no .jpg/.jpeg/.png/.webp member", skipped)
+                    elif not any(e in sample for e in PAYLOADS[cfg.kind]):
+                        reason, detail = _missing_payload(cfg.kind)
+                        self._bad(reason, url, key, detail, skipped)
                     elif cfg.require_caption and "txt" not in sample:
                         self._bad("no caption", url, key, "no .txt member", skipped)
                     else:
@@ -267,14 +272,21 @@ class ShardStream(IterableDataset):
             raise exn
         skipped.add(exn)
 
-    def _decode(self, raw: dict) -> tuple[str, str, np.ndarray]:
-        """Explicit decoders: PIL for the image, UTF-8 for the caption; nothing else is looked at."""
-        cfg, key, url = self.config, raw["__key__"], raw["__url__"]
-        ext = next(e for e in IMAGE_EXTENSIONS if e in raw)
+    def _decode(self, raw: dict) -> tuple[str, str, dict[str, np.ndarray]]:
+        """Explicit decoders: PIL for the image (numpy without pickle for latents), UTF-8 for the caption; nothing
+        else is looked at."""
+        key, url = raw["__key__"], raw["__url__"]
         try:
             caption = raw["txt"].decode("utf-8").strip() if "txt" in raw else ""
         except UnicodeDecodeError as exn:
             raise BadSample("bad caption", url, key, str(exn)) from None
+        if self.config.kind == "latents":
+            return key, caption, _decode_latent(raw, url)
+        return key, caption, {"image": self._decode_image(raw, url)}
+
+    def _decode_image(self, raw: dict, url: str) -> np.ndarray:
+        cfg, key = self.config, raw["__key__"]
+        ext = next(e for e in IMAGE_EXTENSIONS if e in raw)
         try:
             with open_image(raw[ext], cfg.max_image_pixels) as image:
                 if cfg.transform.resize:
@@ -282,9 +294,31 @@ class ShardStream(IterableDataset):
                 image.load()
                 flip = cfg.transform.random_flip and cfg.stage == "train" and _coin(cfg.seed, cfg.epoch, key)
                 rgb = image if image.mode == "RGB" else image.convert("RGB")  # no copy of an RGB image
-                return key, caption, cfg.transform(rgb, flip)
+                return cfg.transform(rgb, flip)
         except Exception as exn:
             raise BadSample("corrupt image", url, key, f"{type(exn).__name__}: {exn}") from None
+
+
+def _missing_payload(kind: str) -> tuple[str, str]:
+    if kind == "latents":
+        return "no latent", f"no .{LATENT_MEMBER} member (latent shards come from `genart shards encode`)"
+    return "no image", "no .jpg/.jpeg/.png/.webp member"
+
+
+def _decode_latent(raw: dict, url: str) -> dict[str, np.ndarray]:
+    """The cached latent (and text states, where cached) as float32 / bool arrays."""
+    key = raw["__key__"]
+    try:
+        arrays = {"latent": load_array(raw[LATENT_MEMBER]).astype(np.float32)}
+        if TEXT_MEMBER in raw:
+            text = load_text(raw[TEXT_MEMBER])
+            arrays |= {"text_tokens": text["tokens"].astype(np.float32), "text_mask": text["mask"].astype(bool),
+                       "text_pooled": text["pooled"].astype(np.float32)}
+    except Exception as exn:
+        raise BadSample("corrupt latent", url, key, f"{type(exn).__name__}: {exn}") from None
+    if arrays["latent"].ndim != 3:
+        raise BadSample("corrupt latent", url, key, f"latent of shape {arrays['latent'].shape}, expected [C, h, w]")
+    return arrays
 
 
 def _pass_order(shards: list[int], pass_index: int, rng: random.Random, skipped: Skipped) -> list[int]:
@@ -317,11 +351,21 @@ def _shuffled(items: Iterator[dict], size: int, rng: random.Random) -> Iterator[
     yield from buffer
 
 
-def _collate(batch: list[tuple[str, str, np.ndarray]], slot: int, pops: int, index: int, skipped: Skipped) -> dict:
-    images = torch.from_numpy(np.stack([b[2] for b in batch])).permute(0, 3, 1, 2)
-    images = images.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
+def _collate(batch: list[tuple[str, str, dict[str, np.ndarray]]], slot: int, pops: int, index: int,
+             skipped: Skipped) -> dict:
+    arrays = {}
+    for name in batch[0][2]:
+        try:
+            stacked = torch.from_numpy(np.stack([b[2][name] for b in batch]))
+        except ValueError as exn:  # latents of several sizes, or text cached for some samples only
+            raise RuntimeError(f"{name} arrays of different shapes in one batch ({exn}); encode every shard of the "
+                               "cache with the same image size and text encoder") from None
+        if name == "image":
+            stacked = stacked.permute(0, 3, 1, 2)
+            stacked = stacked.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
+        arrays[name] = stacked.numpy() if stacked.nbytes <= PIPE_MAX_BYTES else stacked  # ShardLoader makes tensors
     return {
-        "image": images.numpy() if images.nbytes <= PIPE_MAX_BYTES else images,  # ShardLoader makes it a tensor
+        **arrays,
         "caption": [b[1] for b in batch],
         "key": [b[0] for b in batch],
         "__slot__": slot,

@@ -1,6 +1,9 @@
 """TextImageDataModule: WebDataset text-image shards (img2dataset layout) for every family, correct under DDP.
 
-Batches are dicts: `image` float [B,3,H,W] in [-1,1], `caption` list[str], `key` list[str].
+Batches are dicts: `image` float [B,3,H,W] in [-1,1], `caption` list[str], `key` list[str]. With `kind: latents`
+(shards written by `genart shards encode`) `latent` float [B,C,h,w] replaces `image`, and where the text encoder was
+cached `text_tokens` [B,L,D], `text_mask` [B,L] and `text_pooled` [B,E] come along; `latent_cache` then holds what
+made the cache, which the model checks against its own first stage and text encoder.
 
 Training, mode "exact": shards are dealt to (rank, worker) slots, so every sample is read at most once per epoch,
 and every rank gets the same number of full batches (a few samples per epoch are left out to make them equal; the
@@ -19,22 +22,24 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.distributed import rank_world
+from datamodules.latents import read_cache_info
 from datamodules.loader import ShardLoader, pin_memory_default
 from datamodules.shards import count_samples, expand_urls, is_local
 from datamodules.stream import MAX_IMAGE_PIXELS, StreamConfig, Transform
 from datamodules.tarstream import MAX_MEMBER_BYTES
 
 
-def existing_shards(urls: str | list[str], name: str) -> list[str]:
-    """The shard URLs of `--data.NAME`, or one line naming the first local shard that is missing (checked before a run
-    starts, so a typo in a brace pattern costs no run directory)."""
+def existing_shards(urls: str | list[str], name: str, flag: str | None = None) -> list[str]:
+    """The shard URLs of `--data.NAME` (or of the option `flag`), or one line naming the first local shard that is
+    missing (checked before a run starts, so a typo in a brace pattern costs no run directory)."""
+    flag = flag or f"--data.{name}"
     expanded = expand_urls(urls)
     if not expanded:
-        raise ValueError(f"no shards in --data.{name}={urls!r}; give a path or brace pattern")
+        raise ValueError(f"no shards in {flag}={urls!r}; give a path or brace pattern")
     for url in expanded:
         if is_local(url) and not os.path.isfile(url):
             raise FileNotFoundError(
-                f"shard not found: {url} (from --data.{name}); check the path and brace pattern,"
+                f"shard not found: {url} (from {flag}); check the path and brace pattern,"
                 " or write shards with `genart shards`"
             )
     return expanded
@@ -63,6 +68,7 @@ class TextImageDataModule(L.LightningDataModule):
         max_image_pixels: int = MAX_IMAGE_PIXELS,
         seed: int = 0,
         pin_memory: bool | None = None,
+        kind: Literal["images", "latents"] = "images",
     ):
         """
         Args:
@@ -84,6 +90,7 @@ class TextImageDataModule(L.LightningDataModule):
             max_image_pixels: an image with more pixels is refused from its header, before decoding ("corrupt image").
             seed: shard order, shuffling and flips; same seed, same epoch order.
             pin_memory: pin batches for faster GPU copies (default: when CUDA is available).
+            kind: "images", or "latents": shards of `genart shards encode` (latents made once; image options unused).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -92,8 +99,13 @@ class TextImageDataModule(L.LightningDataModule):
                 f"batch_size={batch_size}, num_workers={num_workers}, image_size={image_size}: need batch_size >= 1,"
                 " num_workers >= 0, image_size >= 1 (--data.batch_size / --data.num_workers / --data.image_size)"
             )
+        if kind == "latents" and random_flip:
+            raise ValueError("random_flip flips images, but latent shards hold latents encoded once; set "
+                             "--data.random_flip=false (or train from images: --data.kind=images)")
         self.train_loader: ShardLoader | None = None
         self.val_loader: ShardLoader | None = None
+        self.latent_cache: dict | None = None
+        """kind=latents: the latents.json record of the shards (first stage, scaling, text encoder, image size)."""
 
     def _rank_world(self) -> tuple[int, int]:
         if self.trainer is not None:
@@ -107,7 +119,16 @@ class TextImageDataModule(L.LightningDataModule):
         hp = self.hparams
         rank, world = self._rank_world()
         urls = self._urls(name)
-        counts = [count_samples(u, hp.require_caption) for u in urls]
+        if hp.kind == "latents":
+            cache = read_cache_info(urls)
+            if self.latent_cache is not None and cache != self.latent_cache:
+                raise ValueError(f"--data.train_urls and --data.val_urls are latent caches made differently ({urls[0]});"
+                                 " encode both with the same first stage and text encoder")
+            if cache.get("image_size") != hp.image_size:
+                raise ValueError(f"the latent shards {urls[0]} were encoded from {cache.get('image_size')}px images;"
+                                 f" set --data.image_size={cache.get('image_size')} (the model's image_size too)")
+            self.latent_cache = cache
+        counts = [count_samples(u, hp.require_caption, hp.kind) for u in urls]
         config = StreamConfig(
             urls=urls,
             stage=stage,
@@ -123,6 +144,7 @@ class TextImageDataModule(L.LightningDataModule):
             strict=hp.strict,
             max_member_bytes=hp.max_member_bytes,
             max_image_pixels=hp.max_image_pixels,
+            kind=hp.kind,
             shuffle_buffer=hp.shuffle_buffer if stage == "train" else 1,
         )
         pin = pin_memory_default() if hp.pin_memory is None else hp.pin_memory

@@ -60,7 +60,11 @@ class PeriodicEvaluation(L.Callback):
         self._last_bucket = 0
 
     def _data_urls(self, trainer: L.Trainer) -> str | list[str]:
-        urls = self.data_urls or getattr(getattr(trainer.datamodule, "hparams", None), "val_urls", None)
+        data = getattr(trainer.datamodule, "hparams", None)
+        if not self.data_urls and getattr(data, "kind", "images") == "latents":
+            raise ValueError("PeriodicEvaluation needs real images, and the datamodule reads latent shards; set the "
+                             "callback's data_urls to the image shards the cache was encoded from")
+        urls = self.data_urls or getattr(data, "val_urls", None)
         if not urls:
             raise ValueError("PeriodicEvaluation has no real data: set its data_urls or the datamodule's --data.val_urls")
         return urls

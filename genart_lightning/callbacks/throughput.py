@@ -12,9 +12,10 @@ from torch.optim import Optimizer
 
 
 def batch_size(batch: Any) -> int:
-    """Images in one batch of the project's batch contract (dict with `image`), or the first tensor's length."""
-    if isinstance(batch, dict) and isinstance(batch.get("image"), Tensor):
-        return batch["image"].shape[0]
+    """Images in one batch of the project's batch contract (dict with `image` or `latent`), or the first tensor's length."""
+    for field in ("image", "latent"):
+        if isinstance(batch, dict) and isinstance(batch.get(field), Tensor):
+            return batch[field].shape[0]
     if isinstance(batch, Tensor):
         return batch.shape[0]
     if isinstance(batch, (list, tuple)) and batch:

@@ -34,6 +34,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     folder.add_argument("--empty-captions", action="store_true", help="keep images that have no caption")
     folder.set_defaults(func=run_from_folder)
 
+    encode = sub.add_parser(
+        "encode", help="image shards -> latent shards of a frozen first stage (and text encoder), to train from",
+        description="Encode image shards once with a frozen VAE (and text encoder); latent diffusion then trains from "
+                    "the output with --data.kind=latents. Under torchrun or srun each rank encodes its own shards.")
+    encode.add_argument("--first-stage", required=True, metavar="CKPT_OR_DIR",
+                        help="genart VAE (or latent-diffusion) checkpoint, or a diffusers AutoencoderKL directory")
+    encode.add_argument("--data", required=True, metavar="URLS", help="image shards: path, brace pattern (quote it), glob")
+    encode.add_argument("--out", required=True, help="output directory (shards keep their names; latents.json records "
+                                                     "what made them)")
+    encode.add_argument("--text-encoder", default=None, metavar="NAME",
+                        help="also cache this OpenCLIP text encoder's states (e.g. genart-tiny, ViT-H-14)")
+    encode.add_argument("--pretrained", default=None, metavar="TAG", help="its pretrained tag or weights file")
+    encode.add_argument("--text-layer", default="final", choices=("final", "penultimate"),
+                        help="token states of this layer (as the model's text_layer)")
+    encode.add_argument("--text-cache-dir", default=None, help="where its pretrained weights are cached")
+    encode.add_argument("--image-size", type=int, default=None,
+                        help="resize + centre crop to this side (default: a genart VAE's own image_size)")
+    encode.add_argument("--batch-size", type=int, default=32, help="images per encoder call (default 32)")
+    encode.add_argument("--precision", default="float16", choices=("float16", "float32"),
+                        help="stored dtype (default float16: half the bytes)")
+    encode.add_argument("--device", default=None, help="default: this rank's GPU, else cpu")
+    encode.set_defaults(func=run_encode)
+
     info = sub.add_parser("info", help="sample count, image sizes, caption lengths, unreadable entries")
     info.add_argument("urls", help="shard path, brace pattern (quote it) or pipe: URL")
     info.set_defaults(func=run_info)
@@ -73,6 +96,37 @@ def run_from_folder(args: argparse.Namespace) -> None:
     except (OSError, ValueError) as exn:
         raise _fail(exn) from None
     _print_urls(result)
+
+
+def run_encode(args: argparse.Namespace) -> None:
+    import torch
+
+    from datamodules.webdataset import existing_shards
+    from genart_lightning.models.latent_cache import encode_shards, load_first_stage
+    from genart_lightning.nn.text_encoder import FrozenTextEncoder
+    from genart_lightning.run.cluster import launcher_ranks
+
+    rank, world, local_rank = launcher_ranks()
+    try:
+        urls = existing_shards(args.data, "data", flag="--data")
+        first_stage = load_first_stage(args.first_stage)
+        image_size = args.image_size or getattr(getattr(first_stage, "hparams", None), "image_size", None)
+        if image_size is None:
+            raise ValueError(f"pass --image-size: {args.first_stage} does not record the image size it was trained at")
+        text = (FrozenTextEncoder(args.text_encoder, args.pretrained, args.text_cache_dir, layer=args.text_layer).eval()
+                if args.text_encoder else None)
+        device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        counts = encode_shards(first_stage, text, urls, args.out, image_size, args.batch_size, args.precision, rank,
+                               world, device)
+    except (OSError, ValueError) as exn:
+        raise _fail(exn) from None
+    skipped = {k: v for k, v in counts.items() if k not in ("shards", "already_encoded", "samples")}
+    print(f"rank {rank}/{world}: {counts.get('samples', 0)} samples encoded into {counts['shards'] - counts['already_encoded']}"
+          f" shards of {args.out} ({counts['already_encoded']} already there)"
+          + (f"; skipped {sum(skipped.values())} ({', '.join(f'{k}: {v}' for k, v in skipped.items())})" if skipped else ""))
+    if rank == 0:
+        pattern = f"{args.out.rstrip('/')}/{args.data.rsplit('/', 1)[-1]}"
+        print(f"train with: genart fit --config CONFIG --data.kind latents --data.train_urls '{pattern}'")
 
 
 def run_info(args: argparse.Namespace) -> None:

@@ -103,8 +103,11 @@ class GenerativeModel(L.LightningModule):
 
         Dropped captions teach the unconditional prediction that classifier-free guidance extrapolates from.
         """
-        keep = (torch.rand(len(captions)) >= self.hparams.caption_dropout).tolist()
-        return [c if k else "" for c, k in zip(captions, keep, strict=True)]
+        return [c if k else "" for c, k in zip(captions, self.keep_captions(len(captions)), strict=True)]
+
+    def keep_captions(self, n: int) -> Tensor:
+        """Which of n captions survive caption dropout (bool [n]); what `drop_captions` applies, for cached text."""
+        return torch.rand(n) >= self.hparams.caption_dropout
 
     def skip_nonfinite(self, loss: Tensor, mode: str) -> bool:
         """For automatic optimization: True when this step must be skipped (return None from training_step).

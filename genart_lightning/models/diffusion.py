@@ -20,6 +20,7 @@ from genart_lightning.diffusion.samplers import check_sampler
 from genart_lightning.diffusion.vp import VP
 from genart_lightning.models.base import GenerativeModel, check_nonfinite_mode
 from genart_lightning.models.init_weights import InitReport, load_initial_weights, read_source_weights
+from genart_lightning.models.latent_cache import cached_conditioning
 from genart_lightning.models.loading import build_family
 from genart_lightning.models.parts import build_part, part_config
 from genart_lightning.nn.backbone import Backbone
@@ -181,9 +182,13 @@ class DiffusionModel(GenerativeModel):
     def setup(self, stage: str) -> None:
         """`init_from`: weights only, before Lightning restores a `ckpt_path` (which then wins, so a resumed
         fine-tuning run continues from its own checkpoint, not from the source again). Under LoRA the source is the
-        frozen base, loaded when the model is built; here the rest (a text tower trained along) loads as without it."""
+        frozen base, loaded when the model is built; here the rest (a text tower trained along) loads as without it.
+        Latent shards are checked against this model before its first step (`check_latent_cache`)."""
         if stage == "fit" and self.hparams.get("init_from"):
             self.initialise_from(self.hparams.init_from, self.hparams.init_strict)
+        cache = getattr(getattr(self.trainer, "datamodule", None), "latent_cache", None)
+        if cache is not None:
+            self.check_latent_cache(cache)
 
     def read_initial_weights(self, path: str) -> dict[str, Tensor]:
         """The source's tensors keyed as in this model (a diffusers directory's as this diffusers backbone's)."""
@@ -249,9 +254,40 @@ class DiffusionModel(GenerativeModel):
 
     # ---- training ----
 
+    def diffusion_input(self, batch: dict) -> Tensor:
+        """What is diffused of a batch: its cached latents (latent shards), else its images taken to diffusion space."""
+        return batch["latent"] if "latent" in batch else self.to_diffusion_space(batch["image"])
+
+    def reads_cached_text(self, batch: dict) -> bool:
+        """Whether the batch's cached text states stand in for the text encoder (a tower trained along reads captions)."""
+        return self.conditional and "text_tokens" in batch and not self.hparams.train_text_encoder
+
+    def batch_conditioning(self, batch: dict, drop: bool) -> dict[str, Tensor] | None:
+        """The backbone's conditioning for a batch, with caption dropout when `drop`: from its cached text states
+        where it has them, else by encoding its captions."""
+        if not self.conditional:
+            return None
+        keep = self.keep_captions(len(batch["caption"])) if drop else torch.ones(len(batch["caption"]), dtype=torch.bool)
+        if self.reads_cached_text(batch):
+            return cached_conditioning(batch, keep, self.unconditional_text(), self.hparams.conditioning)
+        return self.encode_text([c if k else "" for c, k in zip(batch["caption"], keep.tolist(), strict=True)])
+
+    def unconditional_text(self) -> dict[str, Tensor]:
+        """The conditioning of the empty caption, encoded once per device (the text encoder is frozen)."""
+        device = self.device
+        if getattr(self, "_unconditional", (None, None))[0] != device:
+            with torch.no_grad():
+                self._unconditional = (device, self.encode_text([""]))
+        return self._unconditional[1]
+
+    def check_latent_cache(self, cache: dict) -> None:
+        """Called when the datamodule reads latent shards; pixel-space diffusion cannot use them."""
+        raise ValueError(f"{type(self).__name__} diffuses pixels, but the datamodule reads latent shards "
+                         "(--data.kind=latents); train LatentDiffusion on them, or set --data.kind=images")
+
     def training_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor] | None:
-        x0 = self.to_diffusion_space(batch["image"])
-        cond = self.encode_text(self.drop_captions(batch["caption"])) if self.conditional else None
+        x0 = self.diffusion_input(batch)
+        cond = self.batch_conditioning(batch, drop=True)
         noise = torch.randn_like(x0)  # global RNG: seeded per rank in on_fit_start, so ranks differ
         u = torch.rand(x0.shape[0], device=x0.device, dtype=torch.float64)  # quantile of the process's noise level
         loss = self.process.loss(self._bound(self.backbone, cond), x0, noise, u).mean()
@@ -269,12 +305,12 @@ class DiffusionModel(GenerativeModel):
             self.text_ema.update_parameters(self.text_encoder)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        x0 = self.to_diffusion_space(batch["image"])
+        x0 = self.diffusion_input(batch)
         b = x0.shape[0]
         generator = torch.Generator(device=x0.device).manual_seed(VAL_SEED + batch_idx)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         u = (torch.arange(b, device=x0.device, dtype=torch.float64) + 0.5) / b  # the same levels every validation
-        cond = self.encode_text(batch["caption"]) if self.conditional else None
+        cond = self.batch_conditioning(batch, drop=False)
         loss = self.process.loss(self._bound(self.backbone, cond), x0, noise, u, weighted=False).mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=b)
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from genart_lightning.diffusion.process import Process
 from genart_lightning.diffusion.vp import VP
 from genart_lightning.models.base import FirstStage
 from genart_lightning.models.diffusion import DiffusionModel
+from genart_lightning.models.latent_cache import check_cache
 from genart_lightning.models.loading import build_family, load_model
 from genart_lightning.models.parts import build_part, part_config
 from genart_lightning.nn.diffusers_parts import DiffusersAutoencoder
@@ -84,6 +86,15 @@ class LatentDiffusion(DiffusionModel):
         if hasattr(self.first_stage, "fingerprint"):
             out[FIRST_STAGE_KEY] = self.first_stage.fingerprint()
         return out
+
+    def check_latent_cache(self, cache: dict) -> None:
+        """Latent shards must come from this first stage at this image size, and cached text states (read unless the
+        text tower trains along) from this text encoder; else one line naming both."""
+        reads_text = self.conditional and not self.hparams.train_text_encoder and cache.get("text_encoder") is not None
+        check_cache(cache, self.first_stage, self.text_encoder if reads_text else None, self.hparams.image_size)
+        if cache.get("text_encoder") is not None and not reads_text:
+            rank_zero_info("latent shards hold cached text states; this model encodes the captions instead"
+                           + (" (its text tower trains along)" if self.conditional else " (it is unconditional)"))
 
     @torch.no_grad()
     def to_diffusion_space(self, images: Tensor) -> Tensor:

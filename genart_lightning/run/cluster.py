@@ -32,6 +32,19 @@ def cluster_environment_name(trainer: L.Trainer) -> str | None:
     return type(env).__name__ if env is not None else None
 
 
+def launcher_ranks() -> tuple[int, int, int]:
+    """(global rank, world size, local rank) that torchrun or srun gave this process, before any process group
+    exists (tools that split work over ranks without communicating); (0, 1, 0) when launched alone."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    for environment in (TorchElasticEnvironment, SLURMEnvironment):
+        # SLURM's detect() warns outside srun, so only ask it inside a job
+        if (environment is TorchElasticEnvironment or "SLURM_NTASKS" in os.environ) and environment.detect():
+            env = environment()
+            return env.global_rank(), env.world_size(), env.local_rank()
+    return 0, 1, 0
+
+
 def slurm_job_id() -> str | None:
     """The id `scontrol requeue` needs (array tasks as JOB_TASK), or None outside a SLURM job."""
     array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
