@@ -97,7 +97,8 @@ def test_training_from_the_cache_matches_training_from_images(cache: dict, shape
     cached16, _ = _fit(cache["vae"], cache["float16"], "latents")
     np.testing.assert_allclose(cached16.losses, images.losses, rtol=5e-3)
     # the switch acts: the cached batches hold latents, no images
-    batch = next(iter(TextImageDataModule(cache["float32"], batch_size=4, num_workers=0, kind="latents").train_dataloader()))
+    cached = TextImageDataModule(cache["float32"], batch_size=4, num_workers=0, kind="latents", image_size=16)
+    batch = next(iter(cached.train_dataloader()))
     assert "image" not in batch and batch["latent"].shape == (4, 4, 8, 8) and batch["text_tokens"].dtype == torch.float32
 
 
@@ -120,7 +121,7 @@ def test_a_cache_of_another_first_stage_or_text_encoder_is_refused(cache: dict, 
     with pytest.raises(ValueError, match="PixelDiffusion diffuses pixels.*train LatentDiffusion"):
         PixelDiffusion(image_size=16, backbone=UNetBackbone(**UNET)).check_latent_cache(record)
     with pytest.raises(FileNotFoundError, match=f"no {CACHE_FILE} beside .*not latent shards.*genart shards encode"):
-        TextImageDataModule(shapes_shards_16px["train_urls"], num_workers=0, kind="latents").setup("fit")
+        TextImageDataModule(shapes_shards_16px["train_urls"], num_workers=0, kind="latents", image_size=16).setup("fit")
 
 
 def test_two_rank_encode_writes_disjoint_shards_covering_every_sample(cache: dict, shapes_shards_16px: dict,
@@ -140,7 +141,7 @@ def test_two_rank_encode_writes_disjoint_shards_covering_every_sample(cache: dic
     source = [k for u in cache["urls"] for k in _keys(u, ".txt")]
     assert len(keys) == len(set(keys)) and sorted(keys) == sorted(source)
     data = TextImageDataModule(str(tmp_path / "out" / "train-{000000..000003}.tar"), batch_size=8, num_workers=0,
-                               kind="latents")
+                               kind="latents", image_size=16)
     data.setup("fit")
     assert sum(data.train_loader.counts) == len(source)  # sizes.json of both ranks merged
     assert data.latent_cache["text_encoder"] is None and data.latent_cache["precision"] == "float16"
@@ -151,7 +152,8 @@ def test_two_rank_encode_writes_disjoint_shards_covering_every_sample(cache: dic
 
 def test_latent_ranks_are_disjoint_equal_and_resume_exactly(cache: dict) -> None:
     def loader(rank: int):
-        dm = TextImageDataModule(cache["float16"], batch_size=8, num_workers=2, kind="latents", shuffle_buffer=16)
+        dm = TextImageDataModule(cache["float16"], batch_size=8, num_workers=2, kind="latents", shuffle_buffer=16,
+                                 image_size=16)
         dm._rank_world = lambda: (rank, 2)  # what a 2-rank Trainer reports to rank `rank`
         dm.setup("fit")
         return dm.train_dataloader()
@@ -185,7 +187,8 @@ def test_corrupt_latents_are_counted_and_skipped_never_unpickled(cache: dict, tm
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    dm = TextImageDataModule(val_urls=str(out / "train-000000.tar"), batch_size=1, num_workers=0, kind="latents")
+    dm = TextImageDataModule(val_urls=str(out / "train-000000.tar"), batch_size=1, num_workers=0, kind="latents",
+                             image_size=16)
     with pytest.warns(UserWarning, match=r"skipped 2 unusable samples .*\(corrupt latent: 2\)"):
         keys = [k for b in dm.val_dataloader() for k in b["key"]]
     assert sorted(keys) == ["001", "003"] and not marker.exists()
