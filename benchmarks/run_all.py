@@ -18,7 +18,7 @@ from pathlib import Path
 
 from benchmarks.common import CLOCK, THREADS, Comparison, machine_info
 
-BENCHMARKS = ("gan_overhead", "diffusion", "data", "sampling", "eval", "cli", "dit")
+BENCHMARKS = ("gan_overhead", "diffusion", "data", "sampling", "eval", "cli", "dit", "latent_cache")
 """Module names (benchmarks/bench_<name>.py), in the order of the issue's list."""
 
 
