@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import lightning as L
 import torch
@@ -17,6 +17,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from genart_lightning.nn.text_encoder import FrozenTextEncoder
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 FAMILY_KEY = "genart_family"
 """Checkpoint entry naming the family class, so `genart sample` can rebuild any checkpoint."""
@@ -188,6 +191,17 @@ class GenerativeModel(L.LightningModule):
                 )
             raise ValueError(f"{source} was trained with the frozen {key.removeprefix('genart_').replace('_', ' ')} "
                              f"{saved} but {now} was built now; point it at the weights it was trained with")
+
+    def configure_model(self) -> None:
+        """Under `--trainer.strategy fsdp2` (Lightning sets a device mesh), shard the networks once; else nothing."""
+        if self.device_mesh is not None and not getattr(self, "sharded", False):
+            self.shard(self.device_mesh["data_parallel"])
+            self.sharded = True
+
+    def shard(self, mesh: DeviceMesh) -> None:
+        """Shard this family's networks with FSDP2 over `mesh` (families that support it override this)."""
+        raise ValueError(f"{type(self).__name__} does not run under FSDP (--trainer.strategy fsdp2); its networks are "
+                         "small enough to replicate: use --trainer.strategy ddp")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[FAMILY_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -28,8 +29,12 @@ from genart_lightning.nn.diffusers_parts import DiffusersUNet
 from genart_lightning.nn.ema import make_ema
 from genart_lightning.nn.frozen import keep_out_of_state_dict, weights_digest
 from genart_lightning.nn.lora import LoRASettings, inject_lora, merge_lora
+from genart_lightning.nn.sharding import shard_network
 from genart_lightning.nn.text_encoder import FrozenTextEncoder
 from genart_lightning.nn.unet import UNetBackbone
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 VAL_SEED = 20_240_601
 """Seed of the validation noise: the same noise every validation, so val/loss is comparable across steps."""
@@ -143,6 +148,18 @@ class DiffusionModel(GenerativeModel):
         self.text_ema = make_ema(text, hp.ema_decay, average_buffers=False) if hp.train_text_encoder else None
         if hp.compile:
             self.backbone.compile()  # in place: parameter names (and checkpoints) stay those of the plain module
+
+    def shard(self, mesh: DeviceMesh) -> None:
+        """FSDP2: the backbone and its EMA copy, sharded alike unit by unit (`nn/sharding.py`), so the EMA update runs
+        shard by shard; the frozen text encoder and first stage stay whole on every rank (no gradients to reduce)."""
+        hp = self.hparams
+        for switch, why in (("lora", "its adapters are small: replicate them"), ("train_text_encoder", "the text tower "
+                            "is not sharded"), ("compile", "compiling sharded blocks is not tested here")):
+            if hp.get(switch):
+                raise ValueError(f"{switch} is not supported under --trainer.strategy fsdp2 ({why}); use "
+                                 f"--trainer.strategy ddp, or turn {switch} off")
+        shard_network(self.backbone, mesh)
+        shard_network(self.ema.module, mesh)
 
     def attach_lora(self, pretrained: str | None) -> set[str]:
         """Load the base weights (`init_from`, else the backbone's own `pretrained` ones), fingerprint them, then add

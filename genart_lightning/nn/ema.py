@@ -9,9 +9,13 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
+from genart_lightning.nn.sharding import local
+
 
 @torch.no_grad()
 def _ema_update(ema: list[Tensor], current: list[Tensor], num_averaged: Tensor, decay: float) -> None:
+    # Sharded (FSDP2) networks: both copies are sharded alike, so the average is taken shard by shard, locally.
+    ema, current = [local(e) for e in ema], [local(c) for c in current]
     pairs = [(e, c) for e, c in zip(ema, current, strict=True) if e.data_ptr() != c.data_ptr()]  # frozen ones are shared
     if not pairs:
         return

@@ -19,6 +19,7 @@ from genart_lightning.callbacks.run_checkpoint import RunCheckpoint
 from genart_lightning.callbacks.run_summary import RunSummary
 from genart_lightning.callbacks.sample_grid import SampleGrid
 from genart_lightning.callbacks.throughput import Throughput
+from genart_lightning.run import fsdp  # noqa: F401  (registers --trainer.strategy fsdp2)
 from genart_lightning.run.checkpoint_io import AtomicCheckpointIO
 from genart_lightning.run.provenance import RunRecord
 from genart_lightning.run.resume import RESUME_MODES, apply_resume

@@ -1,0 +1,83 @@
+"""Run under `torchrun --nproc-per-node 2`: for one family, a DDP fit, an FSDP2 fit (checkpoint half way) and an FSDP2
+fit resumed from that checkpoint, all from the same seed; rank 0 saves each run's final full weights, and every rank
+its parameter + optimizer bytes.
+
+    torchrun --nproc-per-node 2 tests/fsdp_runs.py FAMILY TRAIN_URLS OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from datamodules.webdataset import TextImageDataModule
+from genart_lightning.callbacks.rank_state import RankState
+from genart_lightning.diffusion.flow import Flow
+from genart_lightning.diffusion.vp import VP
+from genart_lightning.models.diffusion import PixelDiffusion
+from genart_lightning.nn.dit import DiTBackbone
+from genart_lightning.nn.sharding import local
+from genart_lightning.nn.unet import UNetBackbone
+from genart_lightning.run.checkpoint_io import AtomicCheckpointIO
+from genart_lightning.run.fsdp import FSDP2Strategy
+
+STEPS = 4
+FAMILIES = {
+    "flow_dit": lambda: PixelDiffusion(image_size=16, process=Flow(), clip_x0=False, lr=1e-3, ema_decay=0.9,
+                                       backbone=DiTBackbone(patch_size=4, hidden_size=64, depth=4, num_heads=2)),
+    "vp_unet": lambda: PixelDiffusion(image_size=16, process=VP(prediction="v"), lr=1e-3, ema_decay=0.9,
+                                      backbone=UNetBackbone(base_channels=32, channel_mult=[1, 2], num_res_blocks=1,
+                                                            attention_levels=[1], head_channels=32)),
+}
+
+
+def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes this rank holds of the trainable networks' parameters (live and EMA) and of the optimizer's state."""
+    tensors = [p for p in model.parameters() if p.requires_grad] + list(model.ema.module.parameters())
+    tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
+    return sum(local(t).numel() * t.element_size() for t in tensors)
+
+
+class Report(L.Callback):
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        full = trainer.strategy.lightning_module_state_dict() if isinstance(trainer.strategy, FSDP2Strategy) \
+            else pl_module.state_dict()
+        if trainer.global_rank == 0:
+            torch.save({k: v.detach().cpu().clone() for k, v in full.items()
+                        if k.startswith(("backbone.", "ema.module."))}, self.out / "weights.pt")
+        nbytes = state_bytes(pl_module, trainer.optimizers[0])
+        (self.out / f"bytes-rank{trainer.global_rank}.json").write_text(json.dumps(nbytes))
+
+
+def fit(family: str, urls: str, out: Path, strategy: str, ckpt_path: str | None = None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(0)
+    checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=STEPS // 2, save_top_k=-1)
+    trainer = L.Trainer(
+        max_steps=STEPS, accelerator="cpu", devices=2, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        strategy=FSDP2Strategy() if strategy == "fsdp2" else "ddp", plugins=[AtomicCheckpointIO()],
+        callbacks=[checkpoints, RankState(), Report(out)],  # RankState: per-rank RNG, as `genart fit` attaches
+    )
+    data = TextImageDataModule(urls, batch_size=4, num_workers=0, image_size=16)
+    trainer.fit(FAMILIES[family](), data, ckpt_path=ckpt_path)
+
+
+def main() -> None:
+    family, urls, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    torch.set_num_threads(1)
+    fit(family, urls, out / "ddp", "ddp")
+    fit(family, urls, out / "fsdp", "fsdp2")
+    fit(family, urls, out / "fsdp-resumed", "fsdp2", str(out / "fsdp" / "checkpoints" / f"epoch=0-step={STEPS // 2}.ckpt"))
+
+
+if __name__ == "__main__":
+    main()
