@@ -2,7 +2,9 @@
 fit resumed from that checkpoint, all from the same seed; rank 0 saves each run's final full weights, and every rank
 its parameter + optimizer bytes.
 
-    torchrun --nproc-per-node 2 tests/fsdp_runs.py FAMILY TRAIN_URLS OUT_DIR
+    torchrun --nproc-per-node 2 tests/fsdp_runs.py FAMILY TRAIN_URLS OUT_DIR [--sharded]
+
+With --sharded, also the same FSDP2 fit and resume with sharded checkpoints (a directory of per-rank files).
 """
 
 from __future__ import annotations
@@ -48,23 +50,22 @@ class Report(L.Callback):
         self.out = out
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        full = trainer.strategy.lightning_module_state_dict() if isinstance(trainer.strategy, FSDP2Strategy) \
-            else pl_module.state_dict()
+        full = {k: getattr(v, "full_tensor", lambda v=v: v)() for k, v in pl_module.state_dict().items()
+                if k.startswith(("backbone.", "ema.module."))}  # full_tensor: all ranks gather a sharded one
         if trainer.global_rank == 0:
-            torch.save({k: v.detach().cpu().clone() for k, v in full.items()
-                        if k.startswith(("backbone.", "ema.module."))}, self.out / "weights.pt")
+            torch.save({k: v.detach().cpu().clone() for k, v in full.items()}, self.out / "weights.pt")
         nbytes = state_bytes(pl_module, trainer.optimizers[0])
         (self.out / f"bytes-rank{trainer.global_rank}.json").write_text(json.dumps(nbytes))
 
 
-def fit(family: str, urls: str, out: Path, strategy: str, ckpt_path: str | None = None) -> None:
+def fit(family: str, urls: str, out: Path, strategy: str, ckpt_path: str | None = None, sharded: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(0)
     checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=STEPS // 2, save_top_k=-1)
     trainer = L.Trainer(
         max_steps=STEPS, accelerator="cpu", devices=2, logger=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        strategy=FSDP2Strategy() if strategy == "fsdp2" else "ddp", plugins=[AtomicCheckpointIO()],
+        strategy=FSDP2Strategy(save_distributed_checkpoint=sharded) if strategy == "fsdp2" else "ddp", plugins=[AtomicCheckpointIO()],
         callbacks=[checkpoints, RankState(), Report(out)],  # RankState: per-rank RNG, as `genart fit` attaches
     )
     data = TextImageDataModule(urls, batch_size=4, num_workers=0, image_size=16)
@@ -76,7 +77,11 @@ def main() -> None:
     torch.set_num_threads(1)
     fit(family, urls, out / "ddp", "ddp")
     fit(family, urls, out / "fsdp", "fsdp2")
-    fit(family, urls, out / "fsdp-resumed", "fsdp2", str(out / "fsdp" / "checkpoints" / f"epoch=0-step={STEPS // 2}.ckpt"))
+    half_way = f"epoch=0-step={STEPS // 2}.ckpt"
+    fit(family, urls, out / "fsdp-resumed", "fsdp2", str(out / "fsdp" / "checkpoints" / half_way))
+    if "--sharded" in sys.argv:  # checkpoints as directories of per-rank shards
+        fit(family, urls, out / "sharded", "fsdp2", sharded=True)
+        fit(family, urls, out / "sharded-resumed", "fsdp2", str(out / "sharded" / "checkpoints" / half_way), sharded=True)
 
 
 if __name__ == "__main__":

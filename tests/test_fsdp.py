@@ -16,6 +16,7 @@ from genart_lightning.models.diffusion import PixelDiffusion
 from genart_lightning.models.gan import DCGAN
 from genart_lightning.models.loading import load_model
 from genart_lightning.run.fsdp import FSDP2Strategy
+from genart_lightning.run.resume import logged_step, unreadable
 
 HERE = Path(__file__).parent
 DDP_TOLERANCE = 1e-4
@@ -29,7 +30,7 @@ def test_fsdp2_trains_resumes_exactly_matches_ddp_and_shards_the_state(family: s
                                                                        tmp_path: Path) -> None:
     torchrun = Path(sys.executable).with_name("torchrun")
     done = subprocess.run([str(torchrun), "--nproc-per-node", "2", str(HERE / "fsdp_runs.py"), family,
-                           shapes_shards_16px["train_urls"], str(tmp_path)],
+                           shapes_shards_16px["train_urls"], str(tmp_path), *(["--sharded"] if family == "flow_dit" else [])],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-4000:]
     fsdp, resumed, ddp = (torch.load(tmp_path / run / "weights.pt") for run in ("fsdp", "fsdp-resumed", "ddp"))
@@ -42,9 +43,16 @@ def test_fsdp2_trains_resumes_exactly_matches_ddp_and_shards_the_state(family: s
             (tmp_path / "ddp" / f"bytes-rank{rank}.json").read_text())
         assert ratio <= 0.6, ratio
     # the checkpoint is one full file: load_model (and so `genart sample`) reads it like any other
-    loaded = load_model(tmp_path / "fsdp" / "checkpoints" / "epoch=0-step=4.ckpt").state_dict()
-    for key in fsdp:
-        assert torch.equal(loaded[key], fsdp[key]), key
+    checkpoints = [tmp_path / "fsdp" / "checkpoints" / "epoch=0-step=4.ckpt"]
+    if family == "flow_dit":  # sharded checkpoints (directories): the same run, resumed as exactly, read as well
+        checkpoints.append(tmp_path / "sharded" / "checkpoints" / "epoch=0-step=4.ckpt")
+        assert checkpoints[-1].is_dir() and unreadable(checkpoints[-1]) is None and logged_step(checkpoints[-1]) == 4
+        for run in ("sharded", "sharded-resumed"):
+            weights = torch.load(tmp_path / run / "weights.pt")
+            assert all(torch.equal(weights[key], fsdp[key]) for key in fsdp), run
+    for path in checkpoints:
+        loaded = load_model(path).state_dict()
+        assert all(torch.equal(loaded[key], fsdp[key]) for key in fsdp), path
 
 
 def test_fsdp2_is_one_word_and_unsupported_settings_are_one_line() -> None:

@@ -40,7 +40,7 @@ def build_family(dotted: str, hyper_parameters: dict) -> GenerativeModel:
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> GenerativeModel:
     """Load any family from a `genart fit` .ckpt or a `genart export` .safetensors (nothing in either is executed)."""
     path = Path(path)
-    if not path.is_file():
+    if not (path.is_file() or is_sharded_checkpoint(path)):
         raise FileNotFoundError(f"checkpoint not found: {path}; pass a .ckpt written by `genart fit` or a `genart export` file")
     global_step = None
     if path.suffix == ".safetensors":
@@ -62,9 +62,29 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Ge
     return model.eval()
 
 
+SHARDED_METADATA = "meta.pt"
+"""What Lightning writes beside the per-rank shards of a sharded (FSDP `save_distributed_checkpoint`) checkpoint."""
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return path.is_dir() and (path / SHARDED_METADATA).is_file()
+
+
+def checkpoint_metadata(path: Path) -> dict:
+    """A checkpoint's contents without reading its weights (loops, hyperparameters): a .ckpt memory-mapped, or the
+    metadata file of a sharded checkpoint directory."""
+    return torch.load(path / SHARDED_METADATA if path.is_dir() else path, map_location="cpu", weights_only=True,
+                      mmap=not path.is_dir())
+
+
 def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
-    """A .ckpt's contents, loaded without unpickling code; a truncated or corrupt file is one line."""
+    """A .ckpt's contents (a sharded checkpoint directory's, gathered into full tensors in this one process), loaded
+    without unpickling code; a truncated or corrupt file is one line."""
     try:
+        if is_sharded_checkpoint(path):
+            from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+            return _load_distributed_checkpoint(path)
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated or corrupt files fail as OSError, RuntimeError, EOFError, pickle errors
         detail = str(err).splitlines()[0] if str(err) else "no detail"

@@ -19,6 +19,7 @@ from genart_lightning.callbacks.run_checkpoint import RunCheckpoint
 from genart_lightning.callbacks.run_summary import RunSummary
 from genart_lightning.callbacks.sample_grid import SampleGrid
 from genart_lightning.callbacks.throughput import Throughput
+from genart_lightning.models.loading import is_sharded_checkpoint
 from genart_lightning.run import fsdp  # noqa: F401  (registers --trainer.strategy fsdp2)
 from genart_lightning.run.checkpoint_io import AtomicCheckpointIO
 from genart_lightning.run.provenance import RunRecord
@@ -33,7 +34,8 @@ def check_inputs(config: Namespace) -> None:
         if urls:
             existing_shards(urls, name)
     ckpt = config.get("ckpt_path")
-    if ckpt and ckpt not in ("last", "best", "hpc", "registry") and not Path(ckpt).is_file():
+    named = ckpt in ("last", "best", "hpc", "registry")
+    if ckpt and not named and not (Path(ckpt).is_file() or is_sharded_checkpoint(Path(ckpt))):
         raise UserError(f"checkpoint not found: {ckpt} (from --ckpt_path); pass a .ckpt written by `genart fit`")
 
 

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 from jsonargparse import Namespace
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
+from genart_lightning.models.loading import checkpoint_metadata
 from genart_lightning.run.cluster import PREEMPTED_CKPT
 from genart_lightning.run.csv_logger import ContinuedCSVLogger
 from genart_lightning.run.provenance import TRACKING_FILE
@@ -31,8 +31,9 @@ def run_checkpoint_dir(fit_config: Namespace) -> Path:
 
 
 def newest_checkpoint(directory: Path) -> Path | None:
-    """The most recently written loadable one of `last*.ckpt` and `preempted.ckpt` (the run's latest training state);
-    an unreadable (truncated, corrupt) newer one is skipped with a line saying so."""
+    """The most recently written loadable one of `last*.ckpt` and `preempted.ckpt` (the run's latest training state;
+    files, or directories of a sharded FSDP checkpoint); an unreadable (truncated, corrupt) newer one is skipped with
+    a line saying so."""
     if not directory.is_dir():
         return None
     candidates = [p for p in directory.glob("*.ckpt") if p.name == PREEMPTED_CKPT or p.name.startswith("last")]
@@ -47,7 +48,7 @@ def newest_checkpoint(directory: Path) -> Path | None:
 def unreadable(ckpt: Path) -> str | None:
     """Why a checkpoint cannot be loaded (None: it can); memory-mapped, so the tensors are not read."""
     try:
-        torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint_metadata(ckpt)
     except Exception as err:  # truncated zips, bad pickles and foreign files all fail differently
         return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}"
     return None
@@ -88,7 +89,7 @@ def logged_step(ckpt: Path) -> int:
 
     Loggers count batches that stepped, not `global_step` (which counts every optimizer's steps).
     """
-    loops = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["loops"]
+    loops = checkpoint_metadata(ckpt)["loops"]
     return int(loops["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"])
 
 
