@@ -32,8 +32,12 @@ class EpochPlan:
     dropped: int  # samples left out this epoch so every rank gets the same number of full batches
 
 
-def plan_exact(counts: list[int], world_size: int, workers: int, batch_size: int, seed: int, epoch: int) -> EpochPlan:
-    """Deal shards (shuffled per epoch, same on all ranks) to slots; equalise ranks by trimming whole batches."""
+def plan_exact(counts: list[int], world_size: int, workers: int, batch_size: int, seed: int, epoch: int,
+               bucket_counts: list[list[int]] | None = None) -> EpochPlan:
+    """Deal shards (shuffled per epoch, same on all ranks) to slots; equalise ranks by trimming whole batches.
+
+    With aspect buckets (`bucket_counts[shard][bucket]`), a slot can make only the full batches each bucket of its
+    shards holds; the rest of each bucket is left out of the epoch like any remainder."""
     order = list(range(len(counts)))
     random.Random(f"{seed}-{epoch}").shuffle(order)
     # Largest shards first, each to the emptiest rank, then within a rank to its emptiest worker: totals end up
@@ -43,7 +47,11 @@ def plan_exact(counts: list[int], world_size: int, workers: int, batch_size: int
     slot_shards = []
     for rank_shards in _deal(by_size, counts, world_size, minimum=workers):
         slot_shards.extend(_deal(rank_shards, counts, workers))
-    available = [sum(counts[i] for i in shards) // batch_size for shards in slot_shards]
+    if bucket_counts is None:
+        available = [sum(counts[i] for i in shards) // batch_size for shards in slot_shards]
+    else:
+        available = [sum(sum(column) // batch_size for column in zip(*(bucket_counts[i] for i in shards), strict=True))
+                     for shards in slot_shards]
     per_rank = min(sum(available[r * workers : (r + 1) * workers]) for r in range(world_size))
     quotas = list(available)
     for r in range(world_size):
@@ -114,18 +122,28 @@ class ShardLoader:
         cfg = self.config
         if cfg.mode == "resampled":
             return plan_resampled(self.batches_per_epoch or 0, cfg.world_size, self.workers)
-        return plan_exact(self.counts, cfg.world_size, self.workers, cfg.batch_size, cfg.seed, self.epoch)
+        bucket_counts = [cfg.bucketing.counts(url) for url in cfg.urls] if cfg.bucketing is not None else None
+        return plan_exact(self.counts, cfg.world_size, self.workers, cfg.batch_size, cfg.seed, self.epoch, bucket_counts)
 
-    def _val_slot_samples(self) -> list[int]:
-        slots, total = self.config.world_size * self.workers, sum(self.counts)
-        return [total // slots + (s < total % slots) for s in range(slots)]
+    def _val_slot_samples(self) -> list[list[int]]:
+        """Validation samples of each slot, per bucket (one bucket without aspect buckets)."""
+        cfg, slots = self.config, self.config.world_size * self.workers
+        if cfg.bucketing is None:
+            total = sum(self.counts)
+            return [[total // slots + (s < total % slots)] for s in range(slots)]
+        out = [[0] * len(cfg.bucketing.sizes) for _ in range(slots)]
+        buckets = (b for url in cfg.urls for b in cfg.bucketing.of.get(url, {}).values())
+        for i, bucket in enumerate(buckets):  # slot s reads every `slots`-th sample from the s-th
+            if bucket is not None:
+                out[i % slots][bucket] += 1
+        return out
 
     def __len__(self) -> int:
         cfg = self.config
         if cfg.stage == "train":
             return self.plan().batches_per_rank
         mine = self._val_slot_samples()[cfg.rank * self.workers : (cfg.rank + 1) * self.workers]
-        return sum(math.ceil(n / cfg.batch_size) for n in mine)
+        return sum(math.ceil(n / cfg.batch_size) for per_bucket in mine for n in per_bucket)
 
     def __iter__(self) -> Iterator[dict]:
         cfg = self.config
@@ -236,7 +254,7 @@ def _as_sent(item: dict) -> dict:
     return item
 
 
-ARRAY_FIELDS = frozenset(("image", "latent", "text_tokens", "text_mask", "text_pooled"))
+ARRAY_FIELDS = frozenset(("image", "latent", "text_tokens", "text_mask", "text_pooled", "original_size", "crop_top_left"))
 """Batch fields that leave a worker as arrays (numpy through the pipe, or tensors in shared memory)."""
 
 

@@ -12,6 +12,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ from webdataset.gopen import gopen
 
 from datamodules.latents import LATENT_MEMBER, TEXT_MEMBER, load_array, load_text
 from datamodules.tarstream import MAX_MEMBER_BYTES, Oversized, tar_members
+
+if TYPE_CHECKING:
+    from datamodules.buckets import Bucketing
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 PAYLOADS = {"images": IMAGE_EXTENSIONS, "latents": (LATENT_MEMBER,)}
@@ -85,6 +89,19 @@ class Transform:
         if image.size != (size, size):
             raise ValueError(f"image is {image.size[0]}x{image.size[1]}, expected {size}x{size}; enable resize")
         return image
+
+
+def cover_crop(image: Image.Image, size: tuple[int, int], flip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """HWC uint8 array of `image` resized to cover (height, width) `size` (aspect kept) and centre-cropped into it,
+    and the crop's (top, left) in the resized image (what SDXL's crop conditioning reads)."""
+    height, width = size
+    scale = max(height / image.height, width / image.width)
+    resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    if resized != image.size:
+        image = F.resize(image, [resized[1], resized[0]], antialias=True)
+    top, left = (resized[1] - height) // 2, (resized[0] - width) // 2
+    array = np.asarray(image, dtype=np.uint8)[top : top + height, left : left + width]
+    return (array[:, ::-1] if flip else array), np.array([top, left], dtype=np.int64)
 
 
 MAX_IMAGE_PIXELS = 8192 * 8192
@@ -173,6 +190,7 @@ class StreamConfig:
     max_member_bytes: int = MAX_MEMBER_BYTES
     max_image_pixels: int = MAX_IMAGE_PIXELS
     kind: str = "images"  # or "latents" (shards written by `genart shards encode`)
+    bucketing: Bucketing | None = None  # aspect buckets: each sample's bucket, from the header scan
     slot_shards: list[list[int]] = field(default_factory=list)  # exact train: shard ids per slot
     slot_quotas: list[int] = field(default_factory=list)  # train: batches per slot
     resume: dict[int, tuple[int, int]] = field(default_factory=dict)  # slot -> (pops, batches) already consumed
@@ -197,32 +215,73 @@ class ShardStream(IterableDataset):
         if quota is not None and index >= quota:
             return
         samples = self._raw_samples(slot, skipped)
-        for _ in range(pops):  # resume: replay the stream (no decoding) to the consumed position
-            next(samples)
-        batch: list[tuple[str, str, dict[str, np.ndarray]]] = []
-        for raw in samples:
-            pops += 1
-            try:
-                batch.append(self._decode(raw))
-            except BadSample as exn:
-                if cfg.strict:
-                    raise
-                skipped.add(exn)
-                continue
-            if len(batch) == cfg.batch_size:
-                yield _collate(batch, slot, pops, index, skipped)
-                batch, index = [], index + 1
-                if quota is not None and index >= quota:
-                    break
+        batches = (self._bucketed if cfg.bucketing is not None else self._filled)(samples, pops, skipped)
+        for pops, batch in batches:
+            yield _collate(batch, slot, pops, index, skipped)
+            index += 1
+            if quota is not None and index >= quota:
+                break
         else:
             if quota is not None:
                 raise RuntimeError(
                     f"loader slot {slot} (rank {cfg.rank}, worker {worker}) made {index} of {quota} batches: too many"
                     " unreadable samples in its shards; repair or remove them (genart shards info URLS lists them)"
                 )
-        if batch:  # validation keeps its last partial batch: every sample is seen once
-            yield _collate(batch, slot, pops, index, skipped)
         yield {"__slot__": slot, "__skipped__": skipped.state()}
+
+    def _filled(self, samples: Iterator[dict], pops: int, skipped: Skipped) -> Iterator[tuple[int, list]]:
+        """(stream position, decoded batch): full batches of usable samples in stream order (an unusable one is
+        skipped and the next fills its place); validation keeps its last partial batch, so every sample is seen."""
+        for _ in range(pops):  # resume: replay the stream (no decoding) to the consumed position
+            next(samples)
+        batch = []
+        for raw in samples:
+            pops += 1
+            if (item := self._decode_or_skip(raw, skipped)) is not None:
+                batch.append(item)
+            if len(batch) == self.config.batch_size:
+                yield pops, batch
+                batch = []
+        if batch and self.config.stage == "val":
+            yield pops, batch
+
+    def _bucketed(self, samples: Iterator[dict], pops: int, skipped: Skipped) -> Iterator[tuple[int, list]]:
+        """(stream position, decoded batch) with aspect buckets: raw samples wait in their bucket (known from the
+        header scan) until it holds a batch, which is then decoded into that bucket's size. Batch composition
+        depends on the stream order alone, so a resume replays it (no decoding) to refill the waiting buckets. A
+        sample whose image turns out corrupt leaves its batch one short rather than waiting for another."""
+        cfg = self.config
+        sizes, size = cfg.bucketing.sizes, cfg.batch_size
+        waiting: list[list[dict]] = [[] for _ in sizes]
+        position = 0
+        for position, raw in enumerate(samples, start=1):
+            replayed = position <= pops  # a resume replays what was consumed before the checkpoint
+            bucket = cfg.bucketing.bucket(raw["__url__"], raw["__key__"])
+            if bucket is None:
+                if not replayed:
+                    self._bad("corrupt image", raw["__url__"], raw["__key__"], "unreadable image header", skipped)
+                continue
+            waiting[bucket].append(raw)
+            if len(waiting[bucket]) == size:
+                full, waiting[bucket] = waiting[bucket], []
+                if not replayed:
+                    yield position, self._decode_batch(full, sizes[bucket], skipped)
+        if cfg.stage == "val":  # every sample once: each bucket's remainder is one more (short) batch
+            for bucket, rest in enumerate(waiting):
+                if rest:
+                    yield position, self._decode_batch(rest, sizes[bucket], skipped)
+
+    def _decode_batch(self, raws: list[dict], size: tuple[int, int], skipped: Skipped) -> list:
+        return [item for raw in raws if (item := self._decode_or_skip(raw, skipped, size)) is not None]
+
+    def _decode_or_skip(self, raw: dict, skipped: Skipped, size: tuple[int, int] | None = None):
+        try:
+            return self._decode(raw, size)
+        except BadSample as exn:
+            if self.config.strict:
+                raise
+            skipped.add(exn)
+            return None
 
     def _raw_samples(self, slot: int, skipped: Skipped) -> Iterator[dict]:
         """Usable raw samples of this slot in epoch order (shuffled for training); deterministic for replay."""
@@ -272,7 +331,7 @@ class ShardStream(IterableDataset):
             raise exn
         skipped.add(exn)
 
-    def _decode(self, raw: dict) -> tuple[str, str, dict[str, np.ndarray]]:
+    def _decode(self, raw: dict, size: tuple[int, int] | None = None) -> tuple[str, str, dict[str, np.ndarray]]:
         """Explicit decoders: PIL for the image (numpy without pickle for latents), UTF-8 for the caption; nothing
         else is looked at."""
         key, url = raw["__key__"], raw["__url__"]
@@ -282,19 +341,25 @@ class ShardStream(IterableDataset):
             raise BadSample("bad caption", url, key, str(exn)) from None
         if self.config.kind == "latents":
             return key, caption, _decode_latent(raw, url)
-        return key, caption, {"image": self._decode_image(raw, url)}
+        return key, caption, self._decode_image(raw, url, size)
 
-    def _decode_image(self, raw: dict, url: str) -> np.ndarray:
+    def _decode_image(self, raw: dict, url: str, size: tuple[int, int] | None) -> dict[str, np.ndarray]:
+        """{"image"} (and for a bucket of (height, width) `size`, the original size and the crop's top left)."""
         cfg, key = self.config, raw["__key__"]
         ext = next(e for e in IMAGE_EXTENSIONS if e in raw)
         try:
             with open_image(raw[ext], cfg.max_image_pixels) as image:
-                if cfg.transform.resize:
-                    image.draft("RGB", (cfg.transform.image_size, cfg.transform.image_size))  # JPEG: decode small
+                if cfg.transform.resize or size is not None:
+                    height, width = size or (cfg.transform.image_size, cfg.transform.image_size)
+                    image.draft("RGB", (width, height))  # JPEG: decode small
                 image.load()
                 flip = cfg.transform.random_flip and cfg.stage == "train" and _coin(cfg.seed, cfg.epoch, key)
                 rgb = image if image.mode == "RGB" else image.convert("RGB")  # no copy of an RGB image
-                return cfg.transform(rgb, flip)
+                if size is None:
+                    return {"image": cfg.transform(rgb, flip)}
+                original = np.array([rgb.height, rgb.width], dtype=np.int64)
+                array, top_left = cover_crop(rgb, size, flip)
+                return {"image": array, "original_size": original, "crop_top_left": top_left}
         except Exception as exn:
             raise BadSample("corrupt image", url, key, f"{type(exn).__name__}: {exn}") from None
 

@@ -21,6 +21,7 @@ from typing import Literal
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from datamodules.buckets import Bucketing, parse_buckets, scan_buckets
 from datamodules.distributed import rank_world
 from datamodules.latents import read_cache_info
 from datamodules.loader import ShardLoader, pin_memory_default
@@ -69,6 +70,8 @@ class TextImageDataModule(L.LightningDataModule):
         seed: int = 0,
         pin_memory: bool | None = None,
         kind: Literal["images", "latents"] = "images",
+        buckets: str | list[list[int]] | None = None,
+        bucket_step: int = 64,
     ):
         """
         Args:
@@ -91,6 +94,12 @@ class TextImageDataModule(L.LightningDataModule):
             seed: shard order, shuffling and flips; same seed, same epoch order.
             pin_memory: pin batches for faster GPU copies (default: when CUDA is available).
             kind: "images", or "latents": shards of `genart shards encode` (latents made once; image options unused).
+            buckets: aspect-ratio buckets: "auto" (about image_size**2 pixels, sides multiples of bucket_step, 1:4 to
+                4:1) or a list of [height, width]; every batch is one bucket, each image resized to cover its bucket
+                and centre-cropped, with `original_size` and `crop_top_left` [B, 2] in the batch. Buckets are chosen
+                from the image headers, read once per rank at setup.
+            bucket_step: auto buckets' sides are multiples of this (64 as SDXL; a multiple of the network's
+                downsampling, and of the VAE's for latent diffusion).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -99,6 +108,9 @@ class TextImageDataModule(L.LightningDataModule):
                 f"batch_size={batch_size}, num_workers={num_workers}, image_size={image_size}: need batch_size >= 1,"
                 " num_workers >= 0, image_size >= 1 (--data.batch_size / --data.num_workers / --data.image_size)"
             )
+        if kind == "latents" and buckets:
+            raise ValueError("buckets resize images, but latent shards hold latents encoded at one size; train the "
+                             "buckets from images (--data.kind=images) or leave --data.buckets unset")
         if kind == "latents" and random_flip:
             raise ValueError("random_flip flips images, but latent shards hold latents encoded once; set "
                              "--data.random_flip=false (or train from images: --data.kind=images)")
@@ -129,6 +141,7 @@ class TextImageDataModule(L.LightningDataModule):
                                  f" set --data.image_size={cache.get('image_size')} (the model's image_size too)")
             self.latent_cache = cache
         counts = [count_samples(u, hp.require_caption, hp.kind) for u in urls]
+        bucketing = self._bucketing(urls) if hp.buckets else None
         config = StreamConfig(
             urls=urls,
             stage=stage,
@@ -145,6 +158,7 @@ class TextImageDataModule(L.LightningDataModule):
             max_member_bytes=hp.max_member_bytes,
             max_image_pixels=hp.max_image_pixels,
             kind=hp.kind,
+            bucketing=bucketing,
             shuffle_buffer=hp.shuffle_buffer if stage == "train" else 1,
         )
         pin = pin_memory_default() if hp.pin_memory is None else hp.pin_memory
@@ -153,6 +167,16 @@ class TextImageDataModule(L.LightningDataModule):
         if stage == "train":
             self._check_train_plan(loader, len(urls), sum(counts), world)
         return loader
+
+    def _bucketing(self, urls: list[str]) -> Bucketing:
+        """Each sample's aspect bucket, from the image headers of every shard (no decoding)."""
+        hp = self.hparams
+        sizes = parse_buckets(hp.buckets, hp.image_size, hp.bucket_step)
+        bucketing = Bucketing(sizes, {url: dict(scan_buckets(url, sizes, hp.require_caption, hp.max_member_bytes,
+                                                             hp.max_image_pixels)) for url in urls})
+        histogram = ", ".join(f"{h}x{w}: {n}" for (h, w), n in bucketing.histogram().items())
+        rank_zero_info(f"aspect buckets (height x width: samples) of {len(urls)} shards: {histogram}")
+        return bucketing
 
     def _check_train_plan(self, loader: ShardLoader, num_shards: int, num_samples: int, world: int) -> None:
         """Fail at setup, not as a DDP hang: every worker of every rank needs shards and at least one batch."""

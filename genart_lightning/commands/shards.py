@@ -59,6 +59,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     info = sub.add_parser("info", help="sample count, image sizes, caption lengths, unreadable entries")
     info.add_argument("urls", help="shard path, brace pattern (quote it) or pipe: URL")
+    info.add_argument("--buckets", default=None, metavar="auto",
+                      help="also show how many samples each aspect bucket gets (auto, as --data.buckets auto)")
+    info.add_argument("--image-size", type=int, default=256, help="with --buckets: the square side (default 256)")
+    info.add_argument("--bucket-step", type=int, default=64, help="with --buckets: sides multiples of this (default 64)")
     info.set_defaults(func=run_info)
 
 
@@ -136,3 +140,12 @@ def run_info(args: argparse.Namespace) -> None:
     if missing:
         raise SystemExit(f"error: shard not found: {missing[0]} ({len(missing)} missing); check the path or pattern")
     print(format_report(inspect_shards(args.urls)))
+    if args.buckets:
+        from datamodules.buckets import bucket_histogram
+
+        try:
+            histogram = bucket_histogram(expand_urls(args.urls), args.buckets, args.image_size, args.bucket_step)
+        except ValueError as exn:
+            raise _fail(exn) from None
+        print(f"aspect buckets at image_size {args.image_size}, step {args.bucket_step} (height x width: samples):")
+        print("  " + ", ".join(f"{h}x{w}: {n}" for (h, w), n in histogram.items()))
