@@ -25,6 +25,7 @@ from genart_lightning.models.latent_cache import cached_conditioning
 from genart_lightning.models.loading import build_family
 from genart_lightning.models.parts import build_part, part_config
 from genart_lightning.nn.backbone import Backbone
+from genart_lightning.nn.compilation import compile_networks
 from genart_lightning.nn.diffusers_parts import DiffusersUNet
 from genart_lightning.nn.ema import make_ema
 from genart_lightning.nn.frozen import keep_out_of_state_dict, weights_digest
@@ -90,7 +91,7 @@ class DiffusionModel(GenerativeModel):
         guidance_scale: float = 4.0,
         clip_x0: bool | None = None,
         gradient_checkpointing: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
         channels_last: bool = False,
         nonfinite: str = "raise",
         init_from: str | None = None,
@@ -146,8 +147,7 @@ class DiffusionModel(GenerativeModel):
             keep_out_of_state_dict(self.ema.module, frozen)
         # the text tower's buffers are constants (its causal mask holds -inf): average its parameters only
         self.text_ema = make_ema(text, hp.ema_decay, average_buffers=False) if hp.train_text_encoder else None
-        if hp.compile:
-            self.backbone.compile()  # in place: parameter names (and checkpoints) stay those of the plain module
+        compile_networks([self.backbone], hp.compile)
 
     def shard(self, mesh: DeviceMesh) -> None:
         """FSDP2: the backbone and its EMA copy, sharded alike unit by unit (`nn/sharding.py`), so the EMA update runs

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from genart_lightning.models.adversarial import AdversarialModel
+from genart_lightning.nn.compilation import compile_networks
 from genart_lightning.nn.dcgan import DCGANDiscriminator, DCGANGenerator, Norm
 
 
@@ -26,15 +27,24 @@ class DCGAN(AdversarialModel):
         g_norm: Norm = "batch",
         d_norm: Norm = "none",
         spectral_norm: bool = False,
+        gradient_checkpointing: bool = False,
+        compile: bool | str = False,
         **kwargs,
     ) -> None:
-        """Net sizes here; `loss`, `r1_gamma`, `n_critic`, `lr_g`, `lr_d`, `ema_decay`, ... see AdversarialModel."""
+        """Net sizes here; `loss`, `r1_gamma`, `n_critic`, `lr_g`, `lr_d`, `ema_decay`, ... see AdversarialModel.
+        `gradient_checkpointing` recomputes each generator and discriminator stage in backward (BatchNorm statistics
+        and spectral norm updated once, as without it); `compile` compiles both nets (true: inductor, or a backend
+        name), not with `r1_gamma` > 0: torch.compile cannot take R1's gradient of a gradient."""
         super().__init__(**kwargs)
         self.save_hyperparameters()
+        if compile and self.r1_gamma > 0:
+            raise ValueError("compile with r1_gamma > 0: the R1 penalty differentiates D's gradient, which a compiled "
+                             "graph does not support; set compile: false or r1_gamma: 0")
         self.z_dim = z_dim
         cond_dim = self.condition_dim()
         self.generator = DCGANGenerator(
-            z_dim=z_dim, cond_dim=cond_dim, image_size=image_size, channels=channels, base_channels=g_channels, norm=g_norm
+            z_dim=z_dim, cond_dim=cond_dim, image_size=image_size, channels=channels, base_channels=g_channels, norm=g_norm,
+            gradient_checkpointing=gradient_checkpointing,
         )
         self.discriminator = DCGANDiscriminator(
             image_size=image_size,
@@ -43,8 +53,10 @@ class DCGAN(AdversarialModel):
             cond_dim=cond_dim,
             spectral_norm=spectral_norm,
             norm=d_norm,
+            gradient_checkpointing=gradient_checkpointing,
         )
         self.finish_init()
+        compile_networks([self.generator, self.discriminator], compile)
 
     def condition_dim(self) -> int:
         """Width of the condition vector the nets take (0: unconditional); conditional subclasses build their encoder here."""

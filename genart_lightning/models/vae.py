@@ -23,6 +23,7 @@ from genart_lightning.nn.autoencoder import (
     diagonal_gaussian_kl,
     reparameterize,
 )
+from genart_lightning.nn.compilation import compile_networks
 from genart_lightning.nn.text_encoder import FrozenTextEncoder
 
 
@@ -88,6 +89,7 @@ class VAE(GenerativeModel):
         num_logged_reconstructions: int = 8,
         nonfinite: str = "raise",
         gradient_checkpointing: bool = False,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         check_nonfinite_mode(nonfinite)
@@ -119,6 +121,7 @@ class VAE(GenerativeModel):
         self.register_buffer("_latent_scale", torch.tensor(1.0))
         self.register_buffer("_latent_moments", torch.tensor([0.0, 1.0]))  # EMA of E[z], E[z^2]
         self.val_metrics = reconstruction_metrics().clone(prefix="val/")
+        compile_networks([self.encoder, self.decoder], compile)
 
     # ---- first-stage interface (used by latent diffusion) ----
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from genart_lightning.nn.backbone import run_block
+from genart_lightning.nn.checkpointing import run_block
 
 
 def _norm(channels: int) -> nn.GroupNorm:

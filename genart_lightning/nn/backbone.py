@@ -6,7 +6,6 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 
 class Backbone:
@@ -32,14 +31,6 @@ class Backbone:
 
     def check_input(self, shape: tuple[int, int, int]) -> None:
         """One line naming both parts when samples of `shape` [C, H, W] cannot go through this backbone."""
-
-
-def run_block(block: nn.Module, enabled: bool, *args: Tensor | None) -> Tensor:
-    """`block(*args)`, recomputed in backward when gradient checkpointing is on and gradients flow (memory of one
-    block instead of the whole net's activations)."""
-    if enabled and block.training and torch.is_grad_enabled():
-        return checkpoint(block, *args, use_reentrant=False)
-    return block(*args)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:

@@ -9,6 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
+from genart_lightning.nn.checkpointing import run_block
+
 Norm = Literal["batch", "none"]
 
 
@@ -85,9 +87,11 @@ class DCGANGenerator(nn.Module):
         channels: int = 3,
         base_channels: int = 64,
         norm: Norm = "batch",
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         steps = _num_doublings(image_size)
+        self.gradient_checkpointing = gradient_checkpointing
         if cond_dim and norm != "batch":
             raise ValueError(f"a conditional generator needs norm='batch' (the condition drives its BatchNorm), got {norm!r}; set g_norm: batch")
         self.z_dim, self.cond_dim = z_dim, cond_dim
@@ -105,7 +109,7 @@ class DCGANGenerator(nn.Module):
         x = self.stem(z)
         x = self.stem_act(x.view(x.shape[0], -1, 4, 4))
         for block in self.blocks:
-            x = block(x, cond)
+            x = run_block(block, self.gradient_checkpointing, x, cond)
         return self.out(x)
 
 
@@ -125,9 +129,11 @@ class DCGANDiscriminator(nn.Module):
         cond_dim: int = 0,
         spectral_norm: bool = False,
         norm: Norm = "none",
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         steps = _num_doublings(image_size)
+        self.gradient_checkpointing = gradient_checkpointing
         sn = _spectral_norm if spectral_norm else (lambda layer: layer)
         width = base_channels
         # No norm on the first layer, as in DCGAN: it would normalise away the image's own statistics.
@@ -136,13 +142,18 @@ class DCGANDiscriminator(nn.Module):
             layers += [sn(nn.Conv2d(width, width * 2, 4, 2, 1)), _norm2d(norm, width * 2), nn.LeakyReLU(0.2, inplace=True)]
             width *= 2
         self.body = nn.Sequential(*layers)
+        # the body's stages (first conv + act, then conv + norm + act per resolution), for checkpointing; a plain
+        # list of views over `body`'s layers, so parameter names stay body.N.*
+        self._stages = [nn.Sequential(*layers[:2])] + [nn.Sequential(*layers[i : i + 3]) for i in range(2, len(layers), 3)]
         self.head = sn(nn.Linear(width * 16, 1))
         self.cond_norm = condition_norm(cond_dim)
         self.embed = sn(nn.Linear(cond_dim, width, bias=False)) if cond_dim else None
 
     def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
         """Logits [B]: high for real (and, with a condition, matching) inputs."""
-        h = self.body(x)  # [B, width, 4, 4]
+        h = x
+        for stage in self._stages:  # = self.body(x): [B, width, 4, 4]
+            h = run_block(stage, self.gradient_checkpointing and self.training, h)
         logit = self.head(h.flatten(1)).squeeze(1)
         if self.embed is not None:
             logit = logit + (self.embed(self.cond_norm(cond)) * h.mean(dim=(2, 3))).sum(dim=1)

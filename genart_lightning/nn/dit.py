@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from genart_lightning.nn.attention import Attention
-from genart_lightning.nn.backbone import Backbone, run_block, timestep_embedding
+from genart_lightning.nn.backbone import Backbone, timestep_embedding
+from genart_lightning.nn.checkpointing import run_block
 
 FREQUENCY_DIM = 256
 """Width of the sinusoidal timestep features before the embedding MLP (DiT's choice)."""

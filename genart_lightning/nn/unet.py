@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from genart_lightning.nn.attention import SelfAttention2d, SpatialTransformer, group_norm
-from genart_lightning.nn.backbone import Backbone, run_block, timestep_embedding
+from genart_lightning.nn.backbone import Backbone, timestep_embedding
+from genart_lightning.nn.checkpointing import run_block
 
 ATTENTION_BLOCKS = ("transformer", "plain")
 """U-Net attention block kinds: latent diffusion's transformer block (self + cross attention + MLP), DDPM's plain one."""
