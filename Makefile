@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 CONSTRAINTS ?= $(wildcard constraints.txt)
 PIP_CONSTRAINTS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench bench-gpu lint clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/pip install -q $(PIP_CONSTRAINTS) -r benchmarks/requirements.txt
 	$(BIN)/python -m benchmarks.run_all
+
+bench-gpu: $(STAMP)
+	$(BIN)/pip install -q $(PIP_CONSTRAINTS) -r benchmarks/requirements.txt
+	$(BIN)/python -m benchmarks.bench_gpu
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

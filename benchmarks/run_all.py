@@ -16,6 +16,7 @@ import traceback
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from benchmarks.bench_gpu import kept_section
 from benchmarks.common import CLOCK, THREADS, Comparison, machine_info
 
 BENCHMARKS = ("gan_overhead", "diffusion", "data", "sampling", "eval", "cli", "dit", "latent_cache")
@@ -48,9 +49,10 @@ def render(info: dict[str, str], results: list[Comparison], failures: dict[str, 
         "shared with other jobs, so CPU seconds of a fixed-thread process measure our work better than elapsed time; "
         "the data benchmark uses the wall clock because its work runs in loader worker processes.",
         "",
-        "**GPU:** no GPU was lent to this run, so the GPU figures of the issue (bf16 images/s and model FLOPs "
-        "utilisation against the measured matmul peak) are not measured here; `bench_diffusion` reports them when "
-        "CUDA is available. The CPU analogue (FLOPs utilisation against the measured fp32 matmul peak) is below."
+        "**GPU:** no GPU was lent to this run, so the GPU figures (bf16 images/s and model FLOPs utilisation "
+        "against the measured matmul peak) are not measured here; `make bench-gpu` measures them on a CUDA device "
+        "(its section, at the end, says which rows were measured). The CPU analogue (FLOPs utilisation against the "
+        "measured fp32 matmul peak) is below."
         if "none" in info.get("accelerator", "")
         else f"**GPU:** {info['accelerator']}",
         "",
@@ -138,7 +140,8 @@ def main() -> int:
     durations = {name: duration for name, (_, _, duration) in outcomes.items()}
     options = (" --quick" if args.quick else "") + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
     options += f" --only {args.only}" if set(names) != set(BENCHMARKS) else ""
-    args.out.write_text(render(info, results, failures, durations, options))
+    gpu = kept_section(args.out)  # the rows `make bench-gpu` measured stay
+    args.out.write_text(render(info, results, failures, durations, options) + (f"\n{gpu}" if gpu else ""))
     print(f"wrote {args.out} ({sum(durations.values()):.0f} s in all)")
     return 1 if failures else 0
 
