@@ -1,4 +1,5 @@
-"""Data loading: TextImageDataModule vs a bare tar + PIL decode loop on the same shards, and 1 vs 2 workers.
+"""Data loading: TextImageDataModule vs a bare tar + PIL decode loop on the same shards, and 1 vs 2 workers; and on
+512x384 JPEG shards cropped to 256px training images, vs webdataset's own pipeline doing the same work.
 
 The baseline does only the unavoidable work (read tar members with Python's tarfile, decode each PNG with PIL, make
 an array); ours adds grouping, caption decoding, error accounting, shuffling, batching and the [-1, 1] float tensor,
@@ -24,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.common import Comparison, alternate, fix_threads
+from datamodules.shards import write_shards
 from datamodules.stream import read_shard
 from datamodules.synthetic import write_shapes_shards
 from datamodules.webdataset import TextImageDataModule
@@ -53,11 +55,53 @@ def _plain_pil_our_reader(shards: list[str]) -> int:
     return count
 
 
-def _ours(urls: str, image_size: int, workers: int) -> int:
-    dm = TextImageDataModule(urls, batch_size=64, num_workers=workers, image_size=image_size, shuffle_buffer=256,
+def _ours(urls: str | list[str], image_size: int, workers: int, batch: int = 64) -> int:
+    dm = TextImageDataModule(urls, batch_size=batch, num_workers=workers, image_size=image_size, shuffle_buffer=256,
                              pin_memory=False)
     dm.setup("fit")
     return sum(len(batch["key"]) for batch in dm.train_dataloader())
+
+
+JPEG_SIZE, CROP, JPEG_BATCH = (512, 384), 256, 32
+
+
+def _jpeg_shards(out: str, num: int, per_shard: int) -> list[str]:
+    """512x384 JPEG photos-alike (smooth colour fields with noise, quality 90) with captions."""
+    rng = np.random.default_rng(0)
+    width, height = JPEG_SIZE
+
+    def sample(i: int) -> dict:
+        low = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        image = Image.fromarray(low).resize(JPEG_SIZE, Image.Resampling.BICUBIC)
+        noisy = np.clip(np.asarray(image, dtype=np.int16) + rng.integers(-12, 13, (height, width, 3)), 0, 255)
+        buffer = io.BytesIO()
+        Image.fromarray(noisy.astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+        return {"__key__": f"{i:06d}", "jpg": buffer.getvalue(), "txt": f"photo number {i}".encode()}
+
+    return [path for path, _ in write_shards((sample(i) for i in range(num)), out, "photos", per_shard)]
+
+
+def _webdataset(shards: list[str], workers: int) -> int:
+    """webdataset's pipeline doing what the datamodule does: shuffle buffer, decode, resize the shorter side,
+    centre crop, batch, float [-1, 1] tensors."""
+    import torch
+    import webdataset as wds
+    from torchvision.transforms.v2 import functional as F
+
+    def crop(image: Image.Image) -> torch.Tensor:
+        image = F.center_crop(F.resize(image, [CROP], antialias=True), [CROP, CROP])
+        return torch.from_numpy(np.asarray(image, dtype=np.uint8)).permute(2, 0, 1)
+
+    def to_float(batch: tuple) -> tuple:
+        images, captions = batch
+        return images.float().div_(127.5).sub_(1.0), captions
+
+    dataset = (wds.WebDataset(shards, shardshuffle=False, nodesplitter=None, workersplitter=wds.split_by_worker,
+                              empty_check=False)
+               .shuffle(256).decode("pilrgb").to_tuple("jpg", "txt").map_tuple(crop, lambda c: c)
+               .batched(JPEG_BATCH, partial=False).map(to_float))
+    loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers)
+    return sum(len(images) for images, _ in loader)
 
 
 def _rate(fn, *args, cpu: list[float] | None = None) -> float:
@@ -106,6 +150,13 @@ def main(quick: bool = False) -> list[Comparison]:
         cpu: dict[str, list[float]] = {"1": [], "2": []}
         scaling = alternate({w: lambda w=w: _rate(_ours, urls, size, int(w), cpu=cpu[w]) for w in ("2", "1")}
                             | {f"cores {n}": lambda n=n: _core_rate(n) for n in (2, 1)}, rounds)
+        jpeg_num = 320 if quick else 960
+        jpeg = _jpeg_shards(f"{tmp}/jpeg", jpeg_num, jpeg_num // 8)
+        crops = alternate({"ours": lambda: _rate(_ours, jpeg, CROP, 2, batch=JPEG_BATCH),
+                           "webdataset": lambda: _rate(_webdataset, jpeg, 2),
+                           "ours 1": lambda: _rate(_ours, jpeg, CROP, 1, batch=JPEG_BATCH)}, rounds)
+    jpeg_setup = (f"{jpeg_num} JPEGs of {JPEG_SIZE[0]}x{JPEG_SIZE[1]} (quality 90) in 8 shards -> {CROP}px centre crops, "
+                  f"batch {JPEG_BATCH}, shuffle buffer 256, 2 workers each, {os.cpu_count()} cores; wall clock")
     setup = (f"{info['num_train']} shapes samples, {size}px PNG, {len(shards)} shards, batch 64, torch threads "
              f"{threads}, {os.cpu_count()} cores; wall clock; one epoch per block")
     cores = statistics.median(scaling["cores 2"]) / statistics.median(scaling["cores 1"])
@@ -119,6 +170,16 @@ def main(quick: bool = False) -> list[Comparison]:
             " tars with its own header parser where the baseline uses Python's tarfile",
             extra={"same tar reader": f"ours / bare loop over our tar reader: {same_reader:.3f} (the pipeline's own"
                    f" cost; that loop: median {statistics.median(decode['reader']):.0f} samples/s)"},
+        ),
+        Comparison(
+            "data: datamodule vs webdataset pipeline, 256px crops of 512x384 JPEGs", "samples/s",
+            "TextImageDataModule (2 workers)", "wds.WebDataset shuffle/decode/resize/crop/batch (2 workers)",
+            crops["ours"], crops["webdataset"], higher_is_better=True, goal=1.0, goal_text="ours >= 1.0x webdataset",
+            setup=jpeg_setup,
+            note="the same decode (PIL), resize and crop (torchvision) and float conversion on both sides; ours also "
+                 "plans exact epochs, counts bad samples and never unpickles",
+            extra={"ours, 2 vs 1 workers": f"{statistics.median(crops['ours']) / statistics.median(crops['ours 1']):.2f}x"
+                   f" (1 worker: median {statistics.median(crops['ours 1']):.0f} samples/s)"},
         ),
         Comparison(
             "data: 2 vs 1 loader workers", "samples/s", "2 workers", "1 worker", scaling["2"], scaling["1"],

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -159,7 +160,12 @@ class GenerativeModel(L.LightningModule):
 
     def fused_optimizer(self) -> bool:
         """Whether to ask Adam/AdamW for torch's fused kernel: one kernel over all parameters instead of a Python loop
-        over tensors, 3-6x faster optimizer steps (measured in benchmarks/); it exists for CPU and CUDA tensors."""
+        over tensors, 3-6x faster optimizer steps (measured in benchmarks/); it exists for CPU and CUDA tensors. Not
+        under autocast with gradient clipping: Lightning's MixedPrecision refuses to clip a fused optimizer's
+        gradients (it would unscale them itself under fp16), in bf16 too, where nothing is scaled."""
+        trainer = self._trainer
+        if trainer is not None and trainer.gradient_clip_val and isinstance(trainer.precision_plugin, MixedPrecision):
+            return False
         return self.device.type in ("cpu", "cuda")
 
     def on_fit_start(self) -> None:
