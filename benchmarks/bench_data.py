@@ -152,9 +152,9 @@ def main(quick: bool = False) -> list[Comparison]:
                             | {f"cores {n}": lambda n=n: _core_rate(n) for n in (2, 1)}, rounds)
         jpeg_num = 320 if quick else 960
         jpeg = _jpeg_shards(f"{tmp}/jpeg", jpeg_num, jpeg_num // 8)
-        crops = alternate({"ours": lambda: _rate(_ours, jpeg, CROP, 2, batch=JPEG_BATCH),
+        crops = alternate({"ours": lambda: _rate(_ours, jpeg, CROP, 2, JPEG_BATCH),
                            "webdataset": lambda: _rate(_webdataset, jpeg, 2),
-                           "ours 1": lambda: _rate(_ours, jpeg, CROP, 1, batch=JPEG_BATCH)}, rounds)
+                           "ours 1": lambda: _rate(_ours, jpeg, CROP, 1, JPEG_BATCH)}, rounds)
     jpeg_setup = (f"{jpeg_num} JPEGs of {JPEG_SIZE[0]}x{JPEG_SIZE[1]} (quality 90) in 8 shards -> {CROP}px centre crops, "
                   f"batch {JPEG_BATCH}, shuffle buffer 256, 2 workers each, {os.cpu_count()} cores; wall clock")
     setup = (f"{info['num_train']} shapes samples, {size}px PNG, {len(shards)} shards, batch 64, torch threads "
