@@ -21,7 +21,6 @@ CACHE_FILE = "latents.json"
 CACHE_FORMAT = "genart-latents/1"
 LATENT_MEMBER, TEXT_MEMBER = "latent.npy", "text.npz"
 TEXT_ARRAYS = ("tokens", "mask", "pooled")
-PRECISIONS = ("float16", "float32")
 
 
 class CacheMismatch(ValueError):
