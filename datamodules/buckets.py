@@ -16,16 +16,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from datamodules.stream import (
-    IMAGE_EXTENSIONS,
-    MAX_IMAGE_PIXELS,
-    has_payload_and_caption,
-    open_image,
-    oversized_problem,
-    read_shard,
-)
-from datamodules.tarstream import MAX_MEMBER_BYTES
-
 MAX_ASPECT = 4.0
 """Auto buckets stop at 1:4 and 4:1."""
 
@@ -61,27 +51,6 @@ def nearest_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) 
     return min(range(len(buckets)), key=lambda i: abs(math.log(buckets[i][1] / buckets[i][0]) - ratio))
 
 
-def scan_buckets(url: str, buckets: Sequence[tuple[int, int]], require_caption: bool, max_member_bytes: int,
-                 max_image_pixels: int) -> list[tuple[str, int | None]]:
-    """(key, bucket) of every sample of a shard that the loader would read, in shard order, from the image headers
-    (nothing is decoded); None where the header is unreadable (the loader then counts it as a corrupt image)."""
-    out: list[tuple[str, int | None]] = []
-    try:
-        for sample in read_shard(url, max_member_bytes=max_member_bytes):
-            if oversized_problem(sample) is not None or not has_payload_and_caption(sample, require_caption):
-                continue
-            ext = next(e for e in IMAGE_EXTENSIONS if e in sample)
-            try:
-                with open_image(sample[ext], max_image_pixels) as image:
-                    bucket = nearest_bucket(image.height, image.width, buckets)
-            except Exception:
-                bucket = None
-            out.append((sample["__key__"], bucket))
-    except Exception:
-        pass  # a truncated tail: what was readable; the loader reports the error when it gets there
-    return out
-
-
 @dataclass(frozen=True)
 class Bucketing:
     """The buckets and, per shard URL, each sample's bucket (plain data: it pickles into loader workers)."""
@@ -104,11 +73,3 @@ class Bucketing:
         """Samples per bucket over all shards."""
         totals = [sum(column) for column in zip(*(self.counts(url) for url in self.of), strict=True)] if self.of else []
         return dict(zip(self.sizes, totals, strict=False))
-
-
-def bucket_histogram(urls: list[str], spec: str | Sequence[Sequence[int]], image_size: int, step: int,
-                     require_caption: bool = True) -> dict[tuple[int, int], int]:
-    """Samples per bucket over `urls`, as the datamodule would deal them (what `genart shards info --buckets` shows)."""
-    sizes = parse_buckets(spec, image_size, step)
-    of = {url: dict(scan_buckets(url, sizes, require_caption, MAX_MEMBER_BYTES, MAX_IMAGE_PIXELS)) for url in urls}
-    return Bucketing(sizes, of).histogram()

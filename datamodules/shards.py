@@ -12,7 +12,7 @@ import statistics
 import tarfile
 import zlib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import webdataset as wds
@@ -22,6 +22,7 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls as wds_expand_urls
 from webdataset.tariterators import base_plus_ext
 
+from datamodules.buckets import Bucketing, nearest_bucket, parse_buckets
 from datamodules.latents import LATENT_MEMBER, TEXT_MEMBER, load_array, load_text
 from datamodules.stream import (
     IMAGE_EXTENSIONS,
@@ -31,6 +32,7 @@ from datamodules.stream import (
     oversized_problem,
     read_shard,
 )
+from datamodules.tarstream import MAX_MEMBER_BYTES
 
 SIZES_FILE = "sizes.json"
 """Per-directory JSON {shard file name: sample count}; lets the datamodule plan epochs without scanning tars."""
@@ -70,13 +72,16 @@ def record_sizes(out: Path, sizes: dict[str, int]) -> None:
     """Merge shard counts into out/sizes.json (other splits in the same directory keep theirs); under a lock, so the
     ranks of a distributed encode writing into one directory do not lose each other's counts."""
     path = out / SIZES_FILE
-    with open(out / f".{SIZES_FILE}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    directory = os.open(out, os.O_RDONLY)  # the lock is on the directory: no lock file is left behind
+    try:
+        fcntl.flock(directory, fcntl.LOCK_EX)
         known = json.loads(path.read_text()) if path.exists() else {}
         known.update(sizes)
         temporary = path.with_name(f".{SIZES_FILE}.{os.getpid()}")
         temporary.write_text(json.dumps(dict(sorted(known.items())), indent=1) + "\n")
         os.replace(temporary, path)
+    finally:
+        os.close(directory)  # releases the lock
 
 
 def brace_pattern(paths: list[str]) -> str:
@@ -391,3 +396,32 @@ def format_report(report: dict) -> str:
     lines.append(f"{len(report['unreadable'])} unreadable entries" + (":" if report["unreadable"] else ""))
     lines.extend("  " + entry for entry in report["unreadable"])
     return "\n".join(lines)
+
+
+def scan_buckets(url: str, buckets: Sequence[tuple[int, int]], require_caption: bool, max_member_bytes: int,
+                 max_image_pixels: int) -> list[tuple[str, int | None]]:
+    """(key, bucket) of every sample of a shard that the loader would read, in shard order, from the image headers
+    (nothing is decoded); None where the header is unreadable (the loader then counts it as a corrupt image)."""
+    out: list[tuple[str, int | None]] = []
+    try:
+        for sample in read_shard(url, max_member_bytes=max_member_bytes):
+            if oversized_problem(sample) is not None or not has_payload_and_caption(sample, require_caption):
+                continue
+            ext = next(e for e in IMAGE_EXTENSIONS if e in sample)
+            try:
+                with open_image(sample[ext], max_image_pixels) as image:
+                    bucket = nearest_bucket(image.height, image.width, buckets)
+            except Exception:
+                bucket = None
+            out.append((sample["__key__"], bucket))
+    except Exception:
+        pass  # a truncated tail: what was readable; the loader reports the error when it gets there
+    return out
+
+
+def bucket_histogram(urls: list[str], spec: str | Sequence[Sequence[int]], image_size: int, step: int,
+                     require_caption: bool = True) -> dict[tuple[int, int], int]:
+    """Samples per bucket over `urls`, as the datamodule would deal them (what `genart shards info --buckets` shows)."""
+    sizes = parse_buckets(spec, image_size, step)
+    of = {url: dict(scan_buckets(url, sizes, require_caption, MAX_MEMBER_BYTES, MAX_IMAGE_PIXELS)) for url in urls}
+    return Bucketing(sizes, of).histogram()

@@ -21,11 +21,11 @@ from typing import Literal
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from datamodules.buckets import Bucketing, parse_buckets, scan_buckets
+from datamodules.buckets import Bucketing, parse_buckets
 from datamodules.distributed import rank_world
 from datamodules.latents import read_cache_info
 from datamodules.loader import ShardLoader, pin_memory_default
-from datamodules.shards import count_samples, expand_urls, is_local
+from datamodules.shards import count_samples, expand_urls, is_local, scan_buckets
 from datamodules.stream import MAX_IMAGE_PIXELS, StreamConfig, Transform
 from datamodules.tarstream import MAX_MEMBER_BYTES
 

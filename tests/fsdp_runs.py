@@ -3,6 +3,7 @@ fit resumed from that checkpoint, all from the same seed; rank 0 saves each run'
 its parameter + optimizer bytes.
 
     torchrun --nproc-per-node 2 tests/fsdp_runs.py FAMILY TRAIN_URLS OUT_DIR [--sharded]
+    python tests/fsdp_runs.py bf16 TRAIN_URLS -     (one process: bf16 + checkpointing under FSDP2, JSON on stdout)
 
 With --sharded, also the same FSDP2 fit and resume with sharded checkpoints (a directory of per-rank files).
 """
@@ -72,9 +73,31 @@ def fit(family: str, urls: str, out: Path, strategy: str, ckpt_path: str | None 
     trainer.fit(FAMILIES[family](), data, ckpt_path=ckpt_path)
 
 
+def bf16_units(urls: str) -> dict:
+    """One process: FSDP2 + bf16-mixed + gradient checkpointing on a DiT; what the test checks, as JSON."""
+    from torch.distributed.fsdp import FSDPModule
+
+    model = PixelDiffusion(image_size=16, process=Flow(), clip_x0=False, gradient_checkpointing=True,
+                           backbone=DiTBackbone(patch_size=4, hidden_size=32, depth=2, num_heads=2))
+    block = model.backbone.blocks[0]
+    dtypes, calls = set(), []
+    block.register_forward_hook(lambda module, args, out: dtypes.add(str(out.dtype)))
+    block.register_forward_pre_hook(lambda module, args: calls.append(1))  # a post hook misses early-stopped recomputes
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, strategy="fsdp2", precision="bf16-mixed",
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, TextImageDataModule(urls, batch_size=4, num_workers=0, image_size=16))
+    weight = block.modulation[1].weight
+    return {"units": all(isinstance(b, FSDPModule) for b in model.backbone.blocks) and isinstance(model.ema.module, FSDPModule),
+            "dtensor_fp32": type(weight).__name__ == "DTensor" and weight.dtype == torch.float32,
+            "dtypes": sorted(dtypes), "calls": len(calls)}  # 2 steps x (forward + recompute)
+
+
 def main() -> None:
-    family, urls, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    family, urls, out = sys.argv[1], sys.argv[2], Path(sys.argv[3]) if sys.argv[3] != "-" else None
     torch.set_num_threads(1)
+    if family == "bf16":
+        print(json.dumps(bf16_units(urls)))
+        return
     fit(family, urls, out / "ddp", "ddp")
     fit(family, urls, out / "fsdp", "fsdp2")
     half_way = f"epoch=0-step={STEPS // 2}.ckpt"

@@ -14,8 +14,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
-from datamodules.buckets import auto_buckets, bucket_histogram, nearest_bucket
-from datamodules.shards import expand_urls, format_report, inspect_shards, write_shards
+from datamodules.buckets import auto_buckets, nearest_bucket
+from datamodules.shards import bucket_histogram, expand_urls, format_report, inspect_shards, write_shards
 from datamodules.webdataset import TextImageDataModule
 from genart_lightning.callbacks.rank_state import RankState
 from genart_lightning.diffusion.flow import Flow

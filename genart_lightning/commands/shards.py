@@ -141,7 +141,7 @@ def run_info(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: shard not found: {missing[0]} ({len(missing)} missing); check the path or pattern")
     print(format_report(inspect_shards(args.urls)))
     if args.buckets:
-        from datamodules.buckets import bucket_histogram
+        from datamodules.shards import bucket_histogram
 
         try:
             histogram = bucket_histogram(expand_urls(args.urls), args.buckets, args.image_size, args.bucket_step)

@@ -203,7 +203,7 @@ class DiffusionModel(GenerativeModel):
         Latent shards are checked against this model before its first step (`check_latent_cache`)."""
         if stage == "fit" and self.hparams.get("init_from"):
             self.initialise_from(self.hparams.init_from, self.hparams.init_strict)
-        cache = getattr(getattr(self.trainer, "datamodule", None), "latent_cache", None)
+        cache = getattr(getattr(self._trainer, "datamodule", None), "latent_cache", None)  # no trainer: called by hand
         if cache is not None:
             self.check_latent_cache(cache)
 
