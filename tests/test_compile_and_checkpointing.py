@@ -17,24 +17,25 @@ from genart_lightning.models.gan_objectives import r1_penalty
 from genart_lightning.models.vae import VAE
 from genart_lightning.nn.dit import DiTBackbone
 
-
-def _families(compile: bool | str) -> dict:
-    torch.manual_seed(0)
-    return {
-        "diffusion": (PixelDiffusion(image_size=16, process=Flow(), clip_x0=False, compile=compile, text_encoder=None,
-                                     backbone=DiTBackbone(patch_size=4, hidden_size=32, depth=2, num_heads=2)),
-                      lambda m: [m.backbone]),
-        "vae": (VAE(image_size=16, base_channels=16, channel_mults=[1, 2], compile=compile),
-                lambda m: [m.encoder, m.decoder]),
-        "gan": (DCGAN(image_size=16, g_channels=16, d_channels=16, compile=compile), lambda m: [m.generator, m.discriminator]),
-    }
+FAMILIES = {  # family -> (build with a compile setting, its compiled networks)
+    "diffusion": (lambda compile: PixelDiffusion(image_size=16, process=Flow(), clip_x0=False, compile=compile,
+                                                 text_encoder=None,
+                                                 backbone=DiTBackbone(patch_size=4, hidden_size=32, depth=2, num_heads=2)),
+                  lambda m: [m.backbone]),
+    "vae": (lambda compile: VAE(image_size=16, base_channels=16, channel_mults=[1, 2], compile=compile),
+            lambda m: [m.encoder, m.decoder]),
+    "gan": (lambda compile: DCGAN(image_size=16, g_channels=16, d_channels=16, compile=compile),
+            lambda m: [m.generator, m.discriminator]),
+}
 
 
 @pytest.mark.parametrize("family", ["diffusion", "vae", "gan"])
 def test_compile_switch_trains_through_the_compiled_graph_with_eager_outputs(family: str, shapes_shards_16px: dict) -> None:
     """aot_eager: dynamo captures and AOTAutograd runs the graph (forward and backward), without inductor's minutes
     of code generation on this CPU; inductor itself is the test below."""
-    model, networks = _families("aot_eager")[family]
+    build, networks = FAMILIES[family]
+    torch.manual_seed(0)
+    model = build("aot_eager")
     torch._dynamo.reset()
     counters.clear()
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
@@ -42,7 +43,7 @@ def test_compile_switch_trains_through_the_compiled_graph_with_eager_outputs(fam
                         limit_val_batches=0)
     trainer.fit(model, TextImageDataModule(shapes_shards_16px["train_urls"], batch_size=4, num_workers=0, image_size=16))
     assert counters["stats"]["unique_graphs"] > 0  # the switch compiled something, and training went through it
-    eager, _ = _families(False)[family]
+    eager = build(False)  # only the family under test is built
     eager.load_state_dict(model.state_dict())
     inputs = {"diffusion": lambda: (torch.randn(2, 3, 16, 16), torch.rand(2)),
               "vae": lambda: (torch.rand(2, 3, 16, 16) * 2 - 1,), "gan": lambda: (torch.randn(2, 64),)}[family]()
