@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 import yaml
+from helpers import TINY_UNET
 from lightning.pytorch import Callback
 
-REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT_EVERY = 10  # optimizer steps; a DCGAN iteration is 2 (D and G)
 
 
@@ -43,13 +43,12 @@ def dcgan_config(shards: dict, root: Path, max_steps: int) -> dict:
 def diffusion_config(shards: dict, root: Path, max_steps: int, val_every: int) -> dict:
     """16px text-conditional pixel diffusion as `ddpm_shapes.yaml` trains it (text tower trained along, warmup,
     clipping), with validation every `val_every` steps: what a resume must reproduce besides the weights."""
-    unet = {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [1], "head_channels": 16}
     return {
         "seed_everything": 0,
         "model": {
             "class_path": "genart_lightning.models.diffusion.PixelDiffusion",
             "init_args": {"image_size": 16, "backbone": {"class_path": "genart_lightning.nn.unet.UNetBackbone",
-                                                         "init_args": unet},
+                                                         "init_args": dict(TINY_UNET)},
                           "train_text_encoder": True, "warmup_steps": 5, "ema_decay": 0.9},
         },
         "data": {

@@ -1,10 +1,32 @@
-"""Shared fixtures: small shapes datasets written once per test session."""
+"""Shared fixtures: small shapes datasets written once per test session, a judge cache shared by every pytest-xdist
+worker, and the distributed environment put back after each test."""
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from datamodules.synthetic import write_shapes_shards
+# One intra-op thread per process, set before torch is imported (subprocesses inherit it): the suite shares
+# 2 cores between pytest workers and the loader workers and DDP ranks they start.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+
+from datamodules.synthetic import write_shapes_shards  # noqa: E402
+
+DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK",
+                   "GROUP_RANK")
+"""Set by Lightning's in-process ddp_fork and by torch.distributed; a later subprocess or sbatch job must not inherit them."""
+
+
+@pytest.fixture(autouse=True)
+def restore_distributed_env():
+    saved = {name: os.environ.get(name) for name in DISTRIBUTED_ENV}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")
@@ -24,5 +46,16 @@ def shapes_shards_16px(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture(scope="session")
 def genart_cache(tmp_path_factory: pytest.TempPathFactory):
-    """A GENART_CACHE directory for the whole session: the shapes judge is trained once (~15 s) and shared."""
-    return tmp_path_factory.mktemp("genart-cache")
+    """A GENART_CACHE directory for the whole session, shared by the xdist workers (their base temp folders are
+    siblings): the shapes judge is trained once (~15 s; written atomically, so a race trains it twice at worst)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "genart-cache"
+    shared.mkdir(exist_ok=True)
+    return shared
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Jobs on the one-node SLURM cluster queue behind each other: their tests run in one xdist worker, in order."""
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 
 from benchmarks.bench_gpu import END, ROWS, START, kept_section
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script measures for minutes")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from helpers import tiny_unet
 from torch import nn
 
 from datamodules.webdataset import TextImageDataModule
@@ -14,9 +15,8 @@ from genart_lightning.models.diffusion import PixelDiffusion
 from genart_lightning.models.gan import DCGAN
 from genart_lightning.models.vae import VAE
 from genart_lightning.nn.dit import DiTBackbone
-from genart_lightning.nn.unet import UNetBackbone
 
-UNET = UNetBackbone(base_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], head_channels=16)
+UNET = tiny_unet()
 FAMILIES = {
     "pixel diffusion, U-Net": (lambda: PixelDiffusion(image_size=16, backbone=UNET), "backbone"),
     "flow, DiT": (lambda: PixelDiffusion(image_size=16, process=Flow(),

@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import tiny_unet
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
@@ -21,7 +22,6 @@ from genart_lightning.callbacks.rank_state import RankState
 from genart_lightning.diffusion.flow import Flow
 from genart_lightning.models.diffusion import PixelDiffusion
 from genart_lightning.nn.dit import DiTBackbone
-from genart_lightning.nn.unet import UNetBackbone
 
 SIZES = [(32, 32), (48, 24), (24, 48), (40, 20), (20, 40), (36, 28)]
 """(width, height) of the test images: square, 2:1 and 1:2 (two sizes each), and a little wider than square."""
@@ -140,7 +140,7 @@ def test_two_rank_ddp_epochs_are_exact_across_buckets_and_resume_exactly(mixed: 
 
 @pytest.mark.parametrize("backbone", ["unet", "dit"])
 def test_unet_and_dit_train_on_mixed_buckets(mixed: str, backbone: str) -> None:
-    net = (UNetBackbone(base_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], head_channels=16)
+    net = (tiny_unet()
            if backbone == "unet" else DiTBackbone(patch_size=4, hidden_size=32, depth=2, num_heads=2))
     model = PixelDiffusion(image_size=32, process=Flow(), clip_x0=False, backbone=net, lr=2e-3, text_encoder=None)
     shapes, losses = set(), []

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
 
 # Every option that touches synchronisation is on: accumulation, n_critic, lazy R1, spectral norm (its vectors are
 # buffers), conditional BatchNorm in G and the caption standardisation in G and D (their running statistics differ

@@ -8,7 +8,7 @@ import sys
 
 import torch
 import yaml
-from tracking_helpers import REPO, genart, start_genart, tiny_config
+from helpers import REPO, genart_in_process, tiny_config
 
 from genart_lightning.cli import build_parser
 
@@ -20,11 +20,9 @@ def test_help_lists_every_command():
 
 
 def test_config_typo_is_one_clear_error(tmp_path):
-    proc = start_genart("fit", "--config", str(REPO / "experiments/dcgan_shapes.yaml"), "--model.init_args.lrr_g=1e-3",
-                        "--print_config", cwd=tmp_path)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    assert "lrr_g" in out and "Traceback" not in out
+    code, _, err = genart_in_process("fit", "--config", str(REPO / "experiments/dcgan_shapes.yaml"),
+                                     "--model.init_args.lrr_g=1e-3", "--print_config", cwd=tmp_path)
+    assert code == 2 and "lrr_g" in err and "Traceback" not in err
 
 
 def test_last_checkpoint_holds_final_step_when_interval_does_not_divide(shapes_shards_16px, tmp_path):
@@ -32,9 +30,8 @@ def test_last_checkpoint_holds_final_step_when_interval_does_not_divide(shapes_s
     config["trainer"]["default_root_dir"] = str(tmp_path / "run")
     config["checkpoint"] = {"every_n_train_steps": 3}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    proc = start_genart("fit", "--config", str(tmp_path / "config.yaml"), "--trainer.logger=false", cwd=tmp_path)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
+    code, _, err = genart_in_process("fit", "--config", str(tmp_path / "config.yaml"), "--trainer.logger=false", cwd=tmp_path)
+    assert code == 0, err[-3000:]
     last = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
     assert last["global_step"] == 5
 
@@ -52,7 +49,7 @@ def test_latent_diffusion_fits_through_the_cli_on_a_cli_trained_vae(shapes_shard
     vae_config = tiny_config(shapes_shards_16px, max_steps=2)
     vae_config["trainer"]["default_root_dir"] = str(tmp_path / "vae")
     (tmp_path / "vae.yaml").write_text(yaml.safe_dump(vae_config))
-    genart("fit", "--config", str(tmp_path / "vae.yaml"), "--trainer.logger=false", cwd=tmp_path)
+    assert genart_in_process("fit", "--config", str(tmp_path / "vae.yaml"), "--trainer.logger=false", cwd=tmp_path)[0] == 0
     vae_ckpt = tmp_path / "vae/checkpoints/last.ckpt"
 
     ldm_config = {**vae_config, "trainer": {**vae_config["trainer"], "default_root_dir": str(tmp_path / "ldm")}}
@@ -64,7 +61,7 @@ def test_latent_diffusion_fits_through_the_cli_on_a_cli_trained_vae(shapes_shard
                                                  "attention_levels": [0], "head_channels": 8}}},
     }
     (tmp_path / "ldm.yaml").write_text(yaml.safe_dump(ldm_config))
-    genart("fit", "--config", str(tmp_path / "ldm.yaml"), "--trainer.logger=false", cwd=tmp_path)
+    assert genart_in_process("fit", "--config", str(tmp_path / "ldm.yaml"), "--trainer.logger=false", cwd=tmp_path)[0] == 0
     saved = torch.load(tmp_path / "ldm/checkpoints/last.ckpt", weights_only=True)["hyper_parameters"]
     vae_saved = torch.load(vae_ckpt, weights_only=True)["hyper_parameters"]
     assert saved["first_stage_hparams"] == {k: v for k, v in vae_saved.items() if not k.startswith("_")}
@@ -74,14 +71,13 @@ def test_every_shipped_experiment_config_validates(tmp_path):
     # A typo or a renamed option in a config we ship is one clear error here, not on a cluster after the queue wait.
     overlays = {"logger_wandb.yaml": "dcgan_shapes.yaml", "strategy_fsdp2.yaml": "ldm_laion_256.yaml"}
     configs = sorted(p for p in (REPO / "experiments").glob("*.yaml") if p.name not in overlays)
-    runs = {p.name: start_genart("fit", "--config", str(p), "--print_config", cwd=tmp_path) for p in configs}
+    runs = {p.name: ["--config", str(p)] for p in configs}
     for overlay, base in overlays.items():  # added after a family's config
-        runs[overlay] = start_genart("fit", "--config", str(REPO / "experiments" / base), "--config",
-                                     str(REPO / "experiments" / overlay), "--print_config", cwd=tmp_path)
+        runs[overlay] = ["--config", str(REPO / "experiments" / base), "--config", str(REPO / "experiments" / overlay)]
     failed, printed = {}, {}
-    for name, proc in runs.items():
-        printed[name], _ = proc.communicate(timeout=300)
-        if proc.returncode != 0 or "class_path" not in printed[name]:
-            failed[name] = printed[name][-1500:]
+    for name, args in runs.items():
+        code, printed[name], err = genart_in_process("fit", *args, "--print_config", cwd=tmp_path)
+        if code != 0 or "class_path" not in printed[name]:
+            failed[name] = (printed[name] + err)[-1500:]
     assert len(configs) >= 9 and not failed, failed
     assert "strategy: fsdp2" in printed["strategy_fsdp2.yaml"]

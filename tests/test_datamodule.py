@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import PicklePayload, add_member
 from PIL import Image
 
 from datamodules.loader import plan_exact
@@ -70,20 +71,6 @@ def _png(colour: tuple[int, int, int]) -> bytes:
     return buffer.getvalue()
 
 
-class _Payload:
-    """Unpickling this creates a file: proof that a loader ran code from a shard."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.path),))
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
 
 
 def _bad_shard(path: Path, marker: Path) -> list[str]:
@@ -92,18 +79,18 @@ def _bad_shard(path: Path, marker: Path) -> list[str]:
     with tarfile.open(path, "w") as tar:
         for i in range(6):
             key = f"good{i}"
-            _add(tar, f"{key}.png", _png((40 * i, 100, 200)))
-            _add(tar, f"{key}.txt", f"caption {i}".encode())
+            add_member(tar, f"{key}.png", _png((40 * i, 100, 200)))
+            add_member(tar, f"{key}.txt", f"caption {i}".encode())
             if i == 2:
-                _add(tar, f"{key}.pyd", pickle.dumps(_Payload(str(marker))))
+                add_member(tar, f"{key}.pyd", pickle.dumps(PicklePayload(str(marker))))
             good.append(key)
             if i == 1:
-                _add(tar, "corrupt.jpg", b"\xff\xd8\xff\xe0" + b"not really a jpeg" * 20)
-                _add(tar, "corrupt.txt", b"a corrupt image")
+                add_member(tar, "corrupt.jpg", b"\xff\xd8\xff\xe0" + b"not really a jpeg" * 20)
+                add_member(tar, "corrupt.txt", b"a corrupt image")
             if i == 3:
-                _add(tar, "nocaption.png", _png((0, 0, 0)))
-        _add(tar, "tail.png", _png((1, 2, 3)) * 40)
-        _add(tar, "tail.txt", b"the tail")
+                add_member(tar, "nocaption.png", _png((0, 0, 0)))
+        add_member(tar, "tail.png", _png((1, 2, 3)) * 40)
+        add_member(tar, "tail.txt", b"the tail")
     data = path.read_bytes()
     tail = data.index(b"tail.png")  # header of the last image; cut inside its contents
     path.write_bytes(data[: tail + 512 + 300])

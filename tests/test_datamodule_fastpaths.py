@@ -38,3 +38,13 @@ def test_transform_at_output_size_matches_resize_crop_flip(center_crop, flip):
     plain = F.center_crop(plain, [24, 24]) if center_crop else plain
     plain = F.horizontal_flip(plain) if flip else plain
     assert np.array_equal(stream.Transform(24, center_crop=center_crop)(image, flip), np.asarray(plain))
+
+
+@pytest.mark.parametrize("height, width", [(384, 512), (512, 384), (40, 157), (33, 33)])
+def test_transform_equals_torchvision_v2_resize_and_centre_crop(height, width):
+    # What a user would write instead (transforms.v2 on uint8 tensors): our fast path must give the same pixels.
+    from torchvision.transforms import v2
+
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    reference = v2.Compose([v2.ToImage(), v2.Resize(32, antialias=True), v2.CenterCrop(32)])(image)
+    assert np.array_equal(stream.Transform(32)(image, False), reference.permute(1, 2, 0).numpy())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from helpers import tiny_unet
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules.webdataset import TextImageDataModule
@@ -14,12 +15,10 @@ from genart_lightning.models.diffusion import PixelDiffusion
 from genart_lightning.models.latent_diffusion import LatentDiffusion
 from genart_lightning.models.vae import VAE
 from genart_lightning.nn.dit import DiTBackbone
-from genart_lightning.nn.unet import UNetBackbone
 
 pytestmark = pytest.mark.slow
 
-UNET = dict(base_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], head_channels=16)
-TINY = dict(image_size=16, backbone=UNetBackbone(**UNET))
+TINY = dict(image_size=16, backbone=tiny_unet())
 
 
 class RankProbe(L.Callback):
@@ -86,7 +85,7 @@ def test_latent_diffusion_ddp_fit(shapes_shards_16px: dict, tmp_path) -> None:
     data = TextImageDataModule(shapes_shards_16px["train_urls"], batch_size=8, num_workers=0, image_size=16)
     vae_trainer.fit(VAE(image_size=16, base_channels=16, channel_mults=[1, 2]), data)
     vae_trainer.save_checkpoint(vae_path)
-    latent_tiny = {"image_size": 16, "backbone": UNetBackbone(**{**UNET, "channel_mult": [1], "attention_levels": [0]})}  # 8 x 8 latents
+    latent_tiny = {"image_size": 16, "backbone": tiny_unet(channel_mult=[1], attention_levels=[0])}  # 8 x 8 latents
     model = LatentDiffusion(first_stage_ckpt=str(vae_path), ema_decay=0.9, **latent_tiny)
     _assert_ranks_differ_and_agree(_fit_ddp(model, shapes_shards_16px, tmp_path))
 

@@ -8,10 +8,10 @@ import random
 import lightning as L
 import pytest
 import torch
+from helpers import cpu_trainer, shards_data, tiny_unet
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules.synthetic import COLOURS, caption_with_colour, dominant_shape_colour
-from datamodules.webdataset import TextImageDataModule
 from genart_lightning.cli import main as genart
 from genart_lightning.diffusion.flow import Flow
 from genart_lightning.diffusion.vp import VP
@@ -21,31 +21,13 @@ from genart_lightning.models.latent_diffusion import LatentDiffusion
 from genart_lightning.models.loading import load_model
 from genart_lightning.models.vae import VAE
 from genart_lightning.nn.dit import DiTBackbone
-from genart_lightning.nn.unet import UNetBackbone
 
 TRAIN_STEPS = 600
-UNET = dict(base_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], head_channels=16)
-TINY = dict(image_size=16, backbone=UNetBackbone(**UNET))
+TINY = dict(image_size=16, backbone=tiny_unet())
 
 
-def _data(shards: dict, batch_size: int = 32) -> TextImageDataModule:
-    return TextImageDataModule(shards["train_urls"], shards["val_urls"], batch_size=batch_size, num_workers=0, image_size=16)
 
 
-def _trainer(root, steps: int, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=2,
-        check_val_every_n_epoch=1000,  # validation only where the test asks for it
-        gradient_clip_val=1.0,
-        default_root_dir=root,
-        **kwargs,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +35,11 @@ def trained(shapes_shards_16px: dict, tmp_path_factory: pytest.TempPathFactory) 
     """Text-conditional pixel diffusion trained briefly on 16px shapes, with its validation loss before and after."""
     root = tmp_path_factory.mktemp("ddpm")
     L.seed_everything(0)
-    data = _data(shapes_shards_16px)
+    data = shards_data(shapes_shards_16px)
     model = PixelDiffusion(**TINY, process=VP(prediction="v"), lr=3e-3, warmup_steps=20, ema_decay=0.99, sample_steps=20,
                            train_text_encoder=True)
     checkpoint = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=TRAIN_STEPS)
-    trainer = _trainer(root, TRAIN_STEPS, callbacks=[checkpoint])
+    trainer = cpu_trainer(root, TRAIN_STEPS, callbacks=[checkpoint])
     before = trainer.validate(model, data, verbose=False)[0]["val/loss"]
     trainer.fit(model, data)
     after = trainer.validate(model, data, verbose=False)[0]["val/loss"]
@@ -122,8 +104,8 @@ def test_train_text_encoder_trains_and_saves_the_tower_and_a_frozen_one_stays_ou
         L.seed_everything(0)
         model = PixelDiffusion(**TINY, train_text_encoder=trainable, lr=1e-3)
         start = [p.detach().clone() for p in model.text_encoder.parameters()]
-        trainer = _trainer(tmp_path / str(trainable), 3)
-        trainer.fit(model, _data(shapes_shards_16px, batch_size=8))
+        trainer = cpu_trainer(tmp_path / str(trainable), 3)
+        trainer.fit(model, shards_data(shapes_shards_16px, batch_size=8))
         moved = [not torch.equal(a, b) for a, b in zip(start, model.text_encoder.parameters(), strict=True)]
         trainer.save_checkpoint(tmp_path / f"{trainable}.ckpt")
         saved = torch.load(tmp_path / f"{trainable}.ckpt", weights_only=True)["state_dict"]
@@ -145,11 +127,11 @@ def test_bad_settings_fail_with_one_clear_line() -> None:
 
 
 def test_attention_block_defaults_by_conditioning_and_is_recorded_for_reloading() -> None:
-    conditional = PixelDiffusion(image_size=16, backbone=UNetBackbone(**UNET))
-    unconditional = PixelDiffusion(image_size=16, backbone=UNetBackbone(**UNET), text_encoder=None)
+    conditional = PixelDiffusion(image_size=16, backbone=tiny_unet())
+    unconditional = PixelDiffusion(image_size=16, backbone=tiny_unet(), text_encoder=None)
     kind = lambda model: model.hparams.backbone["init_args"]["attention_block"]  # noqa: E731
     assert kind(conditional) == "transformer" and kind(unconditional) == "plain"
-    chosen = PixelDiffusion(image_size=16, backbone=UNetBackbone(**UNET, attention_block="transformer"), text_encoder=None)
+    chosen = PixelDiffusion(image_size=16, backbone=tiny_unet(attention_block="transformer"), text_encoder=None)
     PixelDiffusion(**dict(chosen.hparams)).load_state_dict(chosen.state_dict())  # the recorded kind rebuilds the same net
     with pytest.raises(RuntimeError, match="Missing key"):
         unconditional.load_state_dict(chosen.state_dict())
@@ -158,7 +140,7 @@ def test_attention_block_defaults_by_conditioning_and_is_recorded_for_reloading(
 def test_unconditional_family_without_text_encoder(shapes_shards_16px: dict, tmp_path) -> None:
     model = PixelDiffusion(**TINY, text_encoder=None, process=VP(prediction="x0", schedule="linear", min_snr_gamma=None))
     assert not model.conditional
-    _trainer(tmp_path, 2).fit(model, _data(shapes_shards_16px, batch_size=8))
+    cpu_trainer(tmp_path, 2).fit(model, shards_data(shapes_shards_16px, batch_size=8))
     images = model.sample(2, seed=0, steps=3, sampler="ddpm")
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
 
@@ -166,8 +148,8 @@ def test_unconditional_family_without_text_encoder(shapes_shards_16px: dict, tmp
 @pytest.mark.slow
 def test_latent_diffusion_trains_on_scaled_latents_and_is_self_contained(shapes_shards_16px: dict, tmp_path) -> None:
     L.seed_everything(0)
-    data = _data(shapes_shards_16px, batch_size=16)
-    vae_trainer = _trainer(tmp_path / "vae", 20)
+    data = shards_data(shapes_shards_16px, batch_size=16)
+    vae_trainer = cpu_trainer(tmp_path / "vae", 20)
     vae_trainer.fit(VAE(image_size=16, base_channels=16, channel_mults=[1, 2], lr=1e-3), data)
     vae_path = tmp_path / "vae.ckpt"
     vae_trainer.save_checkpoint(vae_path)
@@ -175,19 +157,19 @@ def test_latent_diffusion_trains_on_scaled_latents_and_is_self_contained(shapes_
     assert vae.scaling != 1.0  # a trained first stage with a real scale factor
 
     model = LatentDiffusion(first_stage_ckpt=str(vae_path), image_size=16,
-                            backbone=UNetBackbone(**{**UNET, "channel_mult": [1], "attention_levels": [0]}),
+                            backbone=tiny_unet(channel_mult=[1], attention_levels=[0]),
                             process=VP(prediction="v", zero_terminal_snr=True), ema_decay=0.9)
     images = next(iter(data.val_dataloader()))["image"][:4]
     torch.testing.assert_close(model.to_diffusion_space(images), vae.encode(images))  # latents include the scale
     assert model.diffusion_shape() == vae.latent_shape(16) == (4, 8, 8)
-    trainer = _trainer(tmp_path / "ldm", 4)
+    trainer = cpu_trainer(tmp_path / "ldm", 4)
     trainer.fit(model, data)
     assert all(not p.requires_grad for p in model.first_stage.parameters()) and not model.first_stage.training
     trainer.save_checkpoint(tmp_path / "ldm.ckpt")
 
     dit = LatentDiffusion(first_stage_ckpt=str(vae_path), image_size=16, process=Flow(), ema_decay=0.9,
                           backbone=DiTBackbone(patch_size=2, hidden_size=32, depth=2, num_heads=2))  # 16 latent patches
-    trainer_dit = _trainer(tmp_path / "dit", 3)
+    trainer_dit = cpu_trainer(tmp_path / "dit", 3)
     trainer_dit.fit(dit, data)
     trainer_dit.save_checkpoint(tmp_path / "dit.ckpt")
     with pytest.raises(ValueError, match="clip_x0=True clamps x0 estimates to .* LatentDiffusion diffuses unbounded"):

@@ -8,10 +8,10 @@ import random
 import lightning as L
 import pytest
 import torch
+from helpers import cpu_trainer, shards_data, tiny_unet
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules.synthetic import COLOURS, caption_with_colour, dominant_shape_colour
-from datamodules.webdataset import TextImageDataModule
 from genart_lightning.callbacks.rank_state import RankState
 from genart_lightning.diffusion.edm import EDM
 from genart_lightning.diffusion.flow import Flow
@@ -19,23 +19,16 @@ from genart_lightning.models.diffusion import PixelDiffusion
 from genart_lightning.models.grids import save_grid
 from genart_lightning.models.loading import load_model
 from genart_lightning.nn.dit import DiTBackbone
-from genart_lightning.nn.unet import UNetBackbone
 
 TRAIN_STEPS = 600
 BACKBONES = {
-    "unet": lambda: UNetBackbone(base_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], head_channels=16),
+    "unet": lambda: tiny_unet(),
     "dit": lambda: DiTBackbone(patch_size=2, hidden_size=64, depth=3, num_heads=2),
 }
 
 
-def _data(shards: dict, batch_size: int = 32) -> TextImageDataModule:
-    return TextImageDataModule(shards["train_urls"], shards["val_urls"], batch_size=batch_size, num_workers=0, image_size=16)
 
 
-def _trainer(root, steps: int, **kwargs) -> L.Trainer:
-    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=2,
-                     check_val_every_n_epoch=1000, gradient_clip_val=1.0, default_root_dir=root, **kwargs)
 
 
 def _flow(backbone: str, **kwargs) -> PixelDiffusion:
@@ -48,9 +41,9 @@ def _flow(backbone: str, **kwargs) -> PixelDiffusion:
 def trained(request, shapes_shards_16px: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp(f"flow-{request.param}")
     L.seed_everything(0)
-    data = _data(shapes_shards_16px)
+    data = shards_data(shapes_shards_16px)
     model = _flow(request.param)
-    trainer = _trainer(root, TRAIN_STEPS)
+    trainer = cpu_trainer(root, TRAIN_STEPS)
     before = trainer.validate(model, data, verbose=False)[0]["val/loss"]
     trainer.fit(model, data)
     after = trainer.validate(model, data, verbose=False)[0]["val/loss"]
@@ -85,10 +78,10 @@ def test_guided_flow_samples_follow_the_prompted_colour(trained: dict) -> None:
 @pytest.mark.slow
 def test_edm_trains_and_samples_with_heun(shapes_shards_16px: dict, tmp_path) -> None:
     L.seed_everything(0)
-    data = _data(shapes_shards_16px)
+    data = shards_data(shapes_shards_16px)
     model = PixelDiffusion(image_size=16, process=EDM(), backbone=BACKBONES["unet"](), lr=3e-3, warmup_steps=20)
     assert model.hparams.sampler == "heun"  # the process's usual sampler is the default
-    trainer = _trainer(tmp_path, 150)
+    trainer = cpu_trainer(tmp_path, 150)
     before = trainer.validate(model, data, verbose=False)[0]["val/loss"]
     trainer.fit(model, data)
     after = trainer.validate(model, data, verbose=False)[0]["val/loss"]
@@ -105,7 +98,7 @@ def test_a_resumed_flow_dit_run_equals_the_uninterrupted_run(shapes_shards_16px:
         L.seed_everything(0)
         model = _flow("dit", lr=1e-3)
         checkpoint = ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0, every_n_train_steps=1)
-        _trainer(root, steps, callbacks=[checkpoint, RankState()]).fit(model, _data(shapes_shards_16px, batch_size=8), ckpt_path=resume)
+        cpu_trainer(root, steps, callbacks=[checkpoint, RankState()]).fit(model, shards_data(shapes_shards_16px, batch_size=8), ckpt_path=resume)
         return model
 
     straight = run(tmp_path / "straight", 6)

@@ -13,14 +13,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import REPO, add_member
 from PIL import Image
 
 from datamodules.shards import inspect_shards
 from datamodules.stream import ShardStream, StreamConfig, Transform
 from datamodules.synthetic import write_shapes_shards
 from datamodules.tarstream import BLOCK, Oversized, TarError, tar_members
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def base_shard(tmp_path: Path) -> bytes:
@@ -32,10 +31,7 @@ def tar_of(members: list[tuple[str, bytes]], pax: dict | None = None) -> bytes:
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.pax_headers = dict(pax or {})
-            tar.addfile(info, io.BytesIO(data))
+            add_member(tar, name, data, pax)
     return out.getvalue()
 
 

@@ -6,39 +6,31 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from helpers import cpu_trainer, shards_data, tiny_unet
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from datamodules.webdataset import TextImageDataModule
 from genart_lightning import UserError
 from genart_lightning.commands.export import export_checkpoint
 from genart_lightning.diffusion.vp import VP
 from genart_lightning.models.diffusion import PixelDiffusion
-from genart_lightning.nn.unet import UNetBackbone
-
-UNET = dict(base_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], head_channels=16)
 
 
 def _model(**overrides) -> PixelDiffusion:
-    settings = dict(image_size=16, process=VP(prediction="v"), backbone=UNetBackbone(**UNET), lr=3e-3, ema_decay=0.9)
+    settings = dict(image_size=16, process=VP(prediction="v"), backbone=tiny_unet(), lr=3e-3, ema_decay=0.9)
     return PixelDiffusion(**(settings | overrides))
 
 
-def _trainer(root, steps: int, **kwargs) -> L.Trainer:
-    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False, num_sanity_val_steps=0,
-                     enable_model_summary=False, limit_val_batches=2, check_val_every_n_epoch=1000, default_root_dir=root,
-                     **kwargs)
 
 
 @pytest.fixture(scope="module")
 def source(shapes_shards_16px, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("source")
     L.seed_everything(0)
-    data = TextImageDataModule(shapes_shards_16px["train_urls"], shapes_shards_16px["val_urls"], batch_size=16,
-                               num_workers=0, image_size=16)
+    data = shards_data(shapes_shards_16px, batch_size=16)
     model = _model()
     checkpoint = ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0, every_n_train_steps=20)
-    _trainer(root, 20, callbacks=[checkpoint]).fit(model, datamodule=data)
-    val = _trainer(root, 1).validate(model, datamodule=data, verbose=False)[0]["val/loss"]
+    cpu_trainer(root, 20, callbacks=[checkpoint]).fit(model, datamodule=data)
+    val = cpu_trainer(root, 1).validate(model, datamodule=data, verbose=False)[0]["val/loss"]
     return {"ckpt": root / "last.ckpt", "model": model, "val_loss": val, "data": data, "root": root}
 
 
@@ -53,9 +45,9 @@ def test_fine_tuning_starts_at_step_zero_with_the_source_weights(source, tmp_pat
         assert report.mismatches() == 0 and len(report.loaded) == len(model.state_dict())
         for name, tensor in source["model"].state_dict().items():
             assert torch.equal(model.state_dict()[name], tensor), name
-        val = _trainer(tmp_path, 1).validate(model, datamodule=source["data"], verbose=False)[0]["val/loss"]
+        val = cpu_trainer(tmp_path, 1).validate(model, datamodule=source["data"], verbose=False)[0]["val/loss"]
         assert val == pytest.approx(source["val_loss"], rel=1e-6)
-    trainer = _trainer(tmp_path, 3)
+    trainer = cpu_trainer(tmp_path, 3)
     trainer.fit(model, datamodule=source["data"])  # setup loads init_from; the run counts its own steps from 0
     assert trainer.global_step == 3
 
@@ -63,8 +55,8 @@ def test_fine_tuning_starts_at_step_zero_with_the_source_weights(source, tmp_pat
 def test_report_names_what_a_changed_config_does_not_share(source):
     # extra res blocks (missing in the source) and no text encoder (the source's pooled-text input is unexpected
     # here, its cross-attention keys have another shape); what matches by name and shape loads
-    wider = dict(UNET, num_res_blocks=2)
-    model = _model(backbone=UNetBackbone(**wider), text_encoder=None)
+    wider = {"num_res_blocks": 2}
+    model = _model(backbone=tiny_unet(**wider), text_encoder=None)
     source_keys = set(torch.load(source["ckpt"], weights_only=True)["state_dict"])
     report = model.initialise_from(str(source["ckpt"]))
     assert set(report.missing) == set(model.state_dict()) - source_keys and report.missing
@@ -74,7 +66,7 @@ def test_report_names_what_a_changed_config_does_not_share(source):
     saved = source["model"].state_dict()
     assert report.loaded and all(torch.equal(model.state_dict()[k], saved[k]) for k in report.loaded)
     with pytest.raises(UserError, match=r"init_from .*: loaded \d+ tensors; missing \d+ .*init_strict"):
-        _model(backbone=UNetBackbone(**wider), text_encoder=None).initialise_from(str(source["ckpt"]), strict=True)
+        _model(backbone=tiny_unet(**wider), text_encoder=None).initialise_from(str(source["ckpt"]), strict=True)
 
 
 def test_missing_or_wrong_source_is_one_line(tmp_path):

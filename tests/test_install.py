@@ -13,8 +13,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = REPO / "genart_lightning" / "slurm"
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

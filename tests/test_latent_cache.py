@@ -14,6 +14,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers import PicklePayload, add_member, tiny_unet
 
 from datamodules.latents import CACHE_FILE, CacheMismatch, read_cache_info
 from datamodules.shards import expand_urls, format_report, inspect_shards
@@ -23,9 +24,8 @@ from genart_lightning.models.latent_cache import encode_shards, load_first_stage
 from genart_lightning.models.latent_diffusion import LatentDiffusion
 from genart_lightning.models.vae import VAE
 from genart_lightning.nn.text_encoder import FrozenTextEncoder
-from genart_lightning.nn.unet import UNetBackbone
 
-UNET = dict(base_channels=16, channel_mult=[1], num_res_blocks=1, attention_levels=[0], head_channels=16)
+ONE_LEVEL = {"channel_mult": [1], "attention_levels": [0]}  # 8 x 8 latents
 STEPS = 4
 
 
@@ -73,7 +73,7 @@ class LossRecorder(L.Callback):
 
 def _fit(vae: Path, urls: str, kind: str, **model_args) -> tuple[LossRecorder, LatentDiffusion]:
     L.seed_everything(0)
-    model = LatentDiffusion(first_stage_ckpt=str(vae), image_size=16, backbone=UNetBackbone(**UNET), lr=1e-3,
+    model = LatentDiffusion(first_stage_ckpt=str(vae), image_size=16, backbone=tiny_unet(**ONE_LEVEL), lr=1e-3,
                             caption_dropout=0.5, **model_args)
     data = TextImageDataModule(urls, batch_size=8, num_workers=0, image_size=16, kind=kind, shuffle_buffer=16)
     recorder = LossRecorder()
@@ -106,20 +106,20 @@ def test_a_cache_of_another_first_stage_or_text_encoder_is_refused(cache: dict, 
     images = TextImageDataModule(shapes_shards_16px["train_urls"], batch_size=16, num_workers=0, image_size=16)
     other = _vae(images, cache["root"] / "other-vae.ckpt", seed=1)
     record = read_cache_info(expand_urls(cache["float32"]))
-    model = LatentDiffusion(first_stage_ckpt=str(other), image_size=16, backbone=UNetBackbone(**UNET))
+    model = LatentDiffusion(first_stage_ckpt=str(other), image_size=16, backbone=tiny_unet(**ONE_LEVEL))
     with pytest.raises(CacheMismatch, match=r"made by first stage VAE sha256 \w+ .* this model has first stage VAE sha256"):
         model.check_latent_cache(record)
     with pytest.raises(CacheMismatch, match="re-encode them"):  # through fit: stops in setup, before the first step
         _fit(other, cache["float32"], "latents")
-    same_vae = LatentDiffusion(first_stage_ckpt=str(cache["vae"]), image_size=16, backbone=UNetBackbone(**UNET),
+    same_vae = LatentDiffusion(first_stage_ckpt=str(cache["vae"]), image_size=16, backbone=tiny_unet(**ONE_LEVEL),
                                text_layer="penultimate")
     with pytest.raises(CacheMismatch, match="text genart-tiny .* final"):
         same_vae.check_latent_cache(record)
-    trained_text = LatentDiffusion(first_stage_ckpt=str(cache["vae"]), image_size=16, backbone=UNetBackbone(**UNET),
+    trained_text = LatentDiffusion(first_stage_ckpt=str(cache["vae"]), image_size=16, backbone=tiny_unet(**ONE_LEVEL),
                                    text_layer="penultimate", train_text_encoder=True)
     trained_text.check_latent_cache(record)  # a tower trained along reads the captions, not the cached states
     with pytest.raises(ValueError, match="PixelDiffusion diffuses pixels.*train LatentDiffusion"):
-        PixelDiffusion(image_size=16, backbone=UNetBackbone(**UNET)).check_latent_cache(record)
+        PixelDiffusion(image_size=16, backbone=tiny_unet(**ONE_LEVEL)).check_latent_cache(record)
     with pytest.raises(FileNotFoundError, match=f"no {CACHE_FILE} beside .*not latent shards.*genart shards encode"):
         TextImageDataModule(shapes_shards_16px["train_urls"], num_workers=0, kind="latents", image_size=16).setup("fit")
 
@@ -179,27 +179,18 @@ def test_corrupt_latents_are_counted_and_skipped_never_unpickled(cache: dict, tm
     shutil.copy(cache["root"] / "float16" / CACHE_FILE, out)
     marker = tmp_path / "unpickled"
     payload = io.BytesIO()
-    np.save(payload, np.array([_Marker(str(marker))], dtype=object), allow_pickle=True)
+    np.save(payload, np.array([PicklePayload(str(marker))], dtype=object), allow_pickle=True)
     good = np.zeros((4, 8, 8), np.float16)
     with tarfile.open(out / "train-000000.tar", "w") as tar:
         for i, latent in enumerate([payload.getvalue(), _npy(good), b"not an npy", _npy(good)]):
-            for name, data in ((f"{i:03d}.txt", b"a caption"), (f"{i:03d}.latent.npy", latent)):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+            add_member(tar, f"{i:03d}.txt", b"a caption")
+            add_member(tar, f"{i:03d}.latent.npy", latent)
     dm = TextImageDataModule(val_urls=str(out / "train-000000.tar"), batch_size=1, num_workers=0, kind="latents",
                              image_size=16)
     with pytest.warns(UserWarning, match=r"skipped 2 unusable samples .*\(corrupt latent: 2\)"):
         keys = [k for b in dm.val_dataloader() for k in b["key"]]
     assert sorted(keys) == ["001", "003"] and not marker.exists()
 
-
-class _Marker:
-    def __init__(self, path: str):
-        self.path = path
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.path),))
 
 
 def _keys(path: str | Path, member: str) -> list[str]:

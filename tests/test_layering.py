@@ -5,7 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 PACKAGES = ("datamodules", "genart_lightning")
 
 FORBIDDEN = {

@@ -8,6 +8,7 @@ import sys
 import lightning as L
 import pytest
 import torch
+from helpers import tiny_unet
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules.webdataset import TextImageDataModule
@@ -16,16 +17,14 @@ from genart_lightning.commands.export import export_checkpoint
 from genart_lightning.diffusion.vp import VP
 from genart_lightning.models.diffusion import PixelDiffusion
 from genart_lightning.models.loading import load_model
-from genart_lightning.nn.unet import UNetBackbone
 
 pytest.importorskip("peft")
 
-UNET = dict(base_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], head_channels=16)
 LORA = {"rank": 4, "alpha": 8}
 
 
 def _model(**overrides) -> PixelDiffusion:
-    settings = dict(image_size=16, process=VP(prediction="v"), backbone=UNetBackbone(**UNET), lr=3e-3, ema_decay=0.9,
+    settings = dict(image_size=16, process=VP(prediction="v"), backbone=tiny_unet(), lr=3e-3, ema_decay=0.9,
                     train_text_encoder=True)  # as the shapes configs do: the tiny tower is random-init
     return PixelDiffusion(**(settings | overrides))
 

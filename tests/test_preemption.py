@@ -15,7 +15,8 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from cluster_helpers import REPO, PaceSteps, dcgan_config, diffusion_config, load_checkpoint, write_config
+from cluster_helpers import PaceSteps, dcgan_config, diffusion_config, load_checkpoint, write_config
+from helpers import REPO
 from jsonargparse import Namespace
 from lightning.pytorch.loggers import CSVLogger
 

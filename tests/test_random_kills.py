@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from cluster_helpers import REPO, dcgan_config, load_checkpoint, write_config
+from cluster_helpers import dcgan_config, load_checkpoint, write_config
+from helpers import REPO
 
 from genart_lightning.run.resume import newest_checkpoint
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tracking_helpers import finish, genart, start_genart, step_losses, tiny_config
+from helpers import finish, genart, start_genart, step_losses, tiny_config
 
 from genart_lightning.models.base import rank_seed
 

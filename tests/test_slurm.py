@@ -14,12 +14,12 @@ import pytest
 import torch
 from cluster_helpers import (
     CHECKPOINT_EVERY,
-    REPO,
     dcgan_config,
     diffusion_config,
     load_checkpoint,
     write_config,
 )
+from helpers import REPO
 
 from genart_lightning.cli import main
 from genart_lightning.run.cluster import PREEMPTED_CKPT

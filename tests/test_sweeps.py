@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tracking_helpers import REPO, tiny_config
+from helpers import REPO, tiny_config
 
 from genart_lightning.cli import lightning_cli, main
 from genart_lightning.sweeps.launch import array_ranges

@@ -9,15 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO, genart_in_process
 
-REPO = Path(__file__).resolve().parents[1]
 CKPT = REPO / "tests" / "fixtures" / "legacy" / "PixelDiffusion.ckpt"
 
 
-def genart(*args: str, cwd: Path, debug: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "GENART_DEBUG": "1" if debug else ""}
-    return subprocess.run([sys.executable, "-m", "genart_lightning.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env=env)
+def genart(*args: str, cwd: Path) -> tuple[int, str]:
+    """(exit code, stderr) of `genart ARGS`, run in-process (the console script's own test is below)."""
+    code, _, err = genart_in_process(*args, cwd=cwd)
+    return code, err
 
 
 def fit_args(tmp_path: Path, *extra: str) -> list[str]:
@@ -26,11 +26,12 @@ def fit_args(tmp_path: Path, *extra: str) -> list[str]:
             f"--trainer.logger.init_args.save_dir={run}", *extra]
 
 
-def one_line(result: subprocess.CompletedProcess) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert len(lines) == 1, result.stderr[-2000:]
-    assert lines[0].startswith("error: ") and "Traceback" not in result.stderr
+def one_line(result: tuple[int, str]) -> str:
+    code, stderr = result
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2, stderr[-2000:]
+    assert len(lines) == 1, stderr[-2000:]
+    assert lines[0].startswith("error: ") and "Traceback" not in stderr
     return lines[0]
 
 
@@ -58,8 +59,13 @@ def test_sample_and_eval_mistakes_are_one_line(tmp_path, shapes_shards):
     assert not (tmp_path / "grid.png").exists()
 
 
-def test_debug_shows_the_traceback(tmp_path):
-    result = genart("sample", "--ckpt", str(CKPT), "--sampler", "eulr", cwd=tmp_path, debug=True)
-    assert result.returncode != 0 and "unknown sampler" in result.stderr
-    result = genart(*fit_args(tmp_path, "--data.init_args.train_urls=nowhere.tar"), "--debug", cwd=tmp_path)
+def test_the_console_script_exits_2_with_one_line_and_debug_shows_the_traceback(tmp_path):
+    # The real `genart` process, once per behaviour: exit status 2 and one stderr line; --debug, a traceback.
+    def console(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "genart_lightning.cli", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "GENART_DEBUG": ""})
+
+    result = console("sample", "--ckpt", str(CKPT), "--sampler", "eulr")
+    assert "unknown sampler 'eulr'" in one_line((result.returncode, result.stderr))
+    result = console(*fit_args(tmp_path, "--data.init_args.train_urls=nowhere.tar"), "--debug")
     assert "Traceback" in result.stderr and "shard not found: nowhere.tar" in result.stderr

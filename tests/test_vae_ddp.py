@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 
 from genart_lightning.models.loading import load_model
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO, genart, tiny_config
 from PIL import Image
-from tracking_helpers import REPO, genart, tiny_config
 
 from genart_lightning.sweeps.spec import load_yaml
 

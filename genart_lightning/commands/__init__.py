@@ -12,3 +12,21 @@ def require_checkpoint(path: str) -> None:
         raise SystemExit(
             f"error: checkpoint not found: {path} (from --ckpt); pass a .ckpt written by `genart fit` or a `genart export` file"
         )
+
+
+def add_threads_option(parser) -> None:
+    """`--threads`: torch's intra-op threads on CPU (default: this process's share of the usable cores)."""
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads on CPU (default: usable cores per process, or OMP_NUM_THREADS when set)")
+
+
+def use_cpu_threads(threads: int | None, device: str, loader_workers: int = 0) -> None:
+    """On CPU, set torch's threads from the cores (ranks of torchrun share them) and say so on stderr."""
+    import os
+    import sys
+
+    from genart_lightning.run.threads import set_cpu_threads
+
+    if str(device).startswith("cpu"):
+        line = set_cpu_threads(loader_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), threads)
+        print(f"[genart] {line}", file=sys.stderr, flush=True)

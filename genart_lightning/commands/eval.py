@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from genart_lightning.commands import require_checkpoint
+from genart_lightning.commands import add_threads_option, require_checkpoint, use_cpu_threads
 
 TABLE_COLUMNS = ("guidance", "fid", "kid", "clip_score", "attribute_accuracy", "psnr", "ssim")
 
@@ -37,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per sampling call and per rank (default 64)")
     p.add_argument("--cache-dir", help="reference statistics cache (default $GENART_CACHE/fid_stats or ~/.cache/genart/fid_stats)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
+    add_threads_option(p)
     p.add_argument("--out", default="metrics.json", help="output JSON (sweeps add .csv, .md and .png beside it)")
     p.set_defaults(func=run)
 
@@ -78,6 +79,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
     from genart_lightning.shapes.suite import ShapesSuite
 
     device = _init_distributed(args.device)
+    use_cpu_threads(args.threads, device)
     if args.fake:
         folder = ImageFolder(args.fake)
         evaluator = Evaluator(args.data, len(folder.files), args.fid_features, fid_weights=args.fid_weights,

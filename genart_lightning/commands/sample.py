@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from genart_lightning.commands import require_checkpoint
+from genart_lightning.commands import add_threads_option, require_checkpoint, use_cpu_threads
 
 SAMPLING_OPTIONS = [
     ("steps", int, "number of sampling steps"),
@@ -31,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", default=None, help="write one PNG per sample and samples.jsonl (file, caption, seed, settings)")
     p.add_argument("--batch-size", type=int, default=64, help="images per sampling call (default 64)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
+    add_threads_option(p)
     for name, kind, text in SAMPLING_OPTIONS:
         p.add_argument(f"--{name}", type=kind, default=None, help=f"{text} (families that take it; default: the checkpoint's config)")
     p.set_defaults(func=run)
@@ -83,6 +84,7 @@ def run(args: argparse.Namespace) -> None:
     prompts = (args.prompt or []) + (read_prompts(args.prompts_file) if args.prompts_file else [])
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     check_sampler_name(args.sampler)
+    use_cpu_threads(args.threads, device)
     model = load_model(args.ckpt, map_location=device).to(device)
     if prompts and not model.conditional:
         raise SystemExit(f"error: {type(model).__name__} is unconditional; drop --prompt / --prompts-file")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from genart_lightning.commands import add_threads_option, use_cpu_threads
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("shards", help="write or inspect WebDataset text-image shards", description=__doc__)
@@ -55,6 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     encode.add_argument("--precision", default="float16", choices=("float16", "float32"),
                         help="stored dtype (default float16: half the bytes)")
     encode.add_argument("--device", default=None, help="default: this rank's GPU, else cpu")
+    add_threads_option(encode)
     encode.set_defaults(func=run_encode)
 
     info = sub.add_parser("info", help="sample count, image sizes, caption lengths, unreadable entries")
@@ -120,6 +123,7 @@ def run_encode(args: argparse.Namespace) -> None:
         text = (FrozenTextEncoder(args.text_encoder, args.pretrained, args.text_cache_dir, layer=args.text_layer).eval()
                 if args.text_encoder else None)
         device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        use_cpu_threads(args.threads, device)
         counts = encode_shards(first_stage, text, urls, args.out, image_size, args.batch_size, args.precision, rank,
                                world, device)
     except (OSError, ValueError) as exn:

@@ -71,6 +71,9 @@ class EDM(Process):
         self.check_steps(steps)
         return self.grid_at_sigmas(karras_sigmas(self.sigma_min, self.sigma_max, steps, self.rho))
 
+    def level(self, log_snr: float) -> Level:
+        return self.grid_at_sigmas([math.exp(-log_snr / 2)])[0]
+
     def grid_at_sigmas(self, sigmas: list[float]) -> NoiseGrid:
         """Levels at these sigmas, then clean data; `time` is c_noise (what the network sees)."""
         return NoiseGrid(alpha=(1.0,) * (len(sigmas) + 1), sigma=tuple(sigmas) + (0.0,),

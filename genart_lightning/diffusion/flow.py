@@ -79,6 +79,9 @@ class Flow(Process):
         times = shift_time(torch.linspace(1, 0, steps + 1, dtype=torch.float64), self.effective_shift(shape))
         return self.grid_at_times(times.tolist())
 
+    def level(self, log_snr: float) -> Level:
+        return self.grid_at_times([1 / (1 + math.exp(log_snr / 2)), 0.0])[0]  # (1 - t)^2 / t^2 = exp(log_snr)
+
     def grid_at_times(self, times: list[float]) -> NoiseGrid:
         """Levels at these flow times (the last must be 0); Heun integrates in t itself (frame 1)."""
         return NoiseGrid(alpha=tuple(1 - t for t in times), sigma=tuple(times), time=tuple(TIME_SCALE * t for t in times),

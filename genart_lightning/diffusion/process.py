@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from genart_lightning.diffusion.samplers import Denoiser, NoiseGrid, check_sampler
+from genart_lightning.diffusion.samplers import Denoiser, Level, NoiseGrid, check_sampler
 
 Network = Callable[[Tensor, Tensor], Tensor]
 """`net(x_in, time) -> raw output`: the backbone with its conditioning already bound; `time` is a float tensor [B]."""
@@ -54,6 +54,10 @@ class Process:
 
     def grid(self, sampler: str, steps: int, shape: tuple[int, ...]) -> NoiseGrid:
         """The `steps` levels `sampler` walks for samples of `shape` [C, H, W]."""
+        raise NotImplementedError
+
+    def level(self, log_snr: float) -> Level:
+        """The level whose signal-to-noise ratio alpha^2 / sigma^2 is exp(log_snr): one axis to compare processes on."""
         raise NotImplementedError
 
     def check_sampler(self, sampler: str) -> None:

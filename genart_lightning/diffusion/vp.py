@@ -10,7 +10,7 @@ from torch import Tensor
 
 from genart_lightning.diffusion.parameterization import check_prediction, min_snr_weight
 from genart_lightning.diffusion.process import Network, Process, bcast
-from genart_lightning.diffusion.samplers import Denoiser, NoiseGrid, karras_sigmas
+from genart_lightning.diffusion.samplers import Denoiser, Level, NoiseGrid, karras_sigmas
 from genart_lightning.diffusion.schedules import make_schedule
 
 KARRAS_SAMPLERS = ("euler", "heun")
@@ -79,6 +79,9 @@ class VP(Process):
         if steps > self.timesteps:
             raise ValueError(f"steps={steps} is out of range; use 1..{self.timesteps} (the training timesteps)")
         return self.grid_at_timesteps(torch.linspace(self.timesteps - 1, 0, steps, dtype=torch.float64).round().long().tolist())
+
+    def level(self, log_snr: float) -> Level:
+        return self.grid_at_sigmas([math.exp(-log_snr / 2)])[0]
 
     def grid_at_timesteps(self, timesteps: list[int]) -> NoiseGrid:
         """Levels at these training timesteps, then clean data."""

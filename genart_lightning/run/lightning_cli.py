@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 from jsonargparse import Namespace
@@ -24,6 +26,7 @@ from genart_lightning.run import fsdp  # noqa: F401  (registers --trainer.strate
 from genart_lightning.run.checkpoint_io import AtomicCheckpointIO
 from genart_lightning.run.provenance import RunRecord
 from genart_lightning.run.resume import RESUME_MODES, apply_resume
+from genart_lightning.run.threads import set_cpu_threads
 
 
 def check_inputs(config: Namespace) -> None:
@@ -37,6 +40,20 @@ def check_inputs(config: Namespace) -> None:
     named = ckpt in ("last", "best", "hpc", "registry")
     if ckpt and not named and not (Path(ckpt).is_file() or is_sharded_checkpoint(Path(ckpt))):
         raise UserError(f"checkpoint not found: {ckpt} (from --ckpt_path); pass a .ckpt written by `genart fit`")
+
+
+def configure_threads(config: Namespace) -> str | None:
+    """Set torch's threads for a CPU run from its cores, loader workers and devices; the line saying so (None on GPU)."""
+    import torch
+
+    accelerator = str(config.trainer.accelerator or "auto")
+    if accelerator not in ("cpu", "auto") or (accelerator == "auto" and torch.cuda.is_available()):
+        return None
+    data = config.get("data") or {}
+    workers = int((data.get("init_args") or {}).get("num_workers", 0) or 0) if isinstance(data, dict | Namespace) else 0
+    devices = config.trainer.devices
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE") or (devices if isinstance(devices, int) and devices > 0 else 1))
+    return set_cpu_threads(workers, processes, config.get("threads"))
 
 
 class GenartCLI(LightningCLI):
@@ -64,6 +81,10 @@ class GenartCLI(LightningCLI):
             "--resume", choices=RESUME_MODES, default="auto",
             help="fit: continue from the newest checkpoint in the run's checkpoint dir (auto: inside SLURM jobs only)",
         )
+        parser.add_argument(
+            "--threads", type=int | None, default=None,
+            help="torch intra-op threads on CPU (default: usable cores - loader workers, or OMP_NUM_THREADS when set)",
+        )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Lightning's parsing, then the inputs checked: before the seed is set and logged, so a mistake is one line."""
@@ -72,6 +93,9 @@ class GenartCLI(LightningCLI):
         check_inputs(self.config[subcommand] if subcommand else self.config)
 
     def before_instantiate_classes(self) -> None:
+        line = configure_threads(self.config[self.subcommand] if self.subcommand else self.config)
+        if line and int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+            print(f"[genart] {line}", file=sys.stderr, flush=True)
         if self.subcommand == "fit":
             apply_resume(self.config.fit, self.config.fit.resume)
 
