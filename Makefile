@@ -23,9 +23,13 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 demo: $(STAMP)
 	$(BIN)/python -m genart_lightning.demo
 
+# pytest-xdist: the suite's processes run one torch thread each (tests/conftest.py), so workers fill the cores;
+# SLURM tests share one worker (their jobs queue on one node anyway). --durations: where the minutes went.
+TEST_WORKERS ?= 3
+
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25
 
 bench: $(STAMP)
 	$(BIN)/pip install -q $(PIP_CONSTRAINTS) -r benchmarks/requirements.txt

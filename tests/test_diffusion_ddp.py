@@ -21,22 +21,31 @@ pytestmark = pytest.mark.slow
 TINY = dict(image_size=16, backbone=tiny_unet())
 
 
+def _flat(module: torch.nn.Module, trained_only: bool = False) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in module.parameters() if p.requires_grad or not trained_only])
+
+
 class RankProbe(L.Callback):
-    """Gathers every rank's first-step noise and timesteps, and a checksum of the EMA weights at the end."""
+    """Gathers every rank's first-step noise and timesteps, and the backbone's and its EMA's weights before and after."""
 
     def __init__(self, out: str) -> None:
         self.out = out
         self.first: torch.Tensor | None = None
+        self.initial: torch.Tensor | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.initial = _flat(pl_module.backbone, trained_only=True).clone()  # under LoRA: the adapters
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self.first is None:
             self.first = pl_module.all_gather(torch.cat([outputs["noise"].flatten()[:64], outputs["u"].float()]))
 
     def on_train_end(self, trainer, pl_module) -> None:
-        ema = torch.cat([p.detach().flatten() for p in pl_module.ema.module.parameters()])
-        checksums = pl_module.all_gather(torch.stack([ema.sum(), ema.square().sum()]))
+        live = pl_module.all_gather(_flat(pl_module.backbone, trained_only=True))
+        ema = pl_module.all_gather(_flat(pl_module.ema.module))
         if trainer.is_global_zero:
-            torch.save({"first": self.first, "ema": checksums, "world": trainer.world_size}, self.out)
+            torch.save({"first": self.first, "initial": self.initial, "live": live, "ema": ema,
+                        "world": trainer.world_size}, self.out)
 
 
 def _fit_ddp(model: L.LightningModule, shards: dict, root, steps: int = 3) -> dict:
@@ -45,7 +54,7 @@ def _fit_ddp(model: L.LightningModule, shards: dict, root, steps: int = 3) -> di
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy="ddp_spawn",
+        strategy="ddp_fork",
         max_steps=steps,
         limit_val_batches=1,
         num_sanity_val_steps=0,
@@ -67,7 +76,9 @@ def _assert_ranks_differ_and_agree(probe: dict) -> None:
     noise, t = first[:, :64], first[:, 64:]
     assert not torch.allclose(noise[0], noise[1]), "both ranks drew the same noise"
     assert not torch.equal(t[0], t[1]), "both ranks drew the same timesteps"
-    torch.testing.assert_close(probe["ema"][0], probe["ema"][1])  # DDP kept the (EMA of the) weights identical
+    assert torch.equal(probe["live"][0], probe["live"][1]) and torch.equal(probe["ema"][0], probe["ema"][1])
+    moved = (probe["live"][0] - probe["initial"]).abs()
+    assert moved.max() > 1e-4 and (moved > 0).float().mean() > 0.5, "the weights did not train"
 
 
 @pytest.mark.timeout(300)

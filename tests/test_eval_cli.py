@@ -47,7 +47,20 @@ def test_eval_gan_and_vae_checkpoints_write_metrics_json(shapes_shards, offline_
           "--out", str(tmp_path / "vae.json")])
     metrics = json.loads((tmp_path / "vae.json").read_text())
     assert metrics["reference"]["reused"]  # same data, extractor and resolution as the GAN run
-    assert 0 < metrics["psnr"] < 60 and -1 <= metrics["ssim"] <= 1
+    # the reference computation: every val image reconstructed, PSNR per image in [0, 1] averaged, SSIM of the set
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    from genart_lightning.metrics.reference_stats import real_loader
+    from genart_lightning.models.loading import load_model
+
+    model = load_model(vae).eval()
+    images = torch.cat([b["image"] for b in real_loader(shapes_shards["val_urls"], 32, 64)])
+    with torch.no_grad():
+        recon = model.reconstruct(images) * 0.5 + 0.5
+    mse = (recon - (images * 0.5 + 0.5)).square().flatten(1).mean(1)
+    assert metrics["psnr"] == pytest.approx(float((10 * torch.log10(1 / mse)).mean()), rel=1e-4)
+    assert metrics["ssim"] == pytest.approx(float(structural_similarity_index_measure(
+        recon, images * 0.5 + 0.5, data_range=1.0)), rel=1e-4)
 
 
 @pytest.mark.slow
@@ -70,8 +83,19 @@ def test_guidance_sweep_writes_table_and_plot(shapes_shards, offline_cache, tmp_
           "--fid-features", "judge", "--clip-model", "genart-tiny", "--guidance", "1", "4", "--steps", "2", "--out", str(out)])
     sweep = json.loads(out.read_text())["sweep"]
     assert [r["guidance"] for r in sweep] == [1.0, 4.0]
-    assert all(r["prompts"] == "shapes" and 0 <= r["attribute_accuracy"] <= 1 for r in sweep)
-    assert all(r["clip_score"] >= 0 and r["clip_truncated_captions"] == 0 for r in sweep)
+    # the reference computation: the evaluator's prompts and seed, sampled here, read by the judge directly
+    from genart_lightning.metrics.evaluator import chunk_seed
+    from genart_lightning.shapes.judge import ATTRIBUTES, load_or_train_judge
+    from genart_lightning.shapes.suite import shapes_prompts
+
+    captions, attributes = shapes_prompts(16, 0)
+    judge = load_or_train_judge(32)
+    for r in sweep:
+        images = model.eval().sample(16, captions, seed=chunk_seed(0, 0), steps=2, guidance=r["guidance"])
+        read = judge.predict(images.clamp(-1, 1))
+        hits = [sum(p == a[name] for p, a in zip(read[name], attributes, strict=True)) / 16 for name in ATTRIBUTES]
+        assert r["prompts"] == "shapes" and r["attribute_accuracy"] == pytest.approx(sum(hits) / len(hits))
+    assert all(r["clip_truncated_captions"] == 0 for r in sweep) and sweep[0]["clip_score"] != sweep[1]["clip_score"]
     assert "truncation" in sweep[0]["clip_model"] and sweep[0]["clip_model"]["context_length"] == 32
     assert sweep[0]["fid"] != sweep[1]["fid"]  # guidance changes the samples
     rows = list(csv.DictReader(out.with_suffix(".csv").open()))

@@ -93,15 +93,17 @@ def finished(job_id: str) -> bool:
 
 @pytest.fixture(scope="module")
 def reference_job(cluster: None, shapes_shards_16px: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One uninterrupted 2-task job of slurm/train.sbatch (DDP over gloo on CPU)."""
+    """One uninterrupted 2-task job of slurm/train.sbatch (DDP over gloo on CPU), unpaced; `paced_config` is the same
+    run slowed down for the job that gets interrupted (pacing sleeps change no number)."""
     tmp = tmp_path_factory.mktemp("slurm_reference")
     config = dcgan_config(shapes_shards_16px, tmp / "unused", MAX_STEPS)
+    reference = write_config(config, tmp / "dcgan.yaml")
     config["trainer"]["callbacks"] = [{"class_path": "cluster_helpers.PaceSteps", "init_args": {"seconds": PACE_S}}]
-    config = write_config(config, tmp / "dcgan.yaml")
+    paced = write_config(config, tmp / "dcgan_paced.yaml")
     run_dir, log = tmp / "run", tmp / "job.out"
-    job_id = submit(config, run_dir, log)
+    job_id = submit(reference, run_dir, log)
     wait_until(lambda: finished(job_id), "completion", job_id, log)
-    return {"job_id": job_id, "run_dir": run_dir, "log": log, "config": config, "info": job(job_id)}
+    return {"job_id": job_id, "run_dir": run_dir, "log": log, "paced_config": paced, "info": job(job_id)}
 
 
 @pytest.mark.slurm
@@ -125,7 +127,7 @@ def test_two_task_job_trains_ddp_under_slurm_environment(reference_job: dict) ->
 @pytest.mark.slow
 def test_sigusr1_requeues_and_the_job_resumes_to_the_uninterrupted_result(reference_job: dict, tmp_path: Path) -> None:
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
-    job_id = submit(reference_job["config"], run_dir, log)
+    job_id = submit(reference_job["paced_config"], run_dir, log)
     first_checkpoint = run_dir / "checkpoints" / "last.ckpt"
     wait_until(first_checkpoint.exists, f"a checkpoint at step {CHECKPOINT_EVERY}", job_id, log)
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True)  # what --signal=USR1@90 sends before the limit
@@ -160,13 +162,14 @@ def diffusion_job_config(cluster: None, shapes_shards_16px: dict, tmp_path_facto
     tmp = tmp_path_factory.mktemp("slurm_diffusion")
     config = diffusion_config(shapes_shards_16px, tmp / "unused", DIFFUSION_STEPS, val_every=7)
     config["data"]["init_args"]["num_workers"] = 1
+    reference = write_config(config, tmp / "ddpm.yaml")
     config["trainer"]["callbacks"] = [{"class_path": "cluster_helpers.PaceSteps", "init_args": {"seconds": DIFFUSION_PACE_S}}]
-    config = write_config(config, tmp / "ddpm.yaml")
+    paced = write_config(config, tmp / "ddpm_paced.yaml")
     run_dir, log = tmp / "reference", tmp / "reference.out"
-    job_id = submit(config, run_dir, log)
+    job_id = submit(reference, run_dir, log)
     wait_until(lambda: finished(job_id), "completion", job_id, log)
     assert job(job_id)["JobState"] == "COMPLETED", log.read_text()[-3000:]
-    return {"config": config, "final": load_checkpoint(run_dir / "checkpoints" / "last.ckpt")}
+    return {"paced_config": paced, "final": load_checkpoint(run_dir / "checkpoints" / "last.ckpt")}
 
 
 def step_of(checkpoint: Path) -> int:
@@ -183,7 +186,7 @@ def test_diffusion_job_interrupted_by_usr1_requeue_and_usr1_ends_as_the_uninterr
                                                                                            tmp_path: Path) -> None:
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
     last, preempted = run_dir / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / PREEMPTED_CKPT
-    job_id = submit(diffusion_job_config["config"], run_dir, log)
+    job_id = submit(diffusion_job_config["paced_config"], run_dir, log)
     interruptions = {"USR1": ["scancel", "--signal=USR1", job_id],  # the time-limit warning: the callback requeues
                      "requeue": ["scontrol", "requeue", job_id]}  # SIGTERM, then SIGKILL after KillWait; SLURM requeues
     for restarts, kind in enumerate(("USR1", "requeue", "USR1"), start=1):

@@ -189,6 +189,7 @@ def test_local_sweep_2x2_report_and_rerun_launches_nothing(tmp_path: Path, shape
 
 @pytest.mark.slow
 @pytest.mark.slurm
+@pytest.mark.timeout(300)  # `genart sweep --wait` waits on `sbatch --wait` for as long as the array takes
 def test_slurm_array_runs_every_config(tmp_path: Path, shapes_shards_16px: dict, sweep) -> None:
     if shutil.which("sinfo") is None or subprocess.run(["sinfo"], capture_output=True).returncode != 0:
         pytest.skip("no SLURM cluster here (start one with slurm/local-cluster.sh up)")

@@ -45,6 +45,6 @@ def test_fit_sets_the_threads_and_says_so(no_thread_settings, shapes_shards_16px
     torch.set_num_threads(1)
     entry(["fit", "--config", str(tmp_path / "config.yaml"), "--trainer.logger=false"])
     assert torch.get_num_threads() == 6
-    assert "CPU threads: 6 for torch (8 usable cores - 2 loader workers)" in capsys.readouterr().err
+    assert "CPU threads: 6 for torch (8 usable cores - 2 loader workers)" in capsys.readouterr().out
     entry(["fit", "--config", str(tmp_path / "config.yaml"), "--trainer.logger=false", "--threads", "3"])
     assert torch.get_num_threads() == 3

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 
+from genart_lightning.digits.suite import DigitsSuite
 from genart_lightning.metrics.evaluator import Evaluator
 from genart_lightning.models.base import GenerativeModel
 from genart_lightning.shapes.suite import ShapesSuite
@@ -72,7 +73,7 @@ class PeriodicEvaluation(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: GenerativeModel) -> dict:
         """Evaluate now (all ranks), log the numbers and append the full record on rank 0."""
         if self.evaluator is None:
-            self.evaluator = Evaluator(self._data_urls(trainer), **self.options, suites=[ShapesSuite()])
+            self.evaluator = Evaluator(self._data_urls(trainer), **self.options, suites=[ShapesSuite(), DigitsSuite()])
         guidance = {"guidance": self.guidance} if self.guidance is not None else {}
         result = self.evaluator(pl_module, **guidance)
         result["step"] = trainer.global_step

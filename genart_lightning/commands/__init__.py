@@ -21,12 +21,12 @@ def add_threads_option(parser) -> None:
 
 
 def use_cpu_threads(threads: int | None, device: str, loader_workers: int = 0) -> None:
-    """On CPU, set torch's threads from the cores (ranks of torchrun share them) and say so on stderr."""
+    """On CPU, set torch's threads from the cores (ranks of torchrun share them) and say so on stdout (stderr is
+    for the one line of a mistake)."""
     import os
-    import sys
 
     from genart_lightning.run.threads import set_cpu_threads
 
     if str(device).startswith("cpu"):
         line = set_cpu_threads(loader_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), threads)
-        print(f"[genart] {line}", file=sys.stderr, flush=True)
+        print(f"[genart] {line}", flush=True)

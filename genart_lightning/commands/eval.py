@@ -73,6 +73,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
     """Evaluate at each guidance scale, write metrics.json (+ table and plot for a sweep) on rank 0."""
     from datamodules.distributed import rank_world
     from genart_lightning.commands.sample import check_sampler_name
+    from genart_lightning.digits.suite import DigitsSuite
     from genart_lightning.metrics.evaluator import Evaluator
     from genart_lightning.metrics.image_folder import ImageFolder
     from genart_lightning.models.loading import load_model
@@ -84,7 +85,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
         folder = ImageFolder(args.fake)
         evaluator = Evaluator(args.data, len(folder.files), args.fid_features, fid_weights=args.fid_weights,
                               clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, batch_size=args.batch_size,
-                              cache_dir=args.cache_dir, progress=True, suites=[ShapesSuite()])
+                              cache_dir=args.cache_dir, progress=True, suites=[ShapesSuite(), DigitsSuite()])
         results = [{**evaluator.score_folder(folder, device), "data": args.data}]
         if rank_world()[0] == 0:
             write_results(results, Path(args.out))
@@ -94,7 +95,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
     evaluator = Evaluator(
         args.data, args.num_samples, args.fid_features, fid_weights=args.fid_weights, prompts=args.prompts,
         clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, seed=args.seed, batch_size=args.batch_size,
-        cache_dir=args.cache_dir, progress=True, suites=[ShapesSuite()],
+        cache_dir=args.cache_dir, progress=True, suites=[ShapesSuite(), DigitsSuite()],
     )
     options = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler)) if v is not None}
     scales = args.guidance or [None]

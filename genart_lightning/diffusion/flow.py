@@ -27,7 +27,10 @@ class Flow(Process):
 
     Training times are uniform or logit-normal (m, s) (SD3's best), then shifted. The shift is `shift`, times
     sqrt(H * W) / `shift_base_size` when that is set: SD3's resolution-dependent shift, for the sample's own
-    height and width (so one config trains and samples at any size). Samplers walk t = shift(1 - i / N).
+    height and width (so one config trains and samples at any size). Samplers walk t = shift(1 - i / N), i = 0..N:
+    N equal steps of unshifted time down to 0. diffusers' FlowMatchEulerDiscreteScheduler instead puts N points on
+    [1, 1/1000] and adds a last step to 0 (for 20 steps at shift 1 its last two times are 0.054 and 0.001, ours 0.1
+    and 0.05); given our times as `sigmas=` it walks our grid exactly (tests/test_samplers_vs_diffusers.py).
     """
 
     name = "flow"

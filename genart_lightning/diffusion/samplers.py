@@ -3,7 +3,7 @@
 Every process writes its noisy data as x = alpha * x0 + sigma * eps (vp: alpha^2 + sigma^2 = 1; edm: alpha = 1;
 flow: alpha = 1 - t, sigma = t), so one sampler serves all of them: it walks a `NoiseGrid` from pure noise to
 clean data and asks `denoise(x, level) -> x0 estimate` at each level. The process builds the grid (its own
-spacing: trailing timesteps, Karras sigmas, shifted flow times) and the denoiser (its own network preconditioning).
+spacing: spaced timesteps, Karras sigmas, shifted flow times) and the denoiser (its own network preconditioning).
 """
 
 from __future__ import annotations
@@ -191,6 +191,17 @@ SAMPLERS: dict[str, Sampler] = {
     "heun": sample_heun,
 }
 """Samplers by name; a new sampler is one entry (and a name in the `samplers` of the processes it suits)."""
+
+
+ETA_SAMPLERS = ("ddim",)
+"""Samplers that read `eta`: ddpm is ddim at eta 1, and euler, heun and dpmpp_2m are deterministic here."""
+
+
+def check_eta(sampler: str, eta: float) -> None:
+    """One line when `eta` is set for a sampler that would ignore it."""
+    if eta and sampler not in ETA_SAMPLERS:
+        raise ValueError(f"--eta {eta:g} has no effect with the {sampler} sampler (ddpm is ddim at eta 1; euler, heun and "
+                         "dpmpp_2m are deterministic); use --sampler ddim --eta, or drop --eta")
 
 
 def check_sampler(name: str, supported: tuple[str, ...] | None = None, process: str | None = None) -> Sampler:

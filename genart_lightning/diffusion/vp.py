@@ -15,13 +15,31 @@ from genart_lightning.diffusion.schedules import make_schedule
 
 KARRAS_SAMPLERS = ("euler", "heun")
 """Samplers that walk Karras sigmas over the schedule's range (as diffusers' `use_karras_sigmas=True`)."""
+TIMESTEP_SPACINGS = ("trailing", "linspace", "leading")
+"""How ddpm / ddim / dpmpp_2m pick their timesteps, by diffusers' names (`timestep_spacing` of its schedulers)."""
+
+
+def spaced_timesteps(spacing: str, steps: int, timesteps: int) -> list[int]:
+    """`steps` training timesteps from noisiest to cleanest, as diffusers' schedulers space them.
+
+    trailing (Lin et al. 2024): T-1, ..., T/N - 1, so the walk starts at the last training step and every step
+    denoises; linspace: round(linspace(T-1, 0, N)), whose last step goes from t=0 to clean data; leading:
+    (N-1) T//N, ..., 0 (SD 1.x's default, which never starts at the noisiest step).
+    """
+    if spacing == "trailing":
+        return [round(timesteps - i * timesteps / steps) - 1 for i in range(steps)]
+    if spacing == "linspace":
+        return torch.linspace(0, timesteps - 1, steps, dtype=torch.float64).round().long().flip(0).tolist()
+    if spacing == "leading":
+        return [i * (timesteps // steps) for i in reversed(range(steps))]
+    raise ValueError(f"unknown timestep_spacing {spacing!r}; choose one of {', '.join(TIMESTEP_SPACINGS)}")
 
 
 class VP(Process):
     """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps over `timesteps` discrete steps of a named schedule.
 
-    ddpm / ddim / dpmpp_2m walk evenly spaced training timesteps from the last one ("trailing");
-    euler / heun walk Karras sigmas (rho 7) between the schedule's smallest and largest sigma, feeding the
+    ddpm / ddim / dpmpp_2m walk training timesteps spaced by `timestep_spacing` (diffusers' names; "trailing" by
+    default, starting at the last one); euler / heun walk Karras sigmas (rho 7) between the schedule's smallest and largest sigma, feeding the
     network the fractional timestep of each sigma, as diffusers' EulerDiscreteScheduler does.
     """
 
@@ -35,13 +53,16 @@ class VP(Process):
         prediction: str = "eps",
         min_snr_gamma: float | None = 5.0,
         rho: float = 7.0,
+        timestep_spacing: str = "trailing",
     ) -> None:
         check_prediction(prediction)
+        spaced_timesteps(timestep_spacing, 1, timesteps)  # an unknown name fails here, when the config is read
         if zero_terminal_snr and prediction == "eps":
             raise ValueError("zero_terminal_snr=True cannot be used with prediction='eps' (x0 = (x - eps)/0 at the last "
                              "step); use prediction='v'")
         self.schedule, self.timesteps, self.zero_terminal_snr = schedule, timesteps, zero_terminal_snr
         self.prediction, self.min_snr_gamma, self.rho = prediction, min_snr_gamma, rho
+        self.timestep_spacing = timestep_spacing
         self.alphas_cumprod = make_schedule(schedule, timesteps, zero_terminal_snr)
         self._schedule_on: dict[torch.device, Tensor] = {}  # copies per device: one transfer, not one per step
         # sigma is infinite at SNR 0, so Karras sigmas need a finite top level
@@ -78,7 +99,7 @@ class VP(Process):
             return self.grid_at_sigmas(karras_sigmas(float(sigmas[0]), float(sigmas[-1]), steps, self.rho))
         if steps > self.timesteps:
             raise ValueError(f"steps={steps} is out of range; use 1..{self.timesteps} (the training timesteps)")
-        return self.grid_at_timesteps(torch.linspace(self.timesteps - 1, 0, steps, dtype=torch.float64).round().long().tolist())
+        return self.grid_at_timesteps(spaced_timesteps(self.timestep_spacing, steps, self.timesteps))
 
     def level(self, log_snr: float) -> Level:
         return self.grid_at_sigmas([math.exp(-log_snr / 2)])[0]

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from genart_lightning.diffusion.guidance import classifier_free_guidance
 from genart_lightning.diffusion.process import Process
-from genart_lightning.diffusion.samplers import check_sampler
+from genart_lightning.diffusion.samplers import check_eta, check_sampler
 from genart_lightning.diffusion.vp import VP
 from genart_lightning.models.base import GenerativeModel, check_nonfinite_mode
 from genart_lightning.models.init_weights import InitReport, load_initial_weights, read_source_weights
@@ -366,6 +366,7 @@ class DiffusionModel(GenerativeModel):
         steps, sampler, guidance = settings["steps"], settings["sampler"], settings["guidance"]
         if captions is not None and len(captions) != n:
             raise ValueError(f"got {len(captions)} captions for {n} samples; pass one caption per sample")
+        check_eta(sampler, settings["eta"])
         grid = self.process.grid(sampler, steps, self.diffusion_shape())
         net = self.ema.module
         was_training = net.training

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 from jsonargparse import Namespace
@@ -95,7 +94,7 @@ class GenartCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         line = configure_threads(self.config[self.subcommand] if self.subcommand else self.config)
         if line and int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
-            print(f"[genart] {line}", file=sys.stderr, flush=True)
+            print(f"[genart] {line}", flush=True)  # stdout: stderr is for the one line of a mistake
         if self.subcommand == "fit":
             apply_resume(self.config.fit, self.config.fit.resume)
 

@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 from torchvision.transforms.functional import pil_to_tensor
 
 from datamodules import synthetic
-from datamodules.distributed import rank_world
 from genart_lightning.metrics.features import FeatureExtractor
+from genart_lightning.metrics.judge_cache import load_or_train
 
 ATTRIBUTES: dict[str, list[str]] = {
     "shape": list(synthetic.SHAPES),
@@ -127,28 +125,10 @@ def _fit(net: JudgeNet, images: Tensor, labels: dict[str, Tensor], r: dict) -> N
         sched.step()
 
 
-def judge_cache_dir() -> Path:
-    """$GENART_CACHE/judge, else ~/.cache/genart/judge."""
-    return Path(os.environ.get("GENART_CACHE", Path.home() / ".cache" / "genart")).expanduser() / "judge"
-
-
 def load_or_train_judge(image_size: int = 32, cache_dir: str | Path | None = None) -> JudgeNet:
-    """The cached judge for this image size, training it once if missing (rank 0 trains, the others wait)."""
-    path = Path(cache_dir or judge_cache_dir()) / f"{judge_key(image_size)}.pt"
-    rank, world = rank_world()
-    if not path.is_file() and rank == 0:
-        net = train_judge(image_size)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(net.state_dict(), tmp)
-        tmp.replace(path)  # atomic: a concurrent reader never sees half a file
-    if world > 1:
-        dist.barrier()
-    if not path.is_file():  # a node-local cache on another node: training is deterministic, so train here too
-        return train_judge(image_size)
-    net = JudgeNet(TRAIN_RECIPE["width"], TRAIN_RECIPE["feature_dim"])
-    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return net.eval().requires_grad_(False)
+    """The cached judge for this image size (trained once if missing; `metrics.judge_cache`)."""
+    return load_or_train(judge_key(image_size), lambda: train_judge(image_size),
+                         lambda: JudgeNet(TRAIN_RECIPE["width"], TRAIN_RECIPE["feature_dim"]), cache_dir)
 
 
 class JudgeFeatures(FeatureExtractor):
