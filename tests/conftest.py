@@ -11,6 +11,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
+from datamodules.digits import write_digits_shards  # noqa: E402
 from datamodules.synthetic import write_shapes_shards  # noqa: E402
 
 DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK",
@@ -42,6 +43,28 @@ def shapes_shards(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def shapes_shards_16px(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """512 shapes samples at 16px (tiny-net training tests): 4 train shards of <= 128, 1 val shard (51 samples)."""
     return write_shapes_shards(tmp_path_factory.mktemp("shapes16"), 512, image_size=16, seed=0, samples_per_shard=128)
+
+
+@pytest.fixture(scope="session")
+def digits_shards_8px(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """scikit-learn's handwritten digits at their own 8px, captioned: 1,438 train, 178 val, 181 test images."""
+    return write_digits_shards(tmp_path_factory.mktemp("digits8"), image_size=8)
+
+
+@pytest.fixture(scope="session")
+def trained_digits(digits_shards_8px: dict, tmp_path_factory: pytest.TempPathFactory):
+    """`trained_digits(name)`: the tiny digits model of `helpers.digits_model(name)` (vp, edm, flow, flow_dit), trained
+    once per session on first use. Tests using it carry `xdist_group("digits-NAME")`, so one worker trains each once."""
+    from helpers import train_on_digits
+
+    models: dict[str, dict] = {}
+
+    def get(name: str) -> dict:
+        if name not in models:
+            models[name] = train_on_digits(name, digits_shards_8px, tmp_path_factory.mktemp(f"digits-{name}"))
+        return models[name]
+
+    return get
 
 
 @pytest.fixture(scope="session")

@@ -170,7 +170,7 @@ def test_ddim_eta_zero_is_deterministic_and_eta_adds_seeded_noise():
 
 
 def test_edm_preconditioning_and_loss_are_the_papers_formulas():
-    edm = EDM(sigma_data=0.5)
+    edm = EDM(sigma_data=0.5, p_mean=-1.2, p_std=1.2)  # the paper's CIFAR-10 density
     sigma = torch.tensor([0.002, 0.1, 0.5, 2.0, 80.0], dtype=torch.float64)
     c_skip, c_out, c_in, c_noise = edm.preconditioning(sigma)
     torch.testing.assert_close(c_skip, 0.25 / (sigma**2 + 0.25))
