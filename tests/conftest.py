@@ -53,7 +53,7 @@ def digits_shards_8px(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture(scope="session")
 def trained_digits(digits_shards_8px: dict, tmp_path_factory: pytest.TempPathFactory):
-    """`trained_digits(name)`: the tiny digits model of `helpers.digits_model(name)` (vp, edm, flow, flow_dit), trained
+    """`trained_digits(name)`: the tiny digits model of `helpers.digits_model(name)` (vp, edm, flow), trained
     once per session on first use. Tests using it carry `xdist_group("digits-NAME")`, so one worker trains each once."""
     from helpers import train_on_digits
 
@@ -78,7 +78,11 @@ def genart_cache(tmp_path_factory: pytest.TempPathFactory):
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Jobs on the one-node SLURM cluster queue behind each other: their tests run in one xdist worker, in order."""
+    """xdist groups (`--dist loadgroup`): jobs on the one-node SLURM cluster queue behind each other, so their tests
+    run in one worker, in order; a test with a group of its own keeps it (the trained digits models); every other
+    test runs in its file's worker, so a module-scoped trained fixture is built once, not once per worker."""
     for item in items:
         if item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.xdist_group("slurm"))
+        elif item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))

@@ -131,17 +131,15 @@ DIGITS_STEPS = 300
 
 
 def digits_model(name: str):
-    """One tiny text-conditional pixel diffusion per process (and flow over a DiT), as the shipped configs train them:
-    text tower trained along at 0.1x, caption dropout 0.1, EMA for sampling."""
+    """One tiny text-conditional pixel diffusion per process (vp, edm, flow), as the shipped configs train them: text
+    tower trained along at 0.1x, caption dropout 0.1, EMA for sampling."""
     from genart_lightning.diffusion.edm import EDM
     from genart_lightning.diffusion.flow import Flow
     from genart_lightning.diffusion.vp import VP
     from genart_lightning.models.diffusion import PixelDiffusion
-    from genart_lightning.nn.dit import DiTBackbone
 
-    process, backbone = {"vp": (VP(prediction="v"), None), "edm": (EDM(), None), "flow": (Flow(), None),
-                         "flow_dit": (Flow(), DiTBackbone(patch_size=1, hidden_size=64, depth=3, num_heads=2))}[name]
-    return PixelDiffusion(image_size=8, process=process, backbone=backbone or tiny_unet(), lr=3e-3, warmup_steps=20,
+    process = {"vp": VP(prediction="v"), "edm": EDM(), "flow": Flow()}[name]
+    return PixelDiffusion(image_size=8, process=process, backbone=tiny_unet(), lr=3e-3, warmup_steps=20,
                           ema_decay=0.99, sample_steps=20, train_text_encoder=True)
 
 

@@ -3,13 +3,12 @@ old class paths and renamed arguments in configs get one line naming the new one
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import genart_in_process
 
 from genart_lightning.cli import moved_class_error
 from genart_lightning.models.cgan import TextConditionalGAN
@@ -53,19 +52,17 @@ def test_an_old_class_path_in_a_config_names_the_new_one(tmp_path):
         f"{old} (in {config}) has moved: write class_path: genart_lightning.callbacks.periodic_evaluation.PeriodicEvaluation"
     )
     assert moved_class_error([f"--config={tmp_path / 'missing.yaml'}", "--model.init_args.lr=1e-3"]) is None
-    result = subprocess.run([sys.executable, "-m", "genart_lightning.cli", "fit", "--config", str(config)],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: {moved_class_error(['--config', str(config)])}"]
+    code, _, err = genart_in_process("fit", "--config", str(config))
+    assert code == 2
+    assert err.strip().splitlines() == [f"error: {moved_class_error(['--config', str(config)])}"]
 
 
 def test_a_flat_diffusion_argument_of_an_old_config_says_where_it_moved(tmp_path):
     config = tmp_path / "old.yaml"
     model = {"class_path": "genart_lightning.models.diffusion.PixelDiffusion", "init_args": {"image_size": 16, "base_channels": 8}}
     config.write_text(yaml.safe_dump({"model": model}))
-    result = subprocess.run([sys.executable, "-m", "genart_lightning.cli", "fit", "--config", str(config), "--print_config"],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    [line] = result.stderr.strip().splitlines()
+    code, _, err = genart_in_process("fit", "--config", str(config), "--print_config")
+    assert code == 2
+    [line] = err.strip().splitlines()
     assert line.endswith("base_channels moved into the model's backbone: write backbone: {class_path: "
                          "genart_lightning.nn.unet.UNetBackbone, init_args: {base_channels: ...}}"), line

@@ -1,6 +1,6 @@
-"""The regression guard of text-to-image on real data: every process (vp, edm, flow; flow over a DiT too), trained
-briefly on scikit-learn's handwritten digits as the shipped configs train, draws the digit its prompt names, as read
-by a judge trained on real digits only. Chance is 0.1."""
+"""The regression guard of text-to-image on real data: every process (vp, edm, flow), trained briefly on
+scikit-learn's handwritten digits as the shipped configs train, draws the digit its prompt names, as read by a judge
+trained on real digits only. Chance is 0.1."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ from datamodules.digits import caption
 from genart_lightning.digits.judge import load_or_train_judge
 from genart_lightning.models.grids import save_grid
 
-PROCESSES = ["vp", "edm", "flow", "flow_dit"]
+PROCESSES = ["vp", "edm", "flow"]
 PER_DIGIT = 8
-GUIDED_AT_LEAST = {"vp": 0.5, "edm": 0.5, "flow": 0.5, "flow_dit": 0.35}
-"""Guided (scale 4) prompt accuracy each must reach, 5x chance (the DiT, slower to start from its zero init: 3.5x).
-Measured at 8px after 300 steps: vp 0.90, edm 0.89, flow 0.94, flow + DiT 0.56; with the caption cut off from the
-backbone (every caption encoded as ""), each is at chance."""
+GUIDED_AT_LEAST = 0.5
+"""Guided (scale 4) prompt accuracy each must reach, 5x chance. Measured at 8px after 300 steps: vp 0.90, edm 0.89,
+flow 0.94; with the paper's Min-SNR form vp fell to 0.15, and with the caption cut off from the backbone (every
+caption encoded as "") every process failed. (A flow + DiT reached 0.56 at this budget with patch 1: slower from its
+zero init, and 90 s, so it is not part of the suite.)"""
 
 
 def prompt_accuracy(model, judge, guidance: float) -> tuple[float, torch.Tensor]:
@@ -37,4 +38,4 @@ def test_guided_samples_draw_the_prompted_digit(name: str, trained_digits, genar
     guided, images = prompt_accuracy(trained["model"], judge, 4.0)
     save_grid(images, trained["root"] / "prompted_digits.png", nrow=PER_DIGIT)  # one row per digit, 0 to 9
     print(f"{name}: prompted digit in {guided:.2f} of guided samples (chance 0.10)")
-    assert guided >= GUIDED_AT_LEAST[name], guided
+    assert guided >= GUIDED_AT_LEAST, guided

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO, genart_in_process
 
+from genart_lightning.cli import entry
+
 CKPT = REPO / "tests" / "fixtures" / "legacy" / "PixelDiffusion.ckpt"
 
 
@@ -62,12 +64,9 @@ def test_sample_and_eval_mistakes_are_one_line(tmp_path, shapes_shards):
 
 
 def test_the_console_script_exits_2_with_one_line_and_debug_shows_the_traceback(tmp_path):
-    # The real `genart` process, once per behaviour: exit status 2 and one stderr line; --debug, a traceback.
-    def console(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "genart_lightning.cli", *args], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=300, env={**os.environ, "GENART_DEBUG": ""})
-
-    result = console("sample", "--ckpt", str(CKPT), "--sampler", "eulr")
+    # The real `genart` process once: exit status 2 and one stderr line. --debug in-process: the traceback.
+    result = subprocess.run([sys.executable, "-m", "genart_lightning.cli", "sample", "--ckpt", str(CKPT), "--sampler", "eulr"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "GENART_DEBUG": ""})
     assert "unknown sampler 'eulr'" in one_line((result.returncode, result.stderr))
-    result = console(*fit_args(tmp_path, "--data.init_args.train_urls=nowhere.tar"), "--debug")
-    assert "Traceback" in result.stderr and "shard not found: nowhere.tar" in result.stderr
+    with pytest.raises(FileNotFoundError, match="shard not found: nowhere.tar"):
+        entry(fit_args(tmp_path, "--data.init_args.train_urls=nowhere.tar") + ["--debug"])

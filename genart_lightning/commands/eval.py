@@ -27,12 +27,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float, nargs="+", help="classifier-free guidance scale(s); several = a sweep (table + plot)")
     p.add_argument("--steps", type=int, help="sampling steps (diffusion)")
     p.add_argument("--sampler", help="sampler name (diffusion, e.g. ddim)")
-    p.add_argument("--fid-features", default="inception", help="inception (standard), judge (shapes, offline) or a TorchScript .pt")
+    p.add_argument("--fid-features", default="inception", help="inception (the default, standard), judge (shapes, offline), digits (digits judge, offline) or a TorchScript .pt")
     p.add_argument("--fid-weights", help="local Inception weights file (offline nodes); default: the torch hub cache")
     p.add_argument("--clip-model", help="OpenCLIP model for CLIP score, e.g. ViT-B-32 (default: no CLIP score)")
     p.add_argument("--clip-pretrained", help="OpenCLIP tag (e.g. laion2b_s34b_b79k) or a local weights file")
-    p.add_argument("--prompts", choices=("auto", "shapes", "data"), default="auto",
-                   help="conditional families: shapes (attribute accuracy), data (the shards' captions), auto (detect)")
+    p.add_argument("--prompts", choices=("auto", "shapes", "digits", "data"), default="auto",
+                   help="conditional families: shapes (attribute accuracy), digits (digit accuracy and spread), data (the "
+                        "shards' captions), auto (detect)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--batch-size", type=int, default=64, help="images per sampling call and per rank (default 64)")
     p.add_argument("--cache-dir", help="reference statistics cache (default $GENART_CACHE/fid_stats or ~/.cache/genart/fid_stats)")

@@ -21,6 +21,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     shapes.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     shapes.set_defaults(func=run_shapes)
 
+    digits = sub.add_parser("digits", help="scikit-learn's handwritten digits, captioned (train, val, test; real data)")
+    digits.add_argument("--out", required=True, help="output directory")
+    digits.add_argument("--image-size", type=int, default=32, help="image side in pixels (default 32; 8 is native)")
+    digits.add_argument("--limit", type=int, default=None, help="keep only the first N training images (small-data runs)")
+    digits.set_defaults(func=run_digits)
+
     folder = sub.add_parser("from-folder", help="your images + captions (CSV/JSONL, HF imagefolder, .txt) -> shards")
     folder.add_argument("--images", required=True, help="folder of .jpg/.jpeg/.png/.webp images (searched recursively)")
     folder.add_argument("--captions", default=None,
@@ -70,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _print_urls(result: dict) -> None:
-    for split in ("train", "val"):
+    for split in ("train", "val", "test"):
         if f"{split}_urls" in result:
             print(f"{split}: {result[f'num_{split}']} samples -> {result[f'{split}_urls']}")
     if "train_urls" in result:
@@ -90,6 +96,16 @@ def run_shapes(args: argparse.Namespace) -> None:
     try:
         result = write_shapes_shards(args.out, args.num_samples, args.image_size, args.seed, args.val_fraction, args.shard_size)
     except ValueError as exn:
+        raise _fail(exn) from None
+    _print_urls(result)
+
+
+def run_digits(args: argparse.Namespace) -> None:
+    from datamodules.digits import write_digits_shards
+
+    try:
+        result = write_digits_shards(args.out, args.image_size, limit=args.limit)
+    except (ImportError, ValueError) as exn:
         raise _fail(exn) from None
     _print_urls(result)
 
