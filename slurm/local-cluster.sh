@@ -73,7 +73,10 @@ SlurmdPort=6818
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
-NodeName=$HOST CPUs=$CPUS RealMemory=$mem_mb State=UNKNOWN
+# twice the cores, with config_overrides: the test jobs mostly sleep between paced steps, so an uninterrupted
+# reference job runs beside the job that gets signalled instead of queueing behind it
+SlurmdParameters=config_overrides
+NodeName=$HOST CPUs=$((2 * CPUS)) RealMemory=$mem_mb State=UNKNOWN
 PartitionName=local Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF
     if [[ ! -e $ETC_CONF ]] || grep -qF "$MARK" "$ETC_CONF"; then
@@ -106,7 +109,7 @@ up() {
     for _ in $(seq 60); do
         state="$(node_state)"
         case "$state" in
-            idle|mixed|allocated|completing) echo "local-cluster: up ($HOST, $CPUS CPUs, partition local, config $CONF)"; return 0 ;;
+            idle|mixed|allocated|completing) echo "local-cluster: up ($HOST, $((2 * CPUS)) CPUs on $CPUS cores, partition local, config $CONF)"; return 0 ;;
             down*|drain*) SLURM_CONF="$CONF" scontrol update nodename="$HOST" state=resume 2>/dev/null || true ;;
         esac
         sleep 1

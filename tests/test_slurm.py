@@ -101,26 +101,14 @@ def reference_job(cluster: None, shapes_shards_16px: dict, tmp_path_factory: pyt
     config["trainer"]["callbacks"] = [{"class_path": "cluster_helpers.PaceSteps", "init_args": {"seconds": PACE_S}}]
     paced = write_config(config, tmp / "dcgan_paced.yaml")
     run_dir, log = tmp / "run", tmp / "job.out"
-    job_id = submit(reference, run_dir, log)
-    wait_until(lambda: finished(job_id), "completion", job_id, log)
-    return {"job_id": job_id, "run_dir": run_dir, "log": log, "paced_config": paced, "info": job(job_id)}
+    job_id = submit(reference, run_dir, log)  # runs beside the tests' own jobs; `completed` waits for it
+    return {"job_id": job_id, "run_dir": run_dir, "log": log, "paced_config": paced}
 
 
-@pytest.mark.slurm
-@pytest.mark.slow
-def test_two_task_job_trains_ddp_under_slurm_environment(reference_job: dict) -> None:
-    info, log, ckpt_dir = reference_job["info"], reference_job["log"].read_text(), reference_job["run_dir"] / "checkpoints"
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
-    for rank in range(TASKS):  # each srun task is one rank, set up by Lightning's SLURMEnvironment
-        assert f"[genart rank {rank}/{TASKS}] SLURMEnvironment" in log, log[-3000:]
-    provenance = json.loads((ckpt_dir / "provenance.json").read_text())
-    assert provenance["cluster_environment"] == "SLURMEnvironment" and provenance["world_size"] == TASKS
-    assert provenance["slurm_job_id"] == reference_job["job_id"]
-    final = load_checkpoint(ckpt_dir / "last.ckpt")
-    assert final["global_step"] == MAX_STEPS
-    ranks = final["callbacks"]["RankState"]["ranks"]  # each rank's own random stream and data position
-    assert len(ranks) == TASKS and not torch.equal(ranks[0]["rng"]["torch"], ranks[1]["rng"]["torch"])
-    assert ranks[0]["loaders"] != ranks[1]["loaders"]
+def completed(reference: dict) -> dict:
+    """The reference job's `scontrol show job` once it has finished."""
+    wait_until(lambda: finished(reference["job_id"]), "completion", reference["job_id"], reference["log"])
+    return job(reference["job_id"])
 
 
 @pytest.mark.slurm
@@ -140,6 +128,7 @@ def test_sigusr1_requeues_and_the_job_resumes_to_the_uninterrupted_result(refere
     step = preempted["global_step"]
     assert CHECKPOINT_EVERY <= step < MAX_STEPS and step % 2 == 0  # at a GAN iteration boundary
     final = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert completed(reference_job)["JobState"] == "COMPLETED"
     reference = load_checkpoint(reference_job["run_dir"] / "checkpoints" / "last.ckpt")
     assert final["global_step"] == reference["global_step"] == MAX_STEPS
     assert final["callbacks"]["Preemption"]["history"] == {"preempted_at": [step], "resumed_at": [step]}
@@ -149,6 +138,24 @@ def test_sigusr1_requeues_and_the_job_resumes_to_the_uninterrupted_result(refere
     # job that was never interrupted.
     different = [k for k, v in reference["state_dict"].items() if not torch.equal(v, final["state_dict"][k])]
     assert not different, f"differ from the uninterrupted job after a save at step {step}: {different[:5]}; log:\n{text[-3000:]}"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_two_task_job_trains_ddp_under_slurm_environment(reference_job: dict) -> None:
+    info = completed(reference_job)
+    log, ckpt_dir = reference_job["log"].read_text(), reference_job["run_dir"] / "checkpoints"
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    for rank in range(TASKS):  # each srun task is one rank, set up by Lightning's SLURMEnvironment
+        assert f"[genart rank {rank}/{TASKS}] SLURMEnvironment" in log, log[-3000:]
+    provenance = json.loads((ckpt_dir / "provenance.json").read_text())
+    assert provenance["cluster_environment"] == "SLURMEnvironment" and provenance["world_size"] == TASKS
+    assert provenance["slurm_job_id"] == reference_job["job_id"]
+    final = load_checkpoint(ckpt_dir / "last.ckpt")
+    assert final["global_step"] == MAX_STEPS
+    ranks = final["callbacks"]["RankState"]["ranks"]  # each rank's own random stream and data position
+    assert len(ranks) == TASKS and not torch.equal(ranks[0]["rng"]["torch"], ranks[1]["rng"]["torch"])
+    assert ranks[0]["loaders"] != ranks[1]["loaders"]
 
 
 DIFFUSION_STEPS = 70  # 2 ranks x 14 batches per epoch: the job crosses 5 epoch ends and validates every 7 steps
@@ -166,10 +173,8 @@ def diffusion_job_config(cluster: None, shapes_shards_16px: dict, tmp_path_facto
     config["trainer"]["callbacks"] = [{"class_path": "cluster_helpers.PaceSteps", "init_args": {"seconds": DIFFUSION_PACE_S}}]
     paced = write_config(config, tmp / "ddpm_paced.yaml")
     run_dir, log = tmp / "reference", tmp / "reference.out"
-    job_id = submit(reference, run_dir, log)
-    wait_until(lambda: finished(job_id), "completion", job_id, log)
-    assert job(job_id)["JobState"] == "COMPLETED", log.read_text()[-3000:]
-    return {"paced_config": paced, "final": load_checkpoint(run_dir / "checkpoints" / "last.ckpt")}
+    job_id = submit(reference, run_dir, log)  # runs beside the interrupted job; `completed` waits for it
+    return {"paced_config": paced, "job_id": job_id, "log": log, "run_dir": run_dir}
 
 
 def step_of(checkpoint: Path) -> int:
@@ -206,7 +211,8 @@ def test_diffusion_job_interrupted_by_usr1_requeue_and_usr1_ends_as_the_uninterr
     history = final["callbacks"]["Preemption"]["history"]
     assert len(history["preempted_at"]) == 3 and history["resumed_at"] == history["preempted_at"], history
     # every restart began at the step its save was made: no optimizer step was done twice, none was lost
-    reference = diffusion_job_config["final"]
+    assert completed(diffusion_job_config)["JobState"] == "COMPLETED", diffusion_job_config["log"].read_text()[-3000:]
+    reference = load_checkpoint(diffusion_job_config["run_dir"] / "checkpoints" / "last.ckpt")
     assert final["global_step"] == reference["global_step"] == DIFFUSION_STEPS
     different = [k for k, v in reference["state_dict"].items() if not torch.equal(v, final["state_dict"][k])]
     assert not different, f"{len(different)} tensors differ from the uninterrupted job: {different[:3]}; log:\n{text[-3000:]}"
