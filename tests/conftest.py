@@ -78,11 +78,9 @@ def genart_cache(tmp_path_factory: pytest.TempPathFactory):
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """xdist groups (`--dist loadgroup`): jobs on the one-node SLURM cluster queue behind each other, so their tests
-    run in one worker, in order; a test with a group of its own keeps it (the trained digits models); every other
-    test runs in its file's worker, so a module-scoped trained fixture is built once, not once per worker."""
+    """xdist groups (`--dist loadgroup`): a test with a group of its own keeps it (the trained digits models); every
+    other test runs in its file's worker, so a module-scoped trained fixture is built once, not once per worker, and a
+    file's SLURM jobs are submitted one test after another (the local cluster runs two 2-task jobs at once)."""
     for item in items:
-        if item.get_closest_marker("slurm"):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
-        elif item.get_closest_marker("xdist_group") is None:
+        if item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))

@@ -26,6 +26,12 @@ diffusers = pytest.importorskip("diffusers")
 VAE_SCALING, VAE_SHIFT = 0.6, 0.2
 
 
+@pytest.fixture(autouse=True)
+def seeded() -> None:
+    """Every test's random inputs (images, noise, weight perturbations) are the same on every run."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A tiny AutoencoderKL (16px -> 4 x 8 x 8, with SD3-style shift) and a UNet2DConditionModel over its latents

@@ -46,6 +46,11 @@ for _ in sys.stdin:
 """
 
 
+def _newest_step(directory: Path) -> int:
+    newest = newest_checkpoint(directory)
+    return load_checkpoint(newest)["global_step"] if newest else 0
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_twenty_random_kills_during_writes_always_leave_a_loadable_checkpoint_to_continue_from(tmp_path: Path) -> None:
@@ -59,7 +64,10 @@ def test_twenty_random_kills_during_writes_always_leave_a_loadable_checkpoint_to
             writer.stdin.write("go\n")
             writer.stdin.flush()
             child = int(writer.stdout.readline())
-            time.sleep(rng.uniform(0.3, 1.0))  # past the child's start, at a random point of its writes
+            deadline = time.monotonic() + 60  # by progress, not by the clock: this restart has saved a step of its own
+            while _newest_step(directory) <= steps[-1] and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.05))  # then a random point of its next writes
             subprocess.run(["kill", "-KILL", str(child)], check=True)
             time.sleep(0.05)  # the kill lands before the directory is read
             torn += bool(list(directory.glob("*.tmp-*")))  # killed mid-file: its temporary is still there
