@@ -39,3 +39,24 @@ def test_guided_samples_draw_the_prompted_digit(name: str, trained_digits, genar
     save_grid(images, trained["root"] / "prompted_digits.png", nrow=PER_DIGIT)  # one row per digit, 0 to 9
     print(f"{name}: prompted digit in {guided:.2f} of guided samples (chance 0.10)")
     assert guided >= GUIDED_AT_LEAST, guided
+
+
+def test_digit_accuracy_and_spread_read_real_digits_as_real_and_copies_as_copies(genart_cache, monkeypatch) -> None:
+    monkeypatch.setenv("GENART_CACHE", str(genart_cache))
+    from genart_lightning.digits.judge import real_digits
+    from genart_lightning.digits.suite import DigitsSuite
+
+    suite = DigitsSuite()
+    images, labels = real_digits("test", 8)  # held out: the judge never saw them
+    truths = [{"digit": int(d)} for d in labels]
+    metric = suite.accuracy(8)
+    metric.update(images, truths)
+    real = metric.compute()
+    assert real["digit_accuracy"] > 0.9 and 0.7 < real["digit_spread"] < 1.3, real
+    metric = suite.accuracy(8)
+    first = {d: images[labels == d][0] for d in range(10)}  # one image per digit, repeated: a collapsed generator
+    metric.update(torch.stack([first[int(d)] for d in labels]), truths)
+    copies = metric.compute()
+    assert copies["digit_spread"] < 1e-3 and copies["digit_accuracy"] > 0.5, copies
+    prompts, said = suite.prompts(20, seed=0)
+    assert suite.recognises(prompts) and [t["digit"] for t in said] == list(range(10)) * 2
