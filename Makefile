@@ -24,12 +24,14 @@ demo: $(STAMP)
 	$(BIN)/python -m genart_lightning.demo
 
 # pytest-xdist: the suite's processes run one torch thread each (tests/conftest.py), so workers fill the cores;
-# SLURM tests share one worker (their jobs queue on one node anyway). --durations: where the minutes went.
+# a test file stays in one worker (tests/conftest.py). --durations: where the minutes went. Tests that fork the
+# pytest process for DDP (marker ddp_fork) run afterwards without xdist: a forked xdist worker hung once.
 TEST_WORKERS ?= 3
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 -m "not ddp_fork"
+	$(BIN)/python -m pytest -q -m ddp_fork
 
 bench: $(STAMP)
 	$(BIN)/pip install -q $(PIP_CONSTRAINTS) -r benchmarks/requirements.txt

@@ -119,6 +119,7 @@ def _ddp_fit(urls: str, out: Path, steps: int, ckpt_path: str | None = None) -> 
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.ddp_fork
 def test_two_rank_ddp_epochs_are_exact_across_buckets_and_resume_exactly(mixed: str, tmp_path: Path) -> None:
     dm = datamodule(mixed)
     dm._rank_world = lambda: (0, 2)

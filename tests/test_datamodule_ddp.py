@@ -12,7 +12,7 @@ import torch
 from datamodules.synthetic import write_shapes_shards
 from datamodules.webdataset import TextImageDataModule
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ddp_fork]
 
 
 class RankRecorder(L.LightningModule):

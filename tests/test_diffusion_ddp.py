@@ -16,7 +16,7 @@ from genart_lightning.models.latent_diffusion import LatentDiffusion
 from genart_lightning.models.vae import VAE
 from genart_lightning.nn.dit import DiTBackbone
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ddp_fork]
 
 TINY = dict(image_size=16, backbone=tiny_unet())
 
