@@ -20,10 +20,9 @@ from pathlib import Path
 
 from lightning.pytorch import Callback
 
-from benchmarks.common import Comparison, alternate
+from benchmarks.common import REPO, Comparison, alternate
 from datamodules.synthetic import write_shapes_shards
 
-REPO = Path(__file__).resolve().parents[1]
 WARMUP = 5
 TIMES_FILE = "GENART_BENCH_STEP_TIMES"
 

@@ -17,10 +17,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+REPO = Path(__file__).resolve().parents[1]
+"""The repository root: configs and the package live under it."""
 
 THREADS = int(os.environ.get("GENART_BENCH_THREADS", "1"))
 """Intra-op threads for every CPU benchmark: fixed, so ours and the baseline get the same share of a busy machine."""
