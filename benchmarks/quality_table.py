@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.quality_runs import REPO, fit, genart
+
 ROWS = {  # label -> (config, sampler)
     "flow + U-Net (flow_shapes)": ("flow_shapes", "euler"),
     "vp + U-Net (ddpm_shapes)": ("ddpm_shapes", "ddim"),
@@ -27,26 +25,6 @@ ROWS = {  # label -> (config, sampler)
 }
 SAMPLE_STEPS = (10, 20, 50)
 VAE_STEPS = 600
-
-
-def genart(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "genart_lightning.cli", *args], cwd=REPO, check=True)
-
-
-def fit(config: str, steps: int, work: Path, data: Path, extra: tuple[str, ...] = ()) -> tuple[Path, float]:
-    """Train `config` for `steps` (skipped when its checkpoint exists); the checkpoint and the minutes it took."""
-    root = work / config
-    ckpt = root / "checkpoints" / "last.ckpt"
-    timing = root / "fit_minutes.txt"
-    if not ckpt.is_file():
-        start = time.perf_counter()
-        genart("fit", "--config", f"experiments/{config}.yaml", f"--trainer.max_steps={steps}",
-               f"--trainer.default_root_dir={root}", "--trainer.logger=false", "--trainer.callbacks=[]",
-               f"--checkpoint.dirpath={root / 'checkpoints'}", f"--checkpoint.every_n_train_steps={steps}",
-               f"--data.init_args.train_urls={data}/train-{{000000..000005}}.tar",
-               f"--data.init_args.val_urls={data}/val-000000.tar", "--sample_grid.every_n_steps=0", *extra)
-        timing.write_text(f"{(time.perf_counter() - start) / 60:.1f}")
-    return ckpt, float(timing.read_text())
 
 
 def evaluate(ckpt: Path, sampler: str, steps: int, num_samples: int, data: Path, out: Path) -> dict:
@@ -69,6 +47,7 @@ def main() -> None:
     data = args.work / "shapes"
     if not (data / "val-000000.tar").is_file():
         genart("shards", "shapes", "--out", str(data), "--num-samples", "6000", "--image-size", "32", "--seed", "0")
+    shards = (f"{data}/train-{{000000..000005}}.tar", f"{data}/val-000000.tar")
     lines = [f"Shapes at 32px on CPU, {args.train_steps} training steps of batch 32 per row, guidance 4, "
              f"{args.num_samples} samples per cell (`python -m benchmarks.quality_table --train-steps {args.train_steps} "
              f"--num-samples {args.num_samples}`).", "",
@@ -78,9 +57,9 @@ def main() -> None:
         config, sampler = ROWS[label]
         extra: tuple[str, ...] = ()
         if config == "flow_dit_shapes":
-            vae, _ = fit("vae_shapes", VAE_STEPS, work, data)
+            vae, _ = fit("vae_shapes", VAE_STEPS, work / "vae_shapes", *shards)
             extra = (f"--model.init_args.first_stage_ckpt={vae}",)
-        ckpt, minutes = fit(config, args.train_steps, work, data, extra)
+        ckpt, minutes = fit(config, args.train_steps, work / config, *shards, extra)
         cells = []
         for steps in SAMPLE_STEPS:
             metrics = evaluate(ckpt, sampler, steps, args.num_samples, data, work / config / f"eval_{sampler}_{steps}.json")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -28,11 +29,13 @@ def test_threads_are_the_cores_less_the_loader_workers(no_thread_settings, monke
     assert choose_threads(2)[0] == 6
     assert choose_threads(2, processes=2)[0] == 2  # two ranks on the node split its cores
     assert choose_threads(12)[0] == 1
-    assert choose_threads(2, requested=3) == (3, "--threads")
+    assert choose_threads(2, requested=3)[:2] == (3, "--threads")
+    assert choose_threads(2).tuning_candidates() == [1, 2, 4, 6, 8]
+    assert choose_threads(2, requested=3).tuning_candidates() == []  # the user's count is kept
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")
     assert choose_threads(1)[0] == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "5")
-    assert choose_threads(1) == (5, "OMP_NUM_THREADS")
+    assert choose_threads(1)[:2] == (5, "OMP_NUM_THREADS")
     with pytest.raises(ValueError, match="--threads 0"):
         choose_threads(0, requested=0)
 
@@ -48,3 +51,49 @@ def test_fit_sets_the_threads_and_says_so(no_thread_settings, shapes_shards_16px
     assert "CPU threads: 6 for torch (8 usable cores - 2 loader workers)" in capsys.readouterr().out
     entry(["fit", "--config", str(tmp_path / "config.yaml"), "--trainer.logger=false", "--threads", "3"])
     assert torch.get_num_threads() == 3
+
+
+class FakeClock:
+    """perf_counter for the tuner: each iteration takes what `seconds_per_step[threads]` says for torch's threads."""
+
+    def __init__(self, seconds_per_step: dict[int, float]) -> None:
+        self.now, self.seconds_per_step = 0.0, seconds_per_step
+
+    def step(self) -> None:
+        self.now += self.seconds_per_step[torch.get_num_threads()]
+
+
+def test_tuner_keeps_the_fastest_count_and_retunes_when_the_load_changes(monkeypatch):
+    from lightning.pytorch import Trainer
+
+    from genart_lightning.callbacks import thread_tuner
+
+    threads = torch.get_num_threads()
+    clock = FakeClock({1: 0.20, 2: 0.12})  # idle: 2 threads win although the rule started at 1
+    monkeypatch.setattr(thread_tuner.time, "perf_counter", lambda: clock.now)
+    tuner = thread_tuner.ThreadTuner([1, 2], start=1, min_gap=50)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    torch.set_num_threads(1)
+    try:
+        for _ in range(40):
+            clock.step()
+            tuner.on_train_batch_end(trainer)
+        assert torch.get_num_threads() == 2
+        clock.seconds_per_step = {1: 0.20, 2: 3.0}  # a busy process arrives: 2 threads now spin-wait
+        for _ in range(80):
+            clock.step()
+            tuner.on_train_batch_end(trainer)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_fit_tunes_unless_the_count_is_fixed(no_thread_settings, shapes_shards_16px, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    config = tiny_config(shapes_shards_16px, max_steps=12)
+    config["trainer"]["default_root_dir"] = str(tmp_path / "run")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    entry(["fit", "--config", str(tmp_path / "config.yaml"), "--trainer.logger=false"])
+    assert re.search(r"CPU threads: [12] for torch \(tuned at step \d+, median s/iteration 1: [\d.]+ s, 2: ", capsys.readouterr().out)
+    entry(["fit", "--config", str(tmp_path / "config.yaml"), "--trainer.logger=false", "--threads", "1"])
+    assert "tuned at step" not in capsys.readouterr().out

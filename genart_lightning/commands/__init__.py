@@ -28,5 +28,5 @@ def use_cpu_threads(threads: int | None, device: str, loader_workers: int = 0) -
     from genart_lightning.run.threads import set_cpu_threads
 
     if str(device).startswith("cpu"):
-        line = set_cpu_threads(loader_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), threads)
-        print(f"[genart] {line}", flush=True)
+        choice = set_cpu_threads(loader_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), threads)
+        print(f"[genart] {choice.line()}", flush=True)

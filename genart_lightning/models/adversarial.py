@@ -29,6 +29,7 @@ from genart_lightning.models.gan_objectives import (
     generator_loss,
     r1_penalty,
 )
+from genart_lightning.nn.augment import DiscriminatorAugment
 from genart_lightning.nn.ema import make_ema
 
 COUNTERS_KEY = "adversarial_counters"
@@ -79,12 +80,20 @@ class AdversarialModel(GenerativeModel):
         nonfinite: str = "raise",
         nonfinite_check_every: int = 1,
         reuse_fakes: bool = True,
+        augment: Sequence[str] = (),
+        augment_p: float = 1.0,
+        augment_target: float | None = None,
+        augment_speed_images: int = 20_000,
     ) -> None:
         """Objective, regularisers and optimizer settings; `nonfinite` is "raise" (stop) or "skip" (drop the step).
 
         `reuse_fakes`: the G step scores the fakes the D step just drew (as the PyTorch DCGAN tutorial does), one G
         forward per iteration instead of two; the G graph of each micro-batch is kept until the G step. False draws
         fresh noise for the G step.
+
+        `augment`: ops of nn/augment.py (color, translation, cutout) applied to every image D sees, real and fake,
+        each with probability `augment_p` (DiffAugment: all three, p=1); `augment_target` (ADA: 0.6) adapts p
+        instead, starting from 0, by `augment_speed_images` images per unit of p. Small datasets need it.
         """
         super().__init__()
         check_loss(loss)
@@ -100,6 +109,7 @@ class AdversarialModel(GenerativeModel):
         self.accumulate = accumulate_grad_batches
         self.nonfinite, self.nonfinite_check_every = nonfinite, nonfinite_check_every
         self.reuse_fakes = reuse_fakes
+        self.augment = DiscriminatorAugment(augment, augment_p, augment_target, speed_images=augment_speed_images) if augment else None
         self.d_steps = self.g_steps = self.skipped_steps = 0
         # (batch size, condition, fake kept for the G step or None) of the micro-batches since the last D step
         self._pending: list[tuple[int, Tensor | None, Tensor | None]] = []
@@ -117,7 +127,11 @@ class AdversarialModel(GenerativeModel):
 
     def fake_logits(self, real: Tensor, fake: Tensor, cond: Tensor | None) -> list[Tensor]:
         """Logits of every kind of pair D must call fake (a matching-aware D adds real images with wrong captions)."""
-        return [self.discriminator(fake, cond)]
+        return [self.judge(fake, cond)]
+
+    def judge(self, images: Tensor, cond: Tensor | None) -> Tensor:
+        """D's logits for `images` as D sees them in training: augmented when `augment` is set."""
+        return self.discriminator(images if self.augment is None else self.augment(images), cond)
 
     def noise(self, n: int) -> Tensor:
         """Latent noise for training (sampling uses its own seeded generator)."""
@@ -140,16 +154,17 @@ class AdversarialModel(GenerativeModel):
         with torch.set_grad_enabled(keep):
             fake = self.generator(self.noise(real.shape[0]), cond)
         with self.toggled_optimizer(opt_d):
-            d_loss = discriminator_loss(
-                self.loss_kind, self.discriminator(real, cond), self.fake_logits(real, fake.detach(), cond)
-            )
+            real_logits = self.judge(real, cond)
+            d_loss = discriminator_loss(self.loss_kind, real_logits, self.fake_logits(real, fake.detach(), cond))
             total = d_loss
             if self.r1_gamma > 0 and self.d_steps % self.r1_interval == 0:
                 # Lazy R1 (StyleGAN2): every r1_interval D steps, weighted by the interval to keep its average strength.
-                r1 = r1_penalty(lambda x: self.discriminator(x, cond), real)
+                r1 = r1_penalty(lambda x: self.judge(x, cond), real)
                 total = total + 0.5 * self.r1_gamma * self.r1_interval * r1
                 self.log("train/r1", r1.detach())
             self._backward(total)
+        if self.augment is not None:
+            self.augment.observe(real_logits)
         self._d_loss_sum = d_loss.detach() / self.accumulate + (0 if self._d_loss_sum is None else self._d_loss_sum)
         self._pending.append((real.shape[0], cond, fake if keep else None))
         if len(self._pending) < self.accumulate:
@@ -157,8 +172,12 @@ class AdversarialModel(GenerativeModel):
         d_loss_mean, self._d_loss_sum = self._d_loss_sum, None
         # G's buffers (BatchNorm statistics) are saved in the kept fakes' graphs: averaging them in place now would
         # break the G backward, so they are averaged at the G step that follows instead.
-        if self._step(opt_d, self.discriminator, "d_loss", d_loss_mean, buffers_of=[] if keep else [self.generator]):
+        augment = [] if self.augment is None else [self.augment]  # its statistics, averaged like BatchNorm's
+        if self._step(opt_d, self.discriminator, "d_loss", d_loss_mean, buffers_of=augment + ([] if keep else [self.generator])):
             self.d_steps += 1
+            if self.augment is not None:
+                self.augment.update(self.d_steps)
+                self.log("train/augment_p", self.augment.p)
             if self.d_steps % self.n_critic == 0:
                 self._generator_step(opt_g)
         self._pending.clear()
@@ -170,7 +189,7 @@ class AdversarialModel(GenerativeModel):
         with self.toggled_optimizer(opt_g):
             for n, cond, fake in self._pending:
                 fake = self.generator(self.noise(n), cond) if fake is None else fake
-                g_loss = generator_loss(self.loss_kind, self.discriminator(fake, cond))
+                g_loss = generator_loss(self.loss_kind, self.judge(fake, cond))
                 self._backward(g_loss)
                 part = g_loss.detach() / self.accumulate
                 g_loss_mean = part if g_loss_mean is None else g_loss_mean + part

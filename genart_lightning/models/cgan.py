@@ -73,7 +73,7 @@ class TextConditionalGAN(DCGAN):
 
     def fake_logits(self, real: Tensor, fake: Tensor, cond: Tensor | None) -> list[Tensor]:
         # Shifting captions by one pairs every real image with another sample's caption (a mismatch).
-        return [self.discriminator(fake, cond), self.discriminator(real, torch.roll(cond, 1, dims=0))]
+        return [self.judge(fake, cond), self.judge(real, torch.roll(cond, 1, dims=0))]
 
     def sampling_condition(self, n: int, captions: Sequence[str] | None) -> Tensor:
         if captions is None or len(captions) != n:

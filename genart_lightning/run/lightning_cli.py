@@ -19,13 +19,14 @@ from genart_lightning.callbacks.rank_state import RankState
 from genart_lightning.callbacks.run_checkpoint import RunCheckpoint
 from genart_lightning.callbacks.run_summary import RunSummary
 from genart_lightning.callbacks.sample_grid import SampleGrid
+from genart_lightning.callbacks.thread_tuner import ThreadTuner
 from genart_lightning.callbacks.throughput import Throughput
 from genart_lightning.models.loading import is_sharded_checkpoint
 from genart_lightning.run import fsdp  # noqa: F401  (registers --trainer.strategy fsdp2)
 from genart_lightning.run.checkpoint_io import AtomicCheckpointIO
 from genart_lightning.run.provenance import RunRecord
 from genart_lightning.run.resume import RESUME_MODES, apply_resume
-from genart_lightning.run.threads import set_cpu_threads
+from genart_lightning.run.threads import ThreadChoice, set_cpu_threads
 
 
 def check_inputs(config: Namespace) -> None:
@@ -41,8 +42,8 @@ def check_inputs(config: Namespace) -> None:
         raise UserError(f"checkpoint not found: {ckpt} (from --ckpt_path); pass a .ckpt written by `genart fit`")
 
 
-def configure_threads(config: Namespace) -> str | None:
-    """Set torch's threads for a CPU run from its cores, loader workers and devices; the line saying so (None on GPU)."""
+def configure_threads(config: Namespace) -> ThreadChoice | None:
+    """Set torch's threads for a CPU run from its cores, loader workers and devices; the choice (None on GPU)."""
     import torch
 
     accelerator = str(config.trainer.accelerator or "auto")
@@ -65,6 +66,7 @@ class GenartCLI(LightningCLI):
     """
 
     def __init__(self, *args, save_config_callback: type[RunRecord] | None = RunRecord, **kwargs) -> None:
+        self.threads: ThreadChoice | None = None
         super().__init__(*args, save_config_callback=save_config_callback, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -92,9 +94,9 @@ class GenartCLI(LightningCLI):
         check_inputs(self.config[subcommand] if subcommand else self.config)
 
     def before_instantiate_classes(self) -> None:
-        line = configure_threads(self.config[self.subcommand] if self.subcommand else self.config)
-        if line and int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
-            print(f"[genart] {line}", flush=True)  # stdout: stderr is for the one line of a mistake
+        self.threads = configure_threads(self.config[self.subcommand] if self.subcommand else self.config)
+        if self.threads and int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+            print(f"[genart] {self.threads.line()}", flush=True)  # stdout: stderr is for the one line of a mistake
         if self.subcommand == "fit":
             apply_resume(self.config.fit, self.config.fit.resume)
 
@@ -104,6 +106,9 @@ class GenartCLI(LightningCLI):
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]
         trainer.callbacks.append(RankState())
         trainer.callbacks.append(LogRunRecord())
+        candidates = self.threads.tuning_candidates() if self.threads else []
+        if self.subcommand == "fit" and len(candidates) > 1 and trainer.world_size == 1:  # ranks would time each other
+            trainer.callbacks.append(ThreadTuner(candidates, self.threads.threads))
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # keep a CheckpointIO the config chose
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer

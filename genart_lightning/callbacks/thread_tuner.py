@@ -1,0 +1,84 @@
+"""Tunes torch's CPU threads on the run's own training steps, and again when the machine's load changes.
+
+The rule in `run/threads.py` (cores less loader workers) is safe, not best: light loader workers leave cores idle
+(32px shapes on an idle 2-core machine ran 0.62x as fast at the rule's 1 thread as at 2), and a process that starts
+beside ours turns 2 threads into a 10x slowdown. No static rule knows either, so the run times itself: a few
+iterations at each candidate count, the fastest kept, and a re-tune when the kept count's iterations slow down.
+An iteration is timed from one batch's end to the next, loader waits included: those are what the workers cost.
+
+Thread counts change float summation order, so a tuned CPU run is not bit-reproducible across runs; `--threads` or
+OMP_NUM_THREADS fixes the count (and turns this off), as the test suite does.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from lightning.pytorch import Callback, Trainer
+
+
+class ThreadTuner(Callback):
+    """Try each of `candidates` threads for `trial_steps` iterations after `warmup`, keep the fastest; re-tune when
+    the median of the last `window` iterations is `slowdown` times the tuned time (at most every `min_gap` steps)."""
+
+    def __init__(self, candidates: list[int], start: int, warmup: int = 3, trial_steps: int = 2, window: int = 10,
+                 slowdown: float = 1.5, min_gap: int = 100) -> None:
+        self.candidates = sorted(set(candidates) | {start})
+        self.current = start
+        self.warmup, self.trial_steps, self.window, self.slowdown, self.min_gap = warmup, trial_steps, window, slowdown, min_gap
+        self.times: dict[int, list[float]] = {}
+        self.queue: list[int] = []
+        self.tuned: float | None = None
+        self.tuned_at = 0
+        self.recent: list[float] = []
+        self.last_end: float | None = None
+        self.steps = 0
+
+    def on_train_batch_end(self, trainer: Trainer, *args) -> None:
+        now = time.perf_counter()
+        elapsed, self.last_end = (None if self.last_end is None else now - self.last_end), now
+        self.steps += 1
+        if elapsed is None or self.steps <= self.warmup:
+            return
+        if self.steps == self.warmup + 1:
+            self._start_trials()
+        if self.queue:
+            self._trial(elapsed, trainer)
+        else:
+            self._watch(elapsed)
+
+    def _start_trials(self) -> None:
+        """Trials begin at the current count, so a run whose rule was right loses nothing until the others are tried."""
+        self.times = {}
+        self.queue = [self.current] + [c for c in self.candidates if c != self.current]
+        self.recent = []
+
+    def _trial(self, elapsed: float, trainer: Trainer) -> None:
+        threads = self.queue[0]
+        self.times.setdefault(threads, []).append(elapsed)
+        best = min((statistics.median(v) for c, v in self.times.items() if c != threads), default=None)
+        hopeless = best is not None and elapsed > 1.5 * best  # one iteration far slower than the best: stop trying it
+        if len(self.times[threads]) >= self.trial_steps or hopeless:
+            self.queue.pop(0)
+        if self.queue:
+            self._use(self.queue[0])
+            return
+        medians = {c: statistics.median(v) for c, v in self.times.items()}
+        self._use(min(medians, key=medians.get))
+        self.tuned, self.tuned_at = medians[self.current], self.steps
+        if trainer.is_global_zero:
+            tried = ", ".join(f"{c}: {t:.3f} s" for c, t in sorted(medians.items()))
+            print(f"[genart] CPU threads: {self.current} for torch (tuned at step {trainer.global_step}, "
+                  f"median s/iteration {tried})", flush=True)
+
+    def _watch(self, elapsed: float) -> None:
+        self.recent = (self.recent + [elapsed])[-self.window:]
+        slowed = len(self.recent) == self.window and statistics.median(self.recent) > self.slowdown * self.tuned
+        if slowed and self.steps - self.tuned_at >= self.min_gap:
+            self._start_trials()
+
+    def _use(self, threads: int) -> None:
+        self.current = threads
+        torch.set_num_threads(threads)
