@@ -54,8 +54,8 @@ def test_d_sees_augmented_images_in_training(tmp_path: Path):
     for policy in ((), ("translation", "cutout")):
         torch.manual_seed(1)
         model = DCGAN(**TINY, augment=policy)
-        inputs = []
-        model.discriminator.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach().clone()))
+        inputs: list[torch.Tensor] = []
+        model.discriminator.register_forward_pre_hook(lambda m, args, inputs=inputs: inputs.append(args[0].detach().clone()))
         L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                   enable_model_summary=False, default_root_dir=tmp_path).fit(model, batches(images, 8))
         seen[policy] = inputs[0]  # the first D call scores the real batch

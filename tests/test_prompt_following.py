@@ -60,3 +60,21 @@ def test_digit_accuracy_and_spread_read_real_digits_as_real_and_copies_as_copies
     assert copies["digit_spread"] < 1e-3 and copies["digit_accuracy"] > 0.5, copies
     prompts, said = suite.prompts(20, seed=0)
     assert suite.recognises(prompts) and [t["digit"] for t in said] == list(range(10)) * 2
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("digits-flow")
+def test_guidance_interval_guides_inside_it_and_nowhere_else(trained_digits) -> None:
+    """An interval over every level is full guidance; one below every level leaves the conditional sampler (scale 1);
+    one in the middle is neither (and its guided levels are the ones inside it)."""
+    model = trained_digits("flow")["model"]
+    prompts = [caption(d, d) for d in range(10)]
+    draw = lambda **options: model.sample(10, prompts, seed=0, steps=8, **options)  # noqa: E731
+    full, plain = draw(guidance=4.0), draw(guidance=1.0)
+    assert not torch.allclose(full, plain, atol=1e-3)
+    torch.testing.assert_close(draw(guidance=4.0, guidance_interval=(0.0, float("inf"))), full)
+    torch.testing.assert_close(draw(guidance=4.0, guidance_interval=(1e6, 1e7)), plain)
+    middle = draw(guidance=4.0, guidance_interval=(0.3, 3.0))
+    assert not torch.allclose(middle, full, atol=1e-3) and not torch.allclose(middle, plain, atol=1e-3)
+    with pytest.raises(ValueError, match=r"guidance interval \[3.0, 0.3\] is not two noise levels LO < HI"):
+        draw(guidance=4.0, guidance_interval=(3.0, 0.3))

@@ -58,6 +58,8 @@ def test_sample_and_eval_mistakes_are_one_line(tmp_path, shapes_shards):
     assert "unknown sampler 'eulr'" in line and "ddim" in line
     line = one_line(genart("sample", "--ckpt", str(CKPT), "--sampler", "euler", "--eta", "0.5", cwd=tmp_path))
     assert "--eta 0.5 has no effect with the euler sampler" in line and "--sampler ddim" in line
+    line = one_line(genart("sample", "--ckpt", str(CKPT), "--guidance-interval", "5,0.3", cwd=tmp_path))
+    assert "--guidance-interval '5,0.3' is not LO,HI" in line and "e.g. 0.3,5" in line
     line = one_line(genart("shards", "info", str(tmp_path / "missing-{000000..000001}.tar"), cwd=tmp_path))
     assert "shard not found" in line
     assert not (tmp_path / "grid.png").exists()

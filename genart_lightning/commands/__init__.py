@@ -30,3 +30,16 @@ def use_cpu_threads(threads: int | None, device: str, loader_workers: int = 0) -
     if str(device).startswith("cpu"):
         choice = set_cpu_threads(loader_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), threads)
         print(f"[genart] {choice.line()}", flush=True)
+
+
+def interval_option(text: str | None) -> tuple[float, float] | None:
+    """--guidance-interval LO,HI as numbers; a malformed one is one line (argparse's own errors add the usage)."""
+    from genart_lightning.diffusion.guidance import check_interval
+
+    if text is None:
+        return None
+    try:
+        return check_interval([float(v) for v in text.split(",")])
+    except ValueError:
+        raise SystemExit(f"error: --guidance-interval {text!r} is not LO,HI: two noise levels sigma / alpha with "
+                         "LO < HI, e.g. 0.3,5") from None

@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from genart_lightning.commands import add_threads_option, require_checkpoint, use_cpu_threads
+from genart_lightning.commands import add_threads_option, interval_option, require_checkpoint, use_cpu_threads
 
 TABLE_COLUMNS = ("guidance", "fid", "kid", "clip_score", "attribute_accuracy", "psnr", "ssim")
 
@@ -27,6 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float, nargs="+", help="classifier-free guidance scale(s); several = a sweep (table + plot)")
     p.add_argument("--steps", type=int, help="sampling steps (diffusion)")
     p.add_argument("--sampler", help="sampler name (diffusion, e.g. ddim)")
+    p.add_argument("--guidance-interval",
+                   help="LO,HI: guide only at noise levels sigma/alpha in (LO, HI], e.g. 0.3,5 (diffusion)")
     p.add_argument("--fid-features", default="inception", help="inception (the default, standard), judge (shapes, offline), digits (digits judge, offline) or a TorchScript .pt")
     p.add_argument("--fid-weights", help="local Inception weights file (offline nodes); default: the torch hub cache")
     p.add_argument("--clip-model", help="OpenCLIP model for CLIP score, e.g. ViT-B-32 (default: no CLIP score)")
@@ -92,13 +94,15 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
             write_results(results, Path(args.out))
         return
     check_sampler_name(args.sampler)
+    interval = interval_option(args.guidance_interval)
     model = load_model(args.ckpt, map_location="cpu").to(device)
     evaluator = Evaluator(
         args.data, args.num_samples, args.fid_features, fid_weights=args.fid_weights, prompts=args.prompts,
         clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, seed=args.seed, batch_size=args.batch_size,
         cache_dir=args.cache_dir, progress=True, suites=[ShapesSuite(), DigitsSuite()],
     )
-    options = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler)) if v is not None}
+    options = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler),
+                                 ("guidance_interval", interval)) if v is not None}
     scales = args.guidance or [None]
     results = []
     for scale in scales:

@@ -6,13 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-from genart_lightning.commands import add_threads_option, require_checkpoint, use_cpu_threads
+from genart_lightning.commands import add_threads_option, interval_option, require_checkpoint, use_cpu_threads
 
 SAMPLING_OPTIONS = [
     ("steps", int, "number of sampling steps"),
     ("sampler", str, "sampler name, e.g. ddpm, ddim, dpmpp_2m"),
     ("guidance", float, "classifier-free guidance scale (1 = plain conditional)"),
     ("eta", float, "DDIM noise: 0 deterministic, 1 like DDPM"),
+    ("guidance_interval", str, "LO,HI: guide only at noise levels sigma/alpha in (LO, HI], e.g. 0.3,5"),
 ]
 """Options forwarded to `model.sample` only when set, so families without them still work."""
 
@@ -33,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     add_threads_option(p)
     for name, kind, text in SAMPLING_OPTIONS:
-        p.add_argument(f"--{name}", type=kind, default=None, help=f"{text} (families that take it; default: the checkpoint's config)")
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"{text} (families that take it; default: the checkpoint's config)")
     p.set_defaults(func=run)
 
 
@@ -84,6 +85,7 @@ def run(args: argparse.Namespace) -> None:
     prompts = (args.prompt or []) + (read_prompts(args.prompts_file) if args.prompts_file else [])
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     check_sampler_name(args.sampler)
+    args.guidance_interval = interval_option(args.guidance_interval)
     use_cpu_threads(args.threads, device)
     model = load_model(args.ckpt, map_location=device).to(device)
     if prompts and not model.conditional:

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from genart_lightning.diffusion.guidance import classifier_free_guidance
+from genart_lightning.diffusion.guidance import check_interval, classifier_free_guidance, limited_interval
 from genart_lightning.diffusion.process import Process
 from genart_lightning.diffusion.samplers import check_eta, check_sampler
 from genart_lightning.diffusion.vp import VP
@@ -89,6 +89,7 @@ class DiffusionModel(GenerativeModel):
         sampler: str | None = None,
         sample_steps: int = 50,
         guidance_scale: float = 4.0,
+        guidance_interval: tuple[float, float] | None = None,
         clip_x0: bool | None = None,
         gradient_checkpointing: bool = False,
         compile: bool | str = False,
@@ -111,6 +112,7 @@ class DiffusionModel(GenerativeModel):
             raise ValueError(f"clip_x0=True clamps x0 estimates to [-1, 1], but {type(self).__name__} diffuses unbounded "
                              "latents; leave clip_x0 unset (it clamps in pixel space only)")
         self.clip_x0 = self.bounded_space if clip_x0 is None else clip_x0
+        check_interval(guidance_interval)
         self.text_encoder = (FrozenTextEncoder(text_encoder, text_pretrained, text_cache_dir, trainable=train_text_encoder,
                                                layer=text_layer)
                              if text_encoder else None)
@@ -346,8 +348,10 @@ class DiffusionModel(GenerativeModel):
     def sampling_settings(self, options: dict) -> dict:
         hp = self.hparams
         guidance = options.get("guidance")
+        interval = check_interval(options.get("guidance_interval") or hp.get("guidance_interval"))
         return {"sampler": options.get("sampler") or hp.sampler, "steps": options.get("steps") or hp.sample_steps,
                 "guidance": (hp.guidance_scale if guidance is None else guidance) if self.conditional else None,
+                "guidance_interval": interval if self.conditional else None,
                 "eta": options.get("eta") or 0.0}
 
     @torch.no_grad()
@@ -360,9 +364,12 @@ class DiffusionModel(GenerativeModel):
         sampler: str | None = None,
         guidance: float | None = None,
         eta: float = 0.0,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> Tensor:
-        """Draw n images with the EMA weights; unset options fall back to the config (sampler, sample_steps, guidance_scale)."""
-        settings = self.sampling_settings({"steps": steps, "sampler": sampler, "guidance": guidance, "eta": eta})
+        """Draw n images with the EMA weights; unset options fall back to the config (sampler, sample_steps,
+        guidance_scale, guidance_interval: the noise levels sigma / alpha where guidance applies, all when None)."""
+        settings = self.sampling_settings({"steps": steps, "sampler": sampler, "guidance": guidance, "eta": eta,
+                                           "guidance_interval": guidance_interval})
         steps, sampler, guidance = settings["steps"], settings["sampler"], settings["guidance"]
         if captions is not None and len(captions) != n:
             raise ValueError(f"got {len(captions)} captions for {n} samples; pass one caption per sample")
@@ -376,12 +383,12 @@ class DiffusionModel(GenerativeModel):
         noise = torch.randn((n, *self.diffusion_shape()), generator=generator).to(self.device)
         noise = noise * self.process.initial_noise_scale(grid)
         cond = self.encode_text(list(captions) if captions else [""] * n, text) if self.conditional else None
+        denoise = self.process.denoiser(self._bound(net, cond))
         if cond is not None and captions and guidance != 1.0:
-            model = classifier_free_guidance(lambda x, t, c: self._net(net, x, t, c), cond,
-                                             self.encode_text([""] * n, text), guidance)
-        else:
-            model = self._bound(net, cond)
-        denoise = self.process.denoiser(model)
+            guided = self.process.denoiser(classifier_free_guidance(lambda x, t, c: self._net(net, x, t, c), cond,
+                                                                    self.encode_text([""] * n, text), guidance))
+            interval = settings["guidance_interval"]
+            denoise = guided if interval is None else limited_interval(guided, denoise, interval)
         if self.clip_x0:
             unclipped = denoise
             denoise = lambda x, level: unclipped(x, level).clamp(-1, 1)  # noqa: E731
