@@ -31,10 +31,21 @@ ROWS = {  # name -> (config, label)
     "cgan": ("cgan_shapes", "text-conditional GAN"),
 }
 LATENT_ROWS = ("flow_dit", "ldm")
+GAN_STEPS_PER_ITERATION = 2  # Lightning counts the D and the G step: 1,500 iterations of batch 32 are 3,000 steps
 VAE_STEPS = 1500
 GOALS = {"cgan": (0.9, 0.8)}  # accuracy, spread at one guidance scale; diffusion rows: DIFFUSION_GOAL
 DIFFUSION_GOAL = (0.95, 0.85)
-BEGIN, END = "<!-- quality_digits: begin -->", "<!-- quality_digits: end -->"
+
+
+
+def digits_shards(out: Path, image_size: int, limit: int | None = None, samples_per_shard: int = 256) -> dict:
+    """The digits shards under `out` (written once): their train/val/test URLs."""
+    if not (out / "info.json").is_file():
+        from datamodules.digits import write_digits_shards
+
+        info = write_digits_shards(out, image_size=image_size, limit=limit, samples_per_shard=samples_per_shard)
+        (out / "info.json").write_text(json.dumps({k: v for k, v in info.items() if k.endswith("_urls")}))
+    return json.loads((out / "info.json").read_text())
 
 
 def evaluate(ckpt: Path, data: dict, scales: list[float], num_samples: int, out: Path, *options: str) -> list[dict]:
@@ -61,12 +72,13 @@ def row_cells(results: list[dict], scales: list[float], goal: tuple[float, float
     return cells, ("met" if met else "missed")
 
 
-def write_section(out: Path, lines: list[str]) -> None:
-    """Replace this benchmark's section of `out` (appended when absent), keeping the rest of the file."""
+def write_section(out: Path, lines: list[str], name: str = "quality_digits") -> None:
+    """Replace the section `name` of `out` (appended when absent), keeping the rest of the file."""
     text = out.read_text() if out.is_file() else ""
-    section = "\n".join([BEGIN, *lines, END])
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
+    begin, end = f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
+    section = "\n".join([begin, *lines, end])
+    if begin in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
     else:
         text = text.rstrip("\n") + ("\n\n" if text else "") + section + "\n"
     out.write_text(text)
@@ -89,13 +101,7 @@ def main() -> None:
         parser.error(f"unknown rows {sorted(unknown)}; choose from {', '.join(ROWS)}")
     scales = [float(s) for s in args.guidance.split(",")]
     work = args.work / f"{args.image_size}px_steps{args.train_steps}"
-    data_dir = args.work / f"digits_{args.image_size}px"
-    if not (data_dir / "info.json").is_file():
-        from datamodules.digits import write_digits_shards
-
-        info = write_digits_shards(data_dir, image_size=args.image_size)
-        (data_dir / "info.json").write_text(json.dumps({k: v for k, v in info.items() if k.endswith("_urls")}))
-    data = json.loads((data_dir / "info.json").read_text())
+    data = digits_shards(args.work / f"digits_{args.image_size}px", args.image_size)
     command = (f"python -m benchmarks.quality_digits --train-steps {args.train_steps} --image-size {args.image_size} "
                f"--guidance {args.guidance} --num-samples {args.num_samples}")
     lines = [f"### Real data: scikit-learn digits at {args.image_size}px, {args.train_steps} steps of batch 32", "",
@@ -113,7 +119,8 @@ def main() -> None:
         if name in LATENT_ROWS:
             vae, _ = fit("vae_shapes", VAE_STEPS, work / "vae_shapes", data["train_urls"], data["val_urls"], common)
             extra = (*common, f"--model.init_args.first_stage_ckpt={vae}")
-        ckpt, minutes = fit(config, args.train_steps, work / config, data["train_urls"], data["val_urls"], extra)
+        steps = args.train_steps * (GAN_STEPS_PER_ITERATION if name == "cgan" else 1)
+        ckpt, minutes = fit(config, steps, work / config, data["train_urls"], data["val_urls"], extra)
         goal = GOALS.get(name, DIFFUSION_GOAL)
         if name == "cgan":
             cells, verdict = row_cells(evaluate(ckpt, data, [], args.num_samples, work / config / "eval.json"),
