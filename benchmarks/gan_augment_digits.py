@@ -7,7 +7,7 @@ Each cell trains experiments/cgan_shapes.yaml on the first N training digits (`g
 does: accuracy / spread / FID against the held-out test digits. Variants: none; diffaugment (color, translation and
 cutout on every image D sees, p=1; Zhao et al. 2020); ada (the same ops, p adapted to D's overconfidence on reals,
 target 0.6; Karras et al. 2020); mode_seeking (MSGAN's term, weight --diversity-weight, against a G that ignores its noise; Mao et al.
-2019) alone and with diffaugment. Runs stay under --work; a cut-off table continues where it stopped.
+2019) alone and with each augmentation. Runs stay under --work; a cut-off table continues where it stopped.
 """
 
 from __future__ import annotations
@@ -24,15 +24,16 @@ VARIANTS = {
     "ada": ("--model.init_args.augment=[color,translation,cutout]", "--model.init_args.augment_target=0.6"),
     "mode_seeking": (),  # + --model.init_args.diversity_weight from --diversity-weight
     "diffaugment+mode_seeking": ("--model.init_args.augment=[color,translation,cutout]",),
+    "ada+mode_seeking": ("--model.init_args.augment=[color,translation,cutout]", "--model.init_args.augment_target=0.6"),
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="200,600,all", help="training images per cell (all: 1,438)")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--iterations", type=int, default=1500)
-    parser.add_argument("--diversity-weight", type=float, default=0.3, help="weight of the mode-seeking term")
+    parser.add_argument("--diversity-weight", type=float, default=0.5, help="weight of the mode-seeking term")
     parser.add_argument("--image-size", type=int, default=16)
     parser.add_argument("--num-samples", type=int, default=200)
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "gan_augment_digits")

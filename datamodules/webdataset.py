@@ -19,7 +19,7 @@ import os
 from typing import Literal
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from datamodules.buckets import Bucketing, parse_buckets
 from datamodules.distributed import rank_world
@@ -150,7 +150,7 @@ class TextImageDataModule(L.LightningDataModule):
             transform=Transform(hp.image_size, hp.resize, hp.center_crop, hp.random_flip),
             rank=rank,
             world_size=world,
-            num_workers=hp.num_workers,
+            num_workers=self._workers_for(len(urls), world) if stage == "train" else hp.num_workers,
             seed=hp.seed,
             epoch=0,
             require_caption=hp.require_caption,
@@ -178,14 +178,25 @@ class TextImageDataModule(L.LightningDataModule):
         rank_zero_info(f"aspect buckets (height x width: samples) of {len(urls)} shards: {histogram}")
         return bucketing
 
+    def _workers_for(self, num_shards: int, world: int) -> int:
+        """Exact mode gives every worker whole shards: with fewer shards than ranks x workers (but one per rank at
+        least), use as many workers as the shards allow, and say so in one line, instead of refusing to start."""
+        hp = self.hparams
+        if hp.mode != "exact" or hp.num_workers <= 1 or num_shards >= world * hp.num_workers or num_shards < world:
+            return hp.num_workers
+        workers = num_shards // world
+        rank_zero_warn(f"{num_shards} training shards for {world} rank{'s' if world > 1 else ''} x {hp.num_workers} "
+                       f"workers: using {workers} loader worker{'s' if workers > 1 else ''} per rank (exact mode gives "
+                       "each worker whole shards); write smaller shards (genart shards ... --shard-size N) to use all")
+        return workers
+
     def _check_train_plan(self, loader: ShardLoader, num_shards: int, num_samples: int, world: int) -> None:
         """Fail at setup, not as a DDP hang: every worker of every rank needs shards and at least one batch."""
         hp, workers = self.hparams, loader.workers
-        if hp.mode == "exact" and num_shards < world * workers:
+        if hp.mode == "exact" and num_shards < world * workers:  # fewer shards than ranks: workers were cut already
             raise ValueError(
-                f"{num_shards} shards for {world} ranks x {workers} workers: need >= {world * workers} in exact mode;"
-                " write more, smaller shards (genart shards ... --shard-size N) or lower --data.num_workers"
-                " (or use --data.mode=resampled)"
+                f"{num_shards} shards for {world} ranks: need >= {world} in exact mode (whole shards per rank);"
+                " write more, smaller shards (genart shards ... --shard-size N) or use --data.mode=resampled"
             )
         plan = loader.plan()
         if plan.batches_per_rank < 1:
@@ -196,7 +207,8 @@ class TextImageDataModule(L.LightningDataModule):
         rank_zero_info(
             f"train data ({hp.mode}): {num_shards} shards, {num_samples} samples, {world} ranks x {workers} workers,"
             f" {plan.batches_per_rank} batches of {hp.batch_size} per rank per epoch"
-            + (f"; {plan.dropped} samples left out in epoch 0 so ranks stay equal" if hp.mode == "exact" else "")
+            + (f"; {plan.dropped} samples left out in epoch 0 (full batches only"
+               + (", the same number on every rank)" if world > 1 else ")") if hp.mode == "exact" and plan.dropped else "")
         )
 
     def setup(self, stage: str | None = None) -> None:

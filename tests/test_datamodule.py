@@ -132,6 +132,16 @@ def test_missing_shard_one_clear_error(shapes_shards):
         dm.setup("fit")
 
 
+def test_fewer_shards_than_workers_uses_fewer_workers_and_says_so(shapes_shards):
+    one = shapes_shards["train_urls"].split("{")[0] + "000000.tar"
+    dm = TextImageDataModule(one, batch_size=8, num_workers=2, image_size=8)
+    with pytest.warns(UserWarning, match=r"1 training shards for 1 rank x 2 workers: using 1 loader worker per rank"):
+        dm.setup("fit")
+    assert dm.train_loader.workers == 1
+    keys = [k for batch in dm.train_loader for k in batch["key"]]
+    assert len(keys) == len(set(keys)) > 0
+
+
 def test_resampled_epoch_length_and_seeded_stream(shapes_shards):
     def keys(seed):
         dm = TextImageDataModule(shapes_shards["train_urls"], batch_size=8, num_workers=0, mode="resampled",

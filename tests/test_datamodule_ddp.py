@@ -18,10 +18,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.ddp_fork]
 class RankRecorder(L.LightningModule):
     """Records, per rank and epoch, the keys of every training and validation batch; writes them at the end."""
 
-    def __init__(self, out_dir: str, three_shards: str):
+    def __init__(self, out_dir: str, too_few_shards: str):
         super().__init__()
         self.out_dir = out_dir
-        self.three_shards = three_shards
+        self.too_few_shards = too_few_shards
         self.weight = torch.nn.Parameter(torch.zeros(()))
         self.train_keys: dict[int, list[list[str]]] = {}
         self.val_keys: dict[int, list[str]] = {}
@@ -42,7 +42,7 @@ class RankRecorder(L.LightningModule):
     def on_fit_end(self):
         error = ""
         try:
-            TextImageDataModule(self.three_shards, batch_size=8, num_workers=2).setup("fit")
+            TextImageDataModule(self.too_few_shards, batch_size=8, num_workers=2).setup("fit")
         except ValueError as exn:
             error = str(exn)
         record = {"train": self.train_keys, "val": self.val_keys, "val_totals": self.val_totals, "error": error}
@@ -56,13 +56,13 @@ class RankRecorder(L.LightningModule):
 def test_ddp_two_ranks_two_workers_odd_shards(tmp_path):
     info = write_shapes_shards(tmp_path / "data", 170, image_size=8, samples_per_shard=31)  # 153 train, 17 val
     assert len(info["train_shards"]) == 5
-    three = f"{tmp_path}/data/train-{{000000..000002}}.tar"
+    one = f"{tmp_path}/data/train-000000.tar"
     dm = TextImageDataModule(info["train_urls"], info["val_urls"], batch_size=8, val_batch_size=4, num_workers=2,
                              image_size=8, shuffle_buffer=16)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", max_epochs=2, num_sanity_val_steps=0,
                         logger=False, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, default_root_dir=tmp_path)
-    trainer.fit(RankRecorder(str(tmp_path), three), dm)
+    trainer.fit(RankRecorder(str(tmp_path), one), dm)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
     for epoch in ("0", "1"):
@@ -78,5 +78,5 @@ def test_ddp_two_ranks_two_workers_odd_shards(tmp_path):
     assert ranks[0]["val_totals"] == ranks[1]["val_totals"] == [17.0, 17.0]
     assert ranks[0]["train"]["0"] != ranks[0]["train"]["1"]  # shards and samples reshuffled per epoch
     for r in range(2):
-        assert ranks[r]["error"].startswith("3 shards for 2 ranks x 2 workers: need >= 4 in exact mode;")
-        assert "--shard-size" in ranks[r]["error"] and "--data.num_workers" in ranks[r]["error"]
+        assert ranks[r]["error"].startswith("1 shards for 2 ranks: need >= 2 in exact mode")
+        assert "--shard-size" in ranks[r]["error"] and "--data.mode=resampled" in ranks[r]["error"]
