@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmarks.quality_digits import GAN_STEPS_PER_ITERATION, digits_shards, evaluate, write_section
-from benchmarks.quality_runs import REPO, fit
+from benchmarks.quality_digits import GAN_STEPS_PER_ITERATION, digits_shards, evaluate
+from benchmarks.quality_runs import REPO, fit, write_section
 
 VARIANTS = {
     "none": (),

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
-from benchmarks.quality_runs import REPO, fit, genart
+from benchmarks.quality_runs import REPO, fit, genart, write_section
 
 ROWS = {  # name -> (config, label)
     "vp": ("ddpm_shapes", "vp + U-Net, pixels"),
@@ -70,18 +69,6 @@ def row_cells(results: list[dict], scales: list[float], goal: tuple[float, float
         met |= r["digit_accuracy"] >= goal[0] and r["digit_spread"] >= goal[1]
         cells.append(f"{r['digit_accuracy']:.2f} / {r['digit_spread']:.2f} / {r['fid']:.2f}")
     return cells, ("met" if met else "missed")
-
-
-def write_section(out: Path, lines: list[str], name: str = "quality_digits") -> None:
-    """Replace the section `name` of `out` (appended when absent), keeping the rest of the file."""
-    text = out.read_text() if out.is_file() else ""
-    begin, end = f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
-    section = "\n".join([begin, *lines, end])
-    if begin in text:
-        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + section + "\n"
-    out.write_text(text)
 
 
 def main() -> None:
@@ -134,7 +121,7 @@ def main() -> None:
             cells += more
             verdict = "met" if "met" in (verdict, more_verdict) else "missed"
         lines.append(f"| {label} ({config}) | {minutes:.0f} min | " + " | ".join(cells) + f" | {verdict} |")
-        write_section(args.out, lines)  # after every row: a cut-off run keeps what it measured
+        write_section(args.out, lines, "quality_digits")  # after every row: a cut-off run keeps what it measured
     print(f"digits quality table: {args.out}")
 
 

@@ -1,8 +1,10 @@
 """Training runs for the quality tables: one `genart fit` per config, skipped when its checkpoint exists, so a
-cut-off table continues where it stopped. Wall minutes are recorded beside the checkpoint."""
+cut-off table continues where it stopped (wall minutes are recorded beside the checkpoint); each table owns a marked
+section of benchmarks/QUALITY.md."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -28,3 +30,15 @@ def fit(config: str, steps: int, root: Path, train_urls: str, val_urls: str, ext
                "--sample_grid.every_n_steps=0", *extra)
         timing.write_text(f"{(time.perf_counter() - start) / 60:.1f}")
     return ckpt, float(timing.read_text())
+
+
+def write_section(out: Path, lines: list[str], name: str) -> None:
+    """Replace the section `name` of `out` (appended when absent), keeping the rest of the file."""
+    text = out.read_text() if out.is_file() else ""
+    begin, end = f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
+    section = "\n".join([begin, *lines, end])
+    if begin in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + section + "\n"
+    out.write_text(text)
