@@ -92,8 +92,8 @@ def main() -> None:
     command = (f"python -m benchmarks.quality_digits --train-steps {args.train_steps} --image-size {args.image_size} "
                f"--guidance {args.guidance} --num-samples {args.num_samples}")
     lines = [f"### Real data: scikit-learn digits at {args.image_size}px, {args.train_steps} steps of batch 32", "",
-             f"`{command}`. Cells: accuracy / spread / FID (digits judge features, against the held-out test digits), "
-             f"{args.num_samples} samples per cell. Goal: accuracy >= {DIFFUSION_GOAL[0]} with spread >= "
+             f"`{command}`. Each config's own sampler and steps. Cells: accuracy / spread / FID (digits judge features, "
+             f"against the held-out test digits), {args.num_samples} samples per cell. Goal: accuracy >= {DIFFUSION_GOAL[0]} with spread >= "
              f"{DIFFUSION_GOAL[1]} at one scale (GAN: {GOALS['cgan'][0]} / {GOALS['cgan'][1]}, no guidance).", "",
              "| config | training | " + " | ".join(f"guidance {s:g}" for s in scales)
              + "".join(f" | guidance {s:g} in ({args.interval}]" for s in scales if s != 1) + " | goal |",
@@ -121,7 +121,7 @@ def main() -> None:
             cells += more
             verdict = "met" if "met" in (verdict, more_verdict) else "missed"
         lines.append(f"| {label} ({config}) | {minutes:.0f} min | " + " | ".join(cells) + f" | {verdict} |")
-        write_section(args.out, lines, "quality_digits")  # after every row: a cut-off run keeps what it measured
+        write_section(args.out, lines, f"quality_digits_{args.image_size}px")  # after every row: a cut-off run keeps what it measured
     print(f"digits quality table: {args.out}")
 
 
