@@ -25,7 +25,7 @@ def test_sample_files_are_the_grid_tiles(tmp_path):
     assert [r["caption"] for r in records] == ["a large red circle in the centre, black background", "a small blue square"] * 2 + [
         "a large red circle in the centre, black background"]
     assert len({r["seed"] for r in records}) == 3  # one seed per batch of 2
-    assert records[0]["settings"] == {"sampler": "ddim", "steps": 4, "guidance": 4.0, "eta": 0.0}  # the checkpoint's config
+    assert records[0]["settings"] == {"sampler": "ddim", "steps": 4, "guidance": 4.0, "guidance_interval": None, "eta": 0.0}
     grid = np.asarray(Image.open(grid_path))
     side, nrow, pad = 16, 2, 2
     for i, record in enumerate(records):
