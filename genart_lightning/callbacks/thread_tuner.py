@@ -20,12 +20,12 @@ from lightning.pytorch import Callback, Trainer
 
 
 class ThreadTuner(Callback):
-    """Try each of `candidates` threads for `trial_steps` iterations after `warmup`, keep the fastest; re-tune when
+    """Try each of `candidates` threads (`start`, the count in use, among them) for `trial_steps` iterations after `warmup`, keep the fastest; re-tune when
     the median of the last `window` iterations is `slowdown` times the tuned time (at most every `min_gap` steps)."""
 
     def __init__(self, candidates: list[int], start: int, warmup: int = 3, trial_steps: int = 2, window: int = 10,
                  slowdown: float = 1.5, min_gap: int = 100) -> None:
-        self.candidates = sorted(set(candidates) | {start})
+        self.candidates = sorted(set(candidates))
         self.current = start
         self.warmup, self.trial_steps, self.window, self.slowdown, self.min_gap = warmup, trial_steps, window, slowdown, min_gap
         self.times: dict[int, list[float]] = {}

@@ -13,7 +13,6 @@ dependency for three tensor ops, and none of them carries ADA's feedback loop.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -30,10 +29,10 @@ def check_policy(policy: Sequence[str]) -> tuple[str, ...]:
     return tuple(policy)
 
 
-def color(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def color(x: Tensor) -> Tensor:
     """Random brightness (+-0.5), saturation (x0-2) and contrast (x0.5-1.5) per image, on images in [-1, 1]."""
     n = x.shape[0]
-    rand = lambda: torch.rand(n, 1, 1, 1, device=x.device, dtype=x.dtype, generator=generator)  # noqa: E731
+    rand = lambda: torch.rand(n, 1, 1, 1, device=x.device, dtype=x.dtype)  # noqa: E731
     x = x + (rand() - 0.5)
     mean = x.mean(dim=1, keepdim=True)
     x = (x - mean) * (rand() * 2) + mean
@@ -41,11 +40,10 @@ def color(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     return (x - mean) * (rand() + 0.5) + mean
 
 
-def translation(x: Tensor, ratio: float = 0.125, generator: torch.Generator | None = None) -> Tensor:
+def translation(x: Tensor, ratio: float = 0.125) -> Tensor:
     """Shift each image by up to `ratio` of its size in whole pixels, filling with zeros (mid-grey in [-1, 1])."""
     n, _, h, w = x.shape
-    shift = torch.stack([torch.randint(-int(s * ratio), int(s * ratio) + 1, (n,), device=x.device, generator=generator)
-                         for s in (w, h)], dim=1).to(x.dtype)
+    shift = torch.stack([torch.randint(-int(s * ratio), int(s * ratio) + 1, (n,), device=x.device) for s in (w, h)], dim=1).to(x.dtype)
     theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
     theta[:, 0, 0] = theta[:, 1, 1] = 1
     theta[:, :, 2] = -2 * shift / torch.tensor([w, h], device=x.device, dtype=x.dtype)
@@ -53,11 +51,11 @@ def translation(x: Tensor, ratio: float = 0.125, generator: torch.Generator | No
     return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
-def cutout(x: Tensor, ratio: float = 0.5, generator: torch.Generator | None = None) -> Tensor:
+def cutout(x: Tensor, ratio: float = 0.5) -> Tensor:
     """Zero one square of `ratio` of the image side per image, at a random place (it may hang over the edge)."""
     n, _, h, w = x.shape
     size = torch.tensor([int(h * ratio + 0.5), int(w * ratio + 0.5)], device=x.device)
-    corner = torch.stack([torch.randint(0, s + 1, (n,), device=x.device, generator=generator) for s in (h, w)], dim=1)
+    corner = torch.stack([torch.randint(0, s + 1, (n,), device=x.device) for s in (h, w)], dim=1)
     corner = corner - size // 2
     rows = torch.arange(h, device=x.device)[None, :, None]
     cols = torch.arange(w, device=x.device)[None, None, :]
@@ -85,15 +83,10 @@ class DiscriminatorAugment(nn.Module):
         self.register_buffer("sign_sum", torch.zeros(2))  # sum of sign(real logits), their count since the last update
 
     def forward(self, x: Tensor) -> Tensor:
-        p = float(self.p)
-        if not self.policy or p == 0.0:
-            return x
+        """Each op on a random share p of the images; p stays a tensor, so a D call never waits for the device."""
         for op in self.policy:
-            out = APPLY[op](x)
-            if p < 1.0:
-                keep = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < p
-                out = torch.where(keep, out, x)
-            x = out
+            applied = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < self.p
+            x = torch.where(applied, APPLY[op](x), x)
         return x
 
     @torch.no_grad()
@@ -105,8 +98,8 @@ class DiscriminatorAugment(nn.Module):
     @torch.no_grad()
     def update(self, d_steps: int) -> None:
         """Every `interval` D steps, move p towards the target by the images seen since the last move."""
-        if self.target is not None and d_steps % self.interval == 0:
+        if self.target is not None and d_steps % self.interval == 0:  # tensor ops only: no wait for the device
             overfit = self.sign_sum[0] / self.sign_sum[1].clamp(min=1)
-            step = float(self.sign_sum[1]) / self.speed_images
-            self.p.copy_((self.p + math.copysign(step, float(overfit - self.target))).clamp(0.0, 1.0))
+            step = self.sign_sum[1] / self.speed_images
+            self.p.copy_((self.p + torch.sign(overfit - self.target) * step).clamp(0.0, 1.0))
             self.sign_sum.zero_()
