@@ -25,7 +25,7 @@ PROMPTS = [  # one per column of the 4x4 grid `genart sample` draws from them
 ]
 
 
-@pytest.fixture(scope="session")  # session: xdist may run another file between this file's tests
+@pytest.fixture(scope="module")
 def trained(shapes_shards_16px: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A tiny 16px text-conditional GAN fitted by a real Trainer, and its checkpoint."""
     root = tmp_path_factory.mktemp("cgan")
