@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/python -m genart_lightning.demo
 
 # pytest-xdist: the suite's processes run one torch thread each (tests/conftest.py), so workers fill the cores;
-# tests/conftest.py groups each file for --dist loadgroup (inert under pytest 9.2 with xdist 3.8). --durations: where the minutes went. Tests that fork the
+# a test file stays in one worker (tests/conftest.py; loadgroup needs pytest < 9.2). --durations: where the minutes went. Tests that fork the
 # pytest process for DDP (marker ddp_fork) run afterwards without xdist: a forked xdist worker hung once.
 TEST_WORKERS ?= 3
 

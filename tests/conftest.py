@@ -77,6 +77,7 @@ def genart_cache(tmp_path_factory: pytest.TempPathFactory):
     return shared
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the node ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """xdist groups (`--dist loadgroup`): a test with a group of its own keeps it (the trained digits models); every
     other test runs in its file's worker, so a module-scoped trained fixture is built once, not once per worker, and a
