@@ -40,7 +40,7 @@ def main() -> None:
     genart(
         "fit", "--config", "experiments/cgan_shapes.yaml",
         f"--trainer.max_steps={TRAIN_STEPS}", f"--trainer.default_root_dir={RUN}",
-        f"--trainer.logger.init_args.save_dir={RUN}", f"--checkpoint.every_n_train_steps={TRAIN_STEPS // 2}",
+        f"--checkpoint.every_n_train_steps={TRAIN_STEPS // 2}",
     )
     ckpt = RUN / "checkpoints" / "last.ckpt"
     grid = OUT / "cgan_prompts.png"
@@ -54,7 +54,7 @@ def main() -> None:
     print(f"  data:          {DATA}/ (train-*.tar, val-*.tar; inspect with `genart shards info '{DATA}/val-000000.tar'`)")
     print(f"  checkpoint:    {ckpt}")
     print(f"  prompt grid:   {grid}  (one column per prompt: {'; '.join(PROMPTS)})")
-    print(f"  training grids: {RUN}/tb/version_*/samples/   dashboard: tensorboard --logdir {RUN}")
+    print(f"  training grids: {RUN}/lightning_logs/version_*/samples/   dashboard: tensorboard --logdir {RUN}")
     print(f"  metrics:       {metrics}")
     for key, value in summary.items():
         if isinstance(value, float):

@@ -81,3 +81,24 @@ def test_every_shipped_experiment_config_validates(tmp_path):
             failed[name] = (printed[name] + err)[-1500:]
     assert len(configs) >= 9 and not failed, failed
     assert "strategy: fsdp2" in printed["strategy_fsdp2.yaml"]
+
+
+def test_one_option_moves_the_whole_run_and_a_failed_start_uses_no_version(shapes_shards, tmp_path):
+    # A shipped config with only --trainer.default_root_dir: checkpoints, logs, grids, config and provenance all land
+    # in that folder (the configs once fixed the logger's save_dir, so grids went to runs/<config>/ whatever the run).
+    run = tmp_path / "mine"
+    args = ["fit", "--config", str(REPO / "experiments/dcgan_shapes.yaml"), f"--trainer.default_root_dir={run}",
+            f"--data.init_args.train_urls={shapes_shards['train_urls']}", f"--data.init_args.val_urls={shapes_shards['val_urls']}",
+            "--trainer.max_steps=4", "--trainer.limit_val_batches=1", "--trainer.val_check_interval=2",
+            "--checkpoint.every_n_train_steps=2", "--sample_grid.every_n_steps=2", "--sample_grid.num_samples=4",
+            "--data.init_args.num_workers=1"]
+    code, _, err = genart_in_process(*args, "--data.init_args.batch_size=4096", cwd=tmp_path)
+    assert code == 2 and "--data.batch_size" in err, err[-2000:]
+    assert not run.exists()  # the failed start created it, and left nothing in it
+    code, _, err = genart_in_process(*args, cwd=tmp_path)
+    assert code == 0, err[-3000:]
+    assert not (tmp_path / "runs").exists()
+    assert (run / "checkpoints/last.ckpt").is_file() and (run / "checkpoints/provenance.json").is_file()
+    assert (run / "checkpoints/config.yaml").is_file()
+    assert sorted(p.name for p in (run / "lightning_logs").iterdir()) == ["version_0"]  # the failed start took none
+    assert list((run / "lightning_logs/version_0").glob("events.out.tfevents.*")) and list((run / "lightning_logs/version_0/samples").glob("*.png"))

@@ -13,6 +13,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 
 from datamodules.webdataset import existing_shards
 from genart_lightning import UserError
+from genart_lightning.callbacks.failed_start import DiscardFailedStart
 from genart_lightning.callbacks.log_run_record import LogRunRecord
 from genart_lightning.callbacks.preemption import Preemption
 from genart_lightning.callbacks.rank_state import RankState
@@ -56,6 +57,16 @@ def configure_threads(config: Namespace) -> ThreadChoice | None:
     return set_cpu_threads(workers, processes, config.get("threads"))
 
 
+def loggers_into_run_dir(config: Namespace) -> None:
+    """A logger without `save_dir` writes into `trainer.default_root_dir`, so one option moves a whole run: checkpoints,
+    logs, sample grids, config and provenance (the shipped configs leave `save_dir` unset for this)."""
+    loggers = config.trainer.logger
+    root = config.trainer.default_root_dir or os.getcwd()
+    for entry in loggers if isinstance(loggers, list) else [loggers]:
+        if isinstance(entry, Namespace) and "init_args" in entry and entry.init_args.get("save_dir", "unset") is None:
+            entry.init_args.save_dir = str(root)
+
+
 class GenartCLI(LightningCLI):
     """Adds `checkpoint` (RunCheckpoint: `last.ckpt` always holds the final weights), `sample_grid`, `throughput`, `lr_monitor` and
     `run_summary` (final metrics.json) config sections to every run.
@@ -67,6 +78,7 @@ class GenartCLI(LightningCLI):
 
     def __init__(self, *args, save_config_callback: type[RunRecord] | None = RunRecord, **kwargs) -> None:
         self.threads: ThreadChoice | None = None
+        self.run_dir_existed = True
         super().__init__(*args, save_config_callback=save_config_callback, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -94,7 +106,10 @@ class GenartCLI(LightningCLI):
         check_inputs(self.config[subcommand] if subcommand else self.config)
 
     def before_instantiate_classes(self) -> None:
-        self.threads = configure_threads(self.config[self.subcommand] if self.subcommand else self.config)
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        loggers_into_run_dir(config)
+        self.run_dir_existed = Path(config.trainer.default_root_dir or os.getcwd()).exists()
+        self.threads = configure_threads(config)
         if self.threads and int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
             print(f"[genart] {self.threads.line()}", flush=True)  # stdout: stderr is for the one line of a mistake
         if self.subcommand == "fit":
@@ -106,6 +121,8 @@ class GenartCLI(LightningCLI):
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]
         trainer.callbacks.append(RankState())
         trainer.callbacks.append(LogRunRecord())
+        if self.subcommand == "fit":
+            trainer.callbacks.append(DiscardFailedStart(trainer.default_root_dir, self.run_dir_existed))
         candidates = self.threads.tuning_candidates() if self.threads else []
         if self.subcommand == "fit" and len(candidates) > 1 and trainer.world_size == 1:  # ranks would time each other
             trainer.callbacks.append(ThreadTuner(candidates, self.threads.threads))
