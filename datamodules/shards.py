@@ -13,6 +13,7 @@ import tarfile
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import webdataset as wds
@@ -190,8 +191,10 @@ def _metadata_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("metadata.*") if p.name in METADATA_FILES and p.is_file())
 
 
-def read_imagefolder(images_dir: str | os.PathLike, caption_column: str | None = None) -> CaptionRows:
-    """(image file, caption, other columns) rows of the Hugging Face imagefolder metadata.jsonl/csv files in a folder."""
+def read_imagefolder(images_dir: str | os.PathLike, caption_column: str | None = None,
+                     bad: list[BadFile] | None = None) -> CaptionRows:
+    """(image file, caption, other columns) rows of the Hugging Face imagefolder metadata.jsonl/csv files in a folder;
+    a row naming a missing image goes to `bad` when given, else raises."""
     root, rows = Path(images_dir), []
     for meta in _metadata_files(root):
         table = _read_table(meta)
@@ -207,14 +210,18 @@ def read_imagefolder(images_dir: str | os.PathLike, caption_column: str | None =
         for number, r in enumerate(table, 1):
             image = meta.parent / str(r.get("file_name"))
             if not image.is_file():
-                raise FileNotFoundError(f"image not found: {image} (row {number} of {meta}); file_name is relative to"
-                                        " the metadata file's folder: fix the name or drop the row")
+                problem = BadFile("image not found", image, f"row {number} of {meta}; file_name is relative to its folder")
+                if bad is None:
+                    raise FileNotFoundError(f"{problem.line()}: fix the name or drop the row")
+                bad.append(problem)
+                continue
             rows.append((os.path.relpath(image, root), str(r.get(caption_col) or ""), {c: r.get(c) for c in extra}))
     return rows
 
 
-def read_sidecar_captions(images_dir: str | os.PathLike) -> CaptionRows:
-    """(image file, caption, {}) rows from the IMAGE.txt caption beside each image in a folder (kohya layout)."""
+def read_sidecar_captions(images_dir: str | os.PathLike, bad: list[BadFile] | None = None) -> CaptionRows:
+    """(image file, caption, {}) rows from the IMAGE.txt caption beside each image in a folder (kohya layout); an
+    unreadable caption file goes to `bad` when given, else raises."""
     root, rows = Path(images_dir), []
     for image in _images(root):
         text = image.with_suffix(".txt")
@@ -222,24 +229,67 @@ def read_sidecar_captions(images_dir: str | os.PathLike) -> CaptionRows:
             try:
                 rows.append((str(image.relative_to(root)), text.read_text(encoding="utf-8-sig").strip(), {}))
             except UnicodeDecodeError as exn:
-                raise ValueError(f"caption file is not UTF-8: {text} ({exn.reason}); re-save it as UTF-8") from None
+                if bad is None:
+                    raise ValueError(f"caption file is not UTF-8: {text} ({exn.reason}); re-save it as UTF-8") from None
+                bad.append(BadFile("caption not UTF-8", image, f"{text.name}: {exn.reason}"))
     return rows
 
 
-def _caption_rows(root: Path, captions_file: str | os.PathLike | None, caption_column: str | None) -> tuple:
+def _caption_rows(root: Path, captions_file: str | os.PathLike | None, caption_column: str | None,
+                  bad: list[BadFile]) -> tuple:
     """Rows from --captions, else the folder's imagefolder metadata, else sidecar .txt; with their source and fix."""
     if captions_file is not None:
-        return read_captions(captions_file, caption_column), str(captions_file), "add rows for them"
+        return read_captions(captions_file, caption_column), str(captions_file), f"add rows for them to {captions_file}"
     if _metadata_files(root):
-        return read_imagefolder(root, caption_column), "its metadata.jsonl/csv", "add file_name rows for them"
+        return read_imagefolder(root, caption_column, bad), "its metadata.jsonl/csv", "add file_name rows for them"
     if caption_column is not None:
         raise ValueError(f"--caption-column {caption_column} given but {root} has no metadata.jsonl/csv"
                          " and no --captions file; drop it or add one")
-    return read_sidecar_captions(root), "sidecar .txt files", "add IMAGE.txt captions beside them, give --captions FILE"
+    return read_sidecar_captions(root, bad), "sidecar .txt files", "add IMAGE.txt captions beside them or give --captions FILE"
 
 
 def _images(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and p.is_file())
+
+
+@dataclass(frozen=True)
+class BadFile:
+    """An image (or a caption row) `from_folder` cannot make a sample of: what is wrong, the file, details."""
+
+    kind: str
+    """One of BAD_KINDS."""
+    path: Path
+    """The image: the one left out, or the one a caption row names that is not there."""
+    detail: str = ""
+
+    def line(self) -> str:
+        return f"{self.kind}: {self.path}" + (f" ({self.detail})" if self.detail else "")
+
+
+BAD_KINDS = {  # kind -> (one, several, the fix; None: the caption source's own), in the order they are listed
+    "unreadable image": ("unreadable image", "unreadable images", "re-save or remove them"),
+    "no caption": ("image without a caption", "images without a caption", None),
+    "caption not UTF-8": ("caption file not UTF-8", "caption files not UTF-8", "re-save them as UTF-8"),
+    "image not found": ("caption row naming a missing image", "caption rows naming a missing image",
+                        "fix the names or drop the rows"),
+}
+
+
+def count_bad(bad: Sequence[BadFile]) -> str:
+    """'2 unreadable images, 1 image without a caption': how many of each kind."""
+    counts = Counter(b.kind for b in bad)
+    return ", ".join(f"{n} {BAD_KINDS[kind][0 if n == 1 else 1]}" for kind, n in counts.items())
+
+
+class BadFolder(ValueError):
+    """Every bad file of an image folder, found in one scan; `bad` lists them, the message counts them and names fixes."""
+
+    def __init__(self, root: Path, bad: list[BadFile], good: int, caption_fix: str) -> None:
+        self.bad, self.good = bad, good
+        counts = Counter(b.kind for b in bad)
+        kinds = [f"{count_bad([b for b in bad if b.kind == kind])} ({BAD_KINDS[kind][2] or caption_fix})" for kind in counts]
+        rest = f"or pass --skip-bad to write the other {good} image{'s' * (good != 1)}" if good else "no image is left to write"
+        super().__init__(f"{root} has {', '.join(kinds)}; {rest}")
 
 
 def from_folder(
@@ -251,39 +301,52 @@ def from_folder(
     val_fraction: float = 0.0,
     empty_captions: bool = False,
     caption_column: str | None = None,
+    skip_bad: bool = False,
 ) -> dict:
-    """Turn a folder of images plus captions into train (and val) shards; returns url patterns.
+    """Turn a folder of images plus captions into train (and val) shards; returns url patterns and counts.
 
     Captions come from `captions_file` (CSV/JSONL) when given, else from Hugging Face imagefolder metadata.jsonl/csv
     files in the folder, else from IMAGE.txt files beside the images; `caption_column` overrides the caption column.
     Images are stored as they are unless `resize` is given (shorter side to `resize`, re-encoded in their format).
     The val split takes the samples whose key hashes into `val_fraction`, so it is stable when images are added.
+    Every image is decoded before anything is written: unreadable images, images without a caption (unless
+    `empty_captions`) and caption rows naming no image raise one BadFolder listing them all, or with `skip_bad` are
+    left out and listed in the result's "skipped". Counts of written samples with a blank caption: "empty_captions"
+    (an empty caption file or cell: stored as unconditional samples), "uncaptioned" (none, kept by `empty_captions`).
     """
     root = Path(images_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root} (from --images)")
-    rows, source, fix = _caption_rows(root, captions_file, caption_column)
+    bad: list[BadFile] = []
+    rows, source, fix = _caption_rows(root, captions_file, caption_column, bad)
     captions = {}
     for number, (name, caption, extra) in enumerate(rows, 1):
-        if not (root / name).is_file():
-            raise FileNotFoundError(
-                f"image not found: {root / name} (row {number} of {source}); fix the name or drop the row"
-            )
-        captions[(root / name).resolve()] = (caption, extra)
+        if (root / name).is_file():
+            captions[(root / name).resolve()] = (caption, extra)
+        else:
+            bad.append(BadFile("image not found", root / name, f"row {number} of {source}"))
     images = _images(root)
-    missing = [p for p in images if p.resolve() not in captions]
-    if missing and not empty_captions:
-        raise ValueError(
-            f"{len(missing)} images in {root} have no caption in {source} (first: {missing[0].relative_to(root)});"
-            f" {fix}, or pass --empty-captions to store them with empty captions"
-        )
+    if not images:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {root} (from --images)")
+    known_bad = {b.path.resolve() for b in bad}
+    uncaptioned = [p for p in images if p.resolve() not in captions and p.resolve() not in known_bad]
+    if not empty_captions:
+        bad += [BadFile("no caption", p, f"none in {source}") for p in uncaptioned]
+    bad += [problem for p in tqdm(images, desc="checking images", unit="img") if (problem := _unreadable(p))]
+    bad.sort(key=lambda b: (list(BAD_KINDS).index(b.kind), b.path))
+    known_bad = {b.path.resolve() for b in bad}
+    good = [p for p in images if p.resolve() not in known_bad]
+    if (bad and not skip_bad) or not good:
+        raise BadFolder(root, bad, len(good), f"{fix}, or pass --empty-captions")
     samples = {"train": [], "val": []}
-    for path in images:
+    for path in good:
         key = _key(path.relative_to(root))
         split = "val" if zlib.crc32(key.encode()) % 10_000 < val_fraction * 10_000 else "train"
         samples[split].append((key, path))
-    result = {}
-    with tqdm(total=len(images), desc="writing shards", unit="img") as progress:
+    blank = [p for p in good if not captions.get(p.resolve(), ("",))[0].strip()]  # no caption, or an empty one
+    result: dict = {"skipped": bad, "uncaptioned": len(set(blank) & set(uncaptioned)),
+                    "empty_captions": len(set(blank) - set(uncaptioned))}
+    with tqdm(total=len(good), desc="writing shards", unit="img") as progress:
         for split, items in samples.items():
             if not items:
                 continue
@@ -299,13 +362,22 @@ def _key(relative: Path) -> str:
     return str(relative.with_suffix("")).replace(os.sep, "__").replace(".", "_")
 
 
+def _unreadable(path: Path) -> BadFile | None:
+    """The problem of an image PIL cannot decode to the end (truncated, not an image), else None."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception as exn:
+        return BadFile("unreadable image", path, f"{type(exn).__name__}: {str(exn).replace(f' {str(path)!r}', '')}")
+    return None
+
+
 def _folder_sample(key: str, path: Path, root: Path, captions: dict, resize: int | None, progress: tqdm) -> dict:
     caption, extra = captions.get(path.resolve(), ("", {}))
     data = path.read_bytes()
     ext = path.suffix.lower().lstrip(".")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
+        with Image.open(io.BytesIO(data)) as image:  # decoded once by _unreadable already: here only to resize
             size = image.size
             if resize is not None:
                 image = image.convert("RGB")
@@ -316,7 +388,7 @@ def _folder_sample(key: str, path: Path, root: Path, captions: dict, resize: int
                 fmt = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[ext]
                 image.save(buffer, format=fmt, **({"quality": 95} if fmt != "PNG" else {}))
                 data = buffer.getvalue()
-    except Exception as exn:
+    except Exception as exn:  # changed since the check
         raise ValueError(f"unreadable image: {path} ({type(exn).__name__}: {exn}); re-save or remove it") from None
     progress.update()
     meta = {"source": str(path.relative_to(root)), "width": size[0], "height": size[1], **extra}

@@ -92,9 +92,11 @@ def test_one_option_moves_the_whole_run_and_a_failed_start_uses_no_version(shape
             "--trainer.max_steps=4", "--trainer.limit_val_batches=1", "--trainer.val_check_interval=2",
             "--checkpoint.every_n_train_steps=2", "--sample_grid.every_n_steps=2", "--sample_grid.num_samples=4",
             "--data.init_args.num_workers=1"]
+    run.mkdir()
+    (run / "notes.txt").write_text("the user's own file")  # an existing folder: only what the failed start made goes
     code, _, err = genart_in_process(*args, "--data.init_args.batch_size=4096", cwd=tmp_path)
     assert code == 2 and "--data.batch_size" in err, err[-2000:]
-    assert not run.exists()  # the failed start created it, and left nothing in it
+    assert (run / "notes.txt").is_file()
     code, _, err = genart_in_process(*args, cwd=tmp_path)
     assert code == 0, err[-3000:]
     assert not (tmp_path / "runs").exists()

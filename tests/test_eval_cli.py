@@ -157,3 +157,42 @@ def test_eval_fake_folder_scores_files_against_shards_and_folders(shapes_shards,
     main(["eval", "--fake", str(noise), "--data", str(tmp_path / "real"), "--fid-features", "judge",
           "--out", str(tmp_path / "noise_vs_folder.json")])
     assert json.loads((tmp_path / "noise_vs_folder.json").read_text())["fid"] == pytest.approx(noisy["fid"], rel=1e-6)
+
+
+def test_comparability_warnings_name_the_reason():
+    from genart_lightning.metrics.comparability import features_data_warning, sample_size_warning
+    from genart_lightning.shapes.suite import ShapesSuite, shapes_prompts
+
+    assert sample_size_warning(2000, 5000) is None
+    assert sample_size_warning(200, 5000).startswith("FID on 200 generated images is biased upward (more so with fewer"
+                                                     " images); compare only runs with the same counts, or use >= 2000")
+    assert sample_size_warning(5000, 24).startswith("FID on 24 real images is biased upward")
+    suites = [ShapesSuite()]  # its judge is only trained when its features or accuracy are asked for
+    shapes, _ = shapes_prompts(8, 0)
+    assert features_data_warning("judge", suites, shapes) is None
+    assert features_data_warning("inception", suites, ["a photo of a cat"]) is None
+    other = features_data_warning("judge", suites, ["a photo of a cat", *shapes])
+    assert other == ("--fid-features judge uses the shapes judge, trained on the shapes dataset, and --data is not shapes"
+                     " data (its captions are not shapes captions): its FID/KID compare only with runs on the same data"
+                     " and features, never with Inception FID (--fid-features inception, the default)")
+    assert "may not be shapes data (it has no captions to tell)" in features_data_warning("judge", suites, None)
+
+
+def test_eval_on_few_images_warns_once_on_stderr(shapes_shards, tmp_path):
+    from helpers import genart_in_process
+    from PIL import Image
+
+    features = torch.jit.script(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten()))
+    features.save(str(tmp_path / "features.pt"))  # a tiny offline extractor: 12 features
+    (tmp_path / "fake").mkdir()
+    for i in range(6):
+        Image.new("RGB", (32, 32), (40 * i, 100, 200 - 30 * i)).save(tmp_path / "fake" / f"{i}.png")
+    code, stdout, stderr = genart_in_process(
+        "eval", "--fake", str(tmp_path / "fake"), "--data", shapes_shards["val_urls"], "--fid-features",
+        str(tmp_path / "features.pt"), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "m.json"), cwd=tmp_path)
+    assert code == 0, stderr[-2000:]
+    assert "| fid | kid |" in stdout
+    warnings = [line for line in stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: FID on 6 generated and {shapes_shards['num_val']} real images is biased upward (more"
+                        " so with fewer images); compare only runs with the same counts, or use >= 2000 of each"
+                        " (--num-samples, real images in --data)"]

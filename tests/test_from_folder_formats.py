@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from datamodules.shards import from_folder, read_imagefolder, read_sidecar_captions
+from datamodules.shards import BadFolder, from_folder, read_imagefolder, read_sidecar_captions
 from genart_lightning.cli import main
 
 CAPTIONS = {"a.png": "a red square", "b.v2.png": "a green, wide one", "sub/c.png": "a blue one, nested"}
@@ -86,8 +87,8 @@ def test_sidecar_txt_captions_match_csv_route(tmp_path):
     assert _shards(tmp_path, "txt_out", images) == expected
     assert sorted(read_sidecar_captions(images)) == sorted((f, c, {}) for f, c in CAPTIONS.items())
     (images / "a.txt").unlink()
-    with pytest.raises(SystemExit, match=r"error: 1 images in .* no caption in sidecar \.txt files \(first: a\.png\);"
-                                          r" add IMAGE\.txt .*--empty-captions"):
+    with pytest.raises(SystemExit, match=r"error: .*kohya has 1 image without a caption \(add IMAGE\.txt captions beside"
+                                          r" them or give --captions FILE, or pass --empty-captions\)"):
         _shards(tmp_path, "txt_out2", images)
     info = from_folder(images, None, tmp_path / "txt_out3", empty_captions=True)
     assert info["num_train"] == 3
@@ -104,8 +105,9 @@ def test_metadata_errors_name_the_file_and_the_fix(tmp_path):
         from_folder(images, None, tmp_path / "out", caption_column="prompt")
     assert from_folder(images, None, tmp_path / "out", caption_column="description")["num_train"] == 3
     meta.write_text(json.dumps({"file_name": "gone.png", "text": "x"}) + "\n")
-    with pytest.raises(FileNotFoundError, match=r"image not found: .*gone\.png \(row 1 of .*metadata\.jsonl\)"):
+    with pytest.raises(BadFolder, match=r"1 caption row naming a missing image") as bad:
         from_folder(images, None, tmp_path / "out")
+    assert re.match(r"image not found: .*gone\.png \(row 1 of .*metadata\.jsonl", bad.value.bad[-1].line())
     meta.write_text(json.dumps({"image": "a.png", "text": "x"}) + "\n")
     with pytest.raises(ValueError, match=r"needs a file_name column"):
         from_folder(images, None, tmp_path / "out")

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import io
 import json
+import random
+import re
 import tarfile
 from pathlib import Path
 
 import pytest
+from helpers import genart_in_process
 from PIL import Image
 
-from datamodules.shards import count_samples, expand_urls, from_folder, inspect_shards
+from datamodules.shards import BadFolder, count_samples, expand_urls, from_folder, inspect_shards
 from datamodules.webdataset import TextImageDataModule
 from genart_lightning.cli import main
 
@@ -58,13 +61,78 @@ def test_from_folder_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"need an image column \(file\|image\|filename\|path\)"):
         from_folder(tmp_path / "images", table, tmp_path / "out")
     table.write_text("file,caption\nimg.0.jpg,one\nnope.png,two\n")
-    with pytest.raises(FileNotFoundError, match=r"image not found: .*nope.png \(row 2 of .*c.csv\)"):
+    with pytest.raises(BadFolder, match=r"4 images without a caption \(add rows for them to .*c.csv, or pass"
+                                        r" --empty-captions\), 1 caption row naming a missing image") as bad:
         from_folder(tmp_path / "images", table, tmp_path / "out")
+    assert re.fullmatch(r"image not found: .*nope.png \(row 2 of .*c.csv\)", bad.value.bad[-1].line())
     table.write_text("file,caption\nimg.0.jpg,one\n")
-    with pytest.raises(ValueError, match=r"4 images in .* have no caption .*--empty-captions"):
-        from_folder(tmp_path / "images", table, tmp_path / "out")
     info = from_folder(tmp_path / "images", table, tmp_path / "out", empty_captions=True, val_fraction=0.5)
     assert info["num_train"] + info["num_val"] == len(captions) and info["num_val"] > 0
+
+
+
+def _bad_folder(root: Path) -> Path:
+    """Four good images with sidecar captions (one caption file blank), two unreadable images (not an image, a
+    truncated PNG) with captions, two images without a caption."""
+    for i in range(4):
+        Image.new("RGB", (12, 10), (60 * i, 90, 30)).save(root / f"good{i}.png")
+        (root / f"good{i}.txt").write_text(f"good picture {i}" if i else "  \n")
+    noise = io.BytesIO()
+    Image.frombytes("RGB", (32, 32), random.Random(0).randbytes(32 * 32 * 3)).save(noise, format="PNG")
+    (root / "truncated.png").write_bytes(noise.getvalue()[:-100])  # the end of the pixel data lost
+    (root / "not_an_image.png").write_bytes(b"this is text, not a PNG")
+    for name in ("not_an_image", "truncated"):
+        (root / f"{name}.txt").write_text("a caption")
+    for name in ("uncaptioned_a.png", "uncaptioned_b.png"):
+        Image.new("RGB", (12, 10)).save(root / name)
+    return root
+
+
+def _from_folder(tmp_path: Path, *flags: str) -> tuple[int, str, str]:
+    return genart_in_process("shards", "from-folder", "--images", str(_bad_folder(tmp_path / "images")),
+                             "--out", str(tmp_path / "out"), *flags, cwd=tmp_path)
+
+
+def test_from_folder_lists_every_bad_file_in_one_run(tmp_path):
+    (tmp_path / "images").mkdir()
+    code, _, stderr = _from_folder(tmp_path)
+    lines = [line for line in stderr.splitlines() if line.strip() and "checking images" not in line]  # no progress bar
+    assert code == 2, stderr
+    images = tmp_path / "images"
+    assert [line.split(" (")[0] for line in lines[:-1]] == [
+        f"  unreadable image: {images / 'not_an_image.png'}", f"  unreadable image: {images / 'truncated.png'}",
+        f"  no caption: {images / 'uncaptioned_a.png'}", f"  no caption: {images / 'uncaptioned_b.png'}"]
+    assert lines[0].endswith("(UnidentifiedImageError: cannot identify image file)")  # the path once, not twice
+    assert lines[-1] == (
+        f"error: {tmp_path / 'images'} has 2 unreadable images (re-save or remove them), 2 images without a caption (add"
+        " IMAGE.txt captions beside them or give --captions FILE, or pass --empty-captions); or pass --skip-bad to write"
+        " the other 4 images")
+    assert not (tmp_path / "out").exists()  # checked before anything is written
+
+
+def test_from_folder_skip_bad_writes_the_rest_and_lists_what_it_skipped(tmp_path):
+    (tmp_path / "images").mkdir()
+    code, stdout, _ = _from_folder(tmp_path, "--skip-bad")
+    assert code == 0
+    skipped = [line for line in stdout.splitlines() if line.startswith("skipped ") and "--skip-bad" not in line]
+    assert [line.split(": ")[0] for line in skipped] == ["skipped unreadable image"] * 2 + ["skipped no caption"] * 2
+    assert {Path(line.split(": ")[1].split(" (")[0]).name for line in skipped} == {
+        "not_an_image.png", "truncated.png", "uncaptioned_a.png", "uncaptioned_b.png"}
+    assert "skipped (--skip-bad): 2 unreadable images, 2 images without a caption" in stdout
+    assert "train: 4 samples -> " in stdout
+    assert "1 empty caption (an empty caption file or cell): stored as unconditional samples" in stdout
+    urls = expand_urls(str(tmp_path / "out" / "train-*.tar"))
+    assert sum(count_samples(u) for u in urls) == 4
+    assert inspect_shards(urls)["num_samples"] == 4  # what was written, decoded
+
+
+def test_from_folder_counts_empty_captions(tmp_path):
+    (tmp_path / "images").mkdir()
+    code, stdout, _ = _from_folder(tmp_path, "--skip-bad", "--empty-captions")
+    assert code == 0
+    assert "skipped (--skip-bad): 2 unreadable images\n" in stdout and "train: 6 samples -> " in stdout
+    assert "1 empty caption (an empty caption file or cell)" in stdout  # good0's blank caption file
+    assert "2 images without a caption stored with an empty one (--empty-captions)" in stdout
 
 
 def test_info_counts_unreadable_entries(shapes_shards, tmp_path):

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, genart_in_process
+import torch
+from helpers import REPO, PicklePayload, genart_in_process
 
 from genart_lightning.cli import entry
 
@@ -71,3 +72,27 @@ def test_the_console_script_exits_2_with_one_line_and_debug_shows_the_traceback(
     assert "unknown sampler 'eulr'" in one_line((result.returncode, result.stderr))
     with pytest.raises(FileNotFoundError, match="shard not found: nowhere.tar"):
         entry(fit_args(tmp_path, "--data.init_args.train_urls=nowhere.tar") + ["--debug"])
+
+
+@pytest.mark.slow
+def test_size_family_and_checkpoint_mistakes_are_one_line_and_leave_no_run_dir(tmp_path, shapes_shards):
+    data = [f"--data.init_args.train_urls={shapes_shards['train_urls']}", f"--data.init_args.val_urls={shapes_shards['val_urls']}"]
+    line = one_line(genart(*fit_args(tmp_path, *data, "--model.init_args.image_size=16"), cwd=tmp_path))
+    assert "--model.image_size=16 and --data.image_size=32 differ" in line
+    # Resuming another family's checkpoint: Lightning would switch the model to the checkpoint's, silently.
+    line = one_line(genart(*fit_args(tmp_path, *data, f"--ckpt_path={CKPT}"), cwd=tmp_path))
+    assert "is a PixelDiffusion checkpoint, but the config trains DCGAN" in line and "init_from" in line
+    pickled = tmp_path / "pickled.ckpt"
+    torch.save({"state_dict": {}, "payload": PicklePayload(tmp_path / "ran")}, pickled)
+    line = one_line(genart(*fit_args(tmp_path, *data, f"--ckpt_path={pickled}"), cwd=tmp_path))
+    assert "holds objects other than tensors" in line and not (tmp_path / "ran").exists()
+    # init_from: a checkpoint of another family matches almost nothing; a corrupt .safetensors is not read.
+    ddpm = ["fit", "--config", str(REPO / "experiments" / "ddpm_shapes.yaml"), f"--trainer.default_root_dir={tmp_path / 'run'}",
+            *data, "--trainer.max_steps=1", "--data.init_args.num_workers=0"]
+    line = one_line(genart(*ddpm, f"--model.init_args.init_from={CKPT.with_name('DCGAN.ckpt')}", cwd=tmp_path))
+    assert "is a DCGAN checkpoint, but this model is PixelDiffusion" in line and "init_partial: true" in line
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    line = one_line(genart(*ddpm, f"--model.init_args.init_from={corrupt}", cwd=tmp_path))
+    assert f"{corrupt} is not a readable safetensors file" in line
+    assert not (tmp_path / "run").exists()

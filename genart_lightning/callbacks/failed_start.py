@@ -10,11 +10,11 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 
 class DiscardFailedStart(L.Callback):
-    """On an exception before the first optimizer step of a fresh fit, remove the log folders this start created
-    (Lightning creates each logger's `version_N` before the data is set up, so a typo in the data settings used one
-    up), and the run folder itself when this start created it and nothing else is left in it.
+    """On an exception before the first optimizer step of a fresh fit, remove what this start wrote: the whole run
+    folder when this start created it, else the logger versions it created (Lightning creates each logger's
+    `version_N` before the data is set up, so a typo in the data settings used one up).
 
-    Left alone: a resumed fit (its version is the run's), W&B runs (not local), and any failure after step 0.
+    Left alone: a resumed fit (its version and folder are the run's), W&B runs (not local), any failure after step 0.
     """
 
     def __init__(self, run_dir: str | Path, run_dir_existed: bool) -> None:
@@ -24,19 +24,9 @@ class DiscardFailedStart(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if trainer.global_step > 0 or trainer.ckpt_path or not trainer.is_global_zero:
             return
+        if not self.run_dir_existed:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            return
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger | CSVLogger) and logger.log_dir and Path(logger.log_dir).is_dir():
                 shutil.rmtree(logger.log_dir, ignore_errors=True)
-                remove_empty_up_to(Path(logger.log_dir).parent, self.run_dir)
-        if not self.run_dir_existed:
-            remove_empty_up_to(self.run_dir, self.run_dir)
-
-
-def remove_empty_up_to(directory: Path, top: Path) -> None:
-    """Remove `directory` and its parents while they are empty, stopping after `top`."""
-    directory, top = directory.resolve(), top.resolve()
-    while directory.is_dir() and not any(directory.iterdir()) and (directory == top or top in directory.parents):
-        directory.rmdir()
-        if directory == top:
-            return
-        directory = directory.parent

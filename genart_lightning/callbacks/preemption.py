@@ -87,6 +87,8 @@ class Preemption(L.Callback):
         if stage != "fit":
             return
         self._install()  # before Lightning's signal connector: it then leaves SIGUSR1 to this handler
+        if slurm_job_id() is None and trainer.world_size == 1:
+            return  # a local single-process run: no cluster, job or rank to report
         names = "/".join(signal.Signals(s).name for s in self.signums)
         rank_message(
             trainer,

@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import os
+import sys
 from pathlib import Path
 
 from genart_lightning.commands import add_threads_option, interval_option, require_checkpoint, use_cpu_threads
@@ -29,7 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler", help="sampler name (diffusion, e.g. ddim)")
     p.add_argument("--guidance-interval",
                    help="LO,HI: guide only at noise levels sigma/alpha in (LO, HI], e.g. 0.3,5 (diffusion)")
-    p.add_argument("--fid-features", default="inception", help="inception (the default, standard), judge (shapes, offline), digits (digits judge, offline) or a TorchScript .pt")
+    p.add_argument("--fid-features", default="inception",
+                   help="FID/KID features: inception (the default: the standard Inception-v3 pool3, comparable with "
+                        "published FID), judge (the shapes judge's) or digits (the digits judge's): offline, comparable "
+                        "only on their own dataset; or a TorchScript .pt")
     p.add_argument("--fid-weights", help="local Inception weights file (offline nodes); default: the torch hub cache")
     p.add_argument("--clip-model", help="OpenCLIP model for CLIP score, e.g. ViT-B-32 (default: no CLIP score)")
     p.add_argument("--clip-pretrained", help="OpenCLIP tag (e.g. laion2b_s34b_b79k) or a local weights file")
@@ -84,14 +88,16 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
 
     device = _init_distributed(args.device)
     use_cpu_threads(args.threads, device)
+    suites = [ShapesSuite(), DigitsSuite()]
     if args.fake:
         folder = ImageFolder(args.fake)
         evaluator = Evaluator(args.data, len(folder.files), args.fid_features, fid_weights=args.fid_weights,
                               clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, batch_size=args.batch_size,
-                              cache_dir=args.cache_dir, progress=True, suites=[ShapesSuite(), DigitsSuite()])
+                              cache_dir=args.cache_dir, progress=True, suites=suites)
         results = [{**evaluator.score_folder(folder, device), "data": args.data}]
         if rank_world()[0] == 0:
             write_results(results, Path(args.out))
+            warn_if_not_comparable(results[0], args, suites)
         return
     check_sampler_name(args.sampler)
     interval = interval_option(args.guidance_interval)
@@ -99,7 +105,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
     evaluator = Evaluator(
         args.data, args.num_samples, args.fid_features, fid_weights=args.fid_weights, prompts=args.prompts,
         clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, seed=args.seed, batch_size=args.batch_size,
-        cache_dir=args.cache_dir, progress=True, suites=[ShapesSuite(), DigitsSuite()],
+        cache_dir=args.cache_dir, progress=True, suites=suites,
     )
     options = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler),
                                  ("guidance_interval", interval)) if v is not None}
@@ -110,6 +116,16 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
         results[-1].update(checkpoint=model.loaded_from, data=args.data)
     if rank_world()[0] == 0:
         write_results(results, Path(args.out))
+        warn_if_not_comparable(results[0], args, suites)
+
+
+def warn_if_not_comparable(result: dict, args: argparse.Namespace, suites: list) -> None:
+    """One stderr line per reason the FID/KID just printed do not compare with other runs' (too few images, a judge's
+    features on other data); after the table, where the number is read."""
+    from genart_lightning.metrics.comparability import comparability_warnings
+
+    for line in comparability_warnings(result, args.fid_features, suites, args.data):
+        print(f"warning: {line}", file=sys.stderr, flush=True)
 
 
 def write_results(results: list[dict], out: Path) -> None:

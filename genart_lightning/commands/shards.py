@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from genart_lightning.commands import add_threads_option, use_cpu_threads
 
@@ -40,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     folder.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     folder.add_argument("--val-fraction", type=float, default=0.0, help="share of samples in a val split (default 0)")
     folder.add_argument("--empty-captions", action="store_true", help="keep images that have no caption")
+    folder.add_argument("--skip-bad", action="store_true",
+                        help="leave out the bad files (unreadable images, images without a caption), list each and"
+                             " write the rest (default: list them all, write nothing, exit 2)")
     folder.set_defaults(func=run_from_folder)
 
     encode = sub.add_parser(
@@ -75,10 +79,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info.set_defaults(func=run_info)
 
 
-def _print_urls(result: dict) -> None:
+def _print_urls(result: dict, notes: tuple[str, ...] = ()) -> None:
     for split in ("train", "val", "test"):
         if f"{split}_urls" in result:
             print(f"{split}: {result[f'num_{split}']} samples -> {result[f'{split}_urls']}")
+    for note in notes:
+        print(note)
     if "train_urls" in result:
         flags = f"--data.train_urls '{result['train_urls']}'"
         flags += f" --data.val_urls '{result['val_urls']}'" if "val_urls" in result else ""
@@ -111,14 +117,24 @@ def run_digits(args: argparse.Namespace) -> None:
 
 
 def run_from_folder(args: argparse.Namespace) -> None:
-    from datamodules.shards import from_folder
+    from datamodules.shards import BadFolder, count_bad, from_folder
 
     try:
         result = from_folder(args.images, args.captions, args.out, args.resize, args.shard_size, args.val_fraction,
-                             args.empty_captions, args.caption_column)
+                             args.empty_captions, args.caption_column, args.skip_bad)
+    except BadFolder as exn:  # every bad file, one a line, then the error line that counts them
+        print("\n".join(f"  {bad.line()}" for bad in exn.bad), file=sys.stderr)
+        raise _fail(exn) from None
     except (OSError, ValueError) as exn:
         raise _fail(exn) from None
-    _print_urls(result)
+    for bad in result["skipped"]:
+        print(f"skipped {bad.line()}")
+    notes = [f"skipped (--skip-bad): {count_bad(result['skipped'])}"] if result["skipped"] else []
+    if n := result["empty_captions"]:
+        notes.append(f"{n} empty caption{'s' * (n != 1)} (an empty caption file or cell): stored as unconditional samples")
+    if n := result["uncaptioned"]:
+        notes.append(f"{n} image{'s' * (n != 1)} without a caption stored with an empty one (--empty-captions)")
+    _print_urls(result, tuple(notes))
 
 
 def run_encode(args: argparse.Namespace) -> None:

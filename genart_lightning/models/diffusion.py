@@ -20,7 +20,12 @@ from genart_lightning.diffusion.process import Process
 from genart_lightning.diffusion.samplers import check_eta, check_sampler
 from genart_lightning.diffusion.vp import VP
 from genart_lightning.models.base import GenerativeModel, check_nonfinite_mode
-from genart_lightning.models.init_weights import InitReport, load_initial_weights, read_source_weights
+from genart_lightning.models.init_weights import (
+    InitReport,
+    check_source_family,
+    load_initial_weights,
+    read_source_weights,
+)
 from genart_lightning.models.latent_cache import cached_conditioning
 from genart_lightning.models.loading import build_family
 from genart_lightning.models.parts import build_part, part_config
@@ -97,6 +102,7 @@ class DiffusionModel(GenerativeModel):
         nonfinite: str = "raise",
         init_from: str | None = None,
         init_strict: bool = False,
+        init_partial: bool = False,
         lora: dict | None = None,
     ) -> None:
         super().__init__()
@@ -210,7 +216,10 @@ class DiffusionModel(GenerativeModel):
             self.check_latent_cache(cache)
 
     def read_initial_weights(self, path: str) -> dict[str, Tensor]:
-        """The source's tensors keyed as in this model (a diffusers directory's as this diffusers backbone's)."""
+        """The source's tensors keyed as in this model (a diffusers directory's as this diffusers backbone's); a
+        source of another family is refused unless `init_partial`."""
+        if not self.hparams.get("init_partial"):
+            check_source_family(path, type(self))
         return read_source_weights(path, "backbone.unet." if isinstance(self.backbone, DiffusersUNet) else None)
 
     def initialise_from(self, path: str, strict: bool = False) -> InitReport:

@@ -101,13 +101,23 @@ def run_commit(path: Path) -> str | None:
         return None
 
 
+def export_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file (family and hyperparameters of a `genart export`), without its tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as err:  # safetensors' own error type for a bad header, OSError for a short file
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{path} is not a readable safetensors file ({detail}); write it again with `genart export`") from None
+
+
 def read_export(path: Path, map_location: str | torch.device = "cpu") -> tuple[str, dict, dict[str, torch.Tensor]]:
     """Family name, hyperparameters and weights of a `genart export` safetensors file."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+    metadata = export_metadata(path)
     if FAMILY_KEY not in metadata or "hyper_parameters" not in metadata:
         raise ValueError(f"{path} lacks genart metadata ({FAMILY_KEY}, hyper_parameters); write it with `genart export`")
     device = str(map_location) if isinstance(map_location, torch.device) else map_location

@@ -11,8 +11,6 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
-from datamodules.webdataset import existing_shards
-from genart_lightning import UserError
 from genart_lightning.callbacks.failed_start import DiscardFailedStart
 from genart_lightning.callbacks.log_run_record import LogRunRecord
 from genart_lightning.callbacks.preemption import Preemption
@@ -22,25 +20,12 @@ from genart_lightning.callbacks.run_summary import RunSummary
 from genart_lightning.callbacks.sample_grid import SampleGrid
 from genart_lightning.callbacks.thread_tuner import ThreadTuner
 from genart_lightning.callbacks.throughput import Throughput
-from genart_lightning.models.loading import is_sharded_checkpoint
 from genart_lightning.run import fsdp  # noqa: F401  (registers --trainer.strategy fsdp2)
 from genart_lightning.run.checkpoint_io import AtomicCheckpointIO
+from genart_lightning.run.input_checks import check_inputs
 from genart_lightning.run.provenance import RunRecord
 from genart_lightning.run.resume import RESUME_MODES, apply_resume
 from genart_lightning.run.threads import ThreadChoice, set_cpu_threads
-
-
-def check_inputs(config: Namespace) -> None:
-    """The shards and checkpoint a run reads exist (one line naming the first that does not), before anything is built."""
-    data = config.get("data") or {}
-    for name in ("train_urls", "val_urls"):
-        urls = data.get("init_args", {}).get(name) if isinstance(data, dict | Namespace) else None
-        if urls:
-            existing_shards(urls, name)
-    ckpt = config.get("ckpt_path")
-    named = ckpt in ("last", "best", "hpc", "registry")
-    if ckpt and not named and not (Path(ckpt).is_file() or is_sharded_checkpoint(Path(ckpt))):
-        raise UserError(f"checkpoint not found: {ckpt} (from --ckpt_path); pass a .ckpt written by `genart fit`")
 
 
 def configure_threads(config: Namespace) -> ThreadChoice | None:
