@@ -15,7 +15,7 @@ LIGHTNING_SUBCOMMANDS = {
     "test": "run the test loop of a config/checkpoint",
     "predict": "run prediction of a config/checkpoint",
 }
-COMMAND_MODULES = ["shards", "sample", "sweep", "export", "eval", "slurm"]
+COMMAND_MODULES = ["shards", "sample", "sweep", "export", "eval", "slurm", "parts"]
 """Modules in genart_lightning.commands, each adding one subcommand."""
 
 
@@ -53,8 +53,27 @@ def moved_class_error(argv: list[str]) -> str | None:
     return None
 
 
+def short_help_names(argv: list[str]) -> list[str]:
+    """`--model.help PixelDiffusion` (any `--KEY.help NAME`): a part's class name becomes the dotted path jsonargparse
+    needs (`genart parts` lists the names)."""
+    from genart_lightning.commands.parts import resolve
+
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg.endswith(".help") and arg.startswith("--") and i + 1 < len(out):
+            out[i + 1] = resolve(out[i + 1]) or out[i + 1]
+        elif ".help=" in arg and arg.startswith("--"):
+            key, _, name = arg.partition("=")
+            out[i] = f"{key}={resolve(name) or name}"
+    return out
+
+
 def lightning_cli(args: list[str] | None) -> None:
     """Run LightningCLI restricted to this project's model and data base classes (args None: sys.argv)."""
+    if args is None:
+        sys.argv[2:] = short_help_names(sys.argv[2:])
+    else:
+        args = [args[0], *short_help_names(args[1:])]
     problem = moved_class_error(sys.argv[2:] if args is None else args[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)

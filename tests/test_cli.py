@@ -69,7 +69,8 @@ def test_latent_diffusion_fits_through_the_cli_on_a_cli_trained_vae(shapes_shard
 
 def test_every_shipped_experiment_config_validates(tmp_path):
     # A typo or a renamed option in a config we ship is one clear error here, not on a cluster after the queue wait.
-    overlays = {"logger_wandb.yaml": "dcgan_shapes.yaml", "strategy_fsdp2.yaml": "ldm_laion_256.yaml"}
+    overlays = {"logger_wandb.yaml": "dcgan_shapes.yaml", "strategy_fsdp2.yaml": "ldm_laion_256.yaml",
+                "own_data.yaml": "flow_shapes.yaml"}
     configs = sorted(p for p in (REPO / "experiments").glob("*.yaml") if p.name not in overlays)
     runs = {p.name: ["--config", str(p)] for p in configs}
     for overlay, base in overlays.items():  # added after a family's config
@@ -97,9 +98,16 @@ def test_one_option_moves_the_whole_run_and_a_failed_start_uses_no_version(shape
     code, _, err = genart_in_process(*args, "--data.init_args.batch_size=4096", cwd=tmp_path)
     assert code == 2 and "--data.batch_size" in err, err[-2000:]
     assert (run / "notes.txt").is_file()
-    code, _, err = genart_in_process(*args, cwd=tmp_path)
+    code, out, err = genart_in_process(*args, cwd=tmp_path)
     assert code == 0, err[-3000:]
     assert not (tmp_path / "runs").exists()
+    # The fit ends by saying where things are and what to run next; nothing nobody acts on is printed.
+    report = out[out.index("[genart] fit finished at step 4"):]
+    assert f"checkpoint:  {run}/checkpoints/last.ckpt" in report and f"sample grid: {run}/lightning_logs/version_0/samples/" in report
+    assert f"metrics:     {run}/lightning_logs/version_0/metrics.json" in report
+    assert f"genart sample --ckpt {run}/checkpoints/last.ckpt" in report and f"genart eval --ckpt {run}/checkpoints/last.ckpt" in report
+    for noise in ("Tip:", "LeafSpec", "module(s) in eval mode", "SLURM job None", "/-2"):
+        assert noise not in out + err, noise
     assert (run / "checkpoints/last.ckpt").is_file() and (run / "checkpoints/provenance.json").is_file()
     assert (run / "checkpoints/config.yaml").is_file()
     assert sorted(p.name for p in (run / "lightning_logs").iterdir()) == ["version_0"]  # the failed start took none

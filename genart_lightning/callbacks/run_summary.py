@@ -22,6 +22,7 @@ class RunSummary(L.Callback):
 
     def __init__(self, path: str | None = None) -> None:
         self.path = path
+        self.written: Path | None = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = Path(self.path) if self.path else Path(trainer.log_dir or trainer.default_root_dir) / "metrics.json"
@@ -39,4 +40,5 @@ class RunSummary(L.Callback):
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         tmp.replace(path)  # atomic: a reader never sees half a file, and its presence means complete
+        self.written = path
 

@@ -8,10 +8,11 @@ from pathlib import Path
 from jsonargparse import Namespace
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from genart_lightning.callbacks.failed_start import DiscardFailedStart
+from genart_lightning.callbacks.fit_report import FitReport
 from genart_lightning.callbacks.log_run_record import LogRunRecord
 from genart_lightning.callbacks.preemption import Preemption
 from genart_lightning.callbacks.rank_state import RankState
@@ -24,6 +25,7 @@ from genart_lightning.run import fsdp  # noqa: F401  (registers --trainer.strate
 from genart_lightning.run.checkpoint_io import AtomicCheckpointIO
 from genart_lightning.run.input_checks import check_inputs
 from genart_lightning.run.provenance import RunRecord
+from genart_lightning.run.quiet import quiet_lightning
 from genart_lightning.run.resume import RESUME_MODES, apply_resume
 from genart_lightning.run.threads import ThreadChoice, set_cpu_threads
 
@@ -64,6 +66,7 @@ class GenartCLI(LightningCLI):
     def __init__(self, *args, save_config_callback: type[RunRecord] | None = RunRecord, **kwargs) -> None:
         self.threads: ThreadChoice | None = None
         self.run_dir_existed = True
+        quiet_lightning()
         super().__init__(*args, save_config_callback=save_config_callback, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -108,6 +111,10 @@ class GenartCLI(LightningCLI):
         trainer.callbacks.append(LogRunRecord())
         if self.subcommand == "fit":
             trainer.callbacks.append(DiscardFailedStart(trainer.default_root_dir, self.run_dir_existed))
+            trainer.callbacks.append(FitReport())
+        bar = trainer.progress_bar_callback
+        if type(bar) is RichProgressBar and (trainer.max_epochs or -1) < 0:  # step-bound: it would print "Epoch 19/-2"
+            trainer.callbacks[trainer.callbacks.index(bar)] = TQDMProgressBar()
         candidates = self.threads.tuning_candidates() if self.threads else []
         if self.subcommand == "fit" and len(candidates) > 1 and trainer.world_size == 1:  # ranks would time each other
             trainer.callbacks.append(ThreadTuner(candidates, self.threads.threads))
