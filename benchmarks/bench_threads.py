@@ -76,13 +76,13 @@ def _fit_rate(data: dict, root: Path, steps: int, threads: int | None, busy: boo
     return measured["steps"] / measured["seconds"]
 
 
-def main(quick: bool = False) -> list[Comparison]:
+def main(quick: bool = False, conditions: tuple[str, ...] = ("idle", "busy")) -> list[Comparison]:
     """Default threads vs 1 and 2 threads, idle and busy; the baseline of each row is the better fixed choice."""
     steps, rounds = (40, 1) if quick else (80, 3)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         data = write_shapes_shards(Path(tmp) / "shapes", 700, image_size=32, samples_per_shard=100)
-        for busy in (False, True):
+        for busy in [condition == "busy" for condition in conditions]:
             runs = alternate({name: (lambda t=threads, n=name, b=busy: _fit_rate(data, _fresh(Path(tmp) / n), steps, t, b))
                               for name, threads in (("default", None), ("1", 1), ("2", 2))}, rounds)
             best = max(("1", "2"), key=lambda name: statistics.median(runs[name]))
@@ -102,6 +102,7 @@ def _fresh(path: Path) -> Path:
     return path
 
 
-if __name__ == "__main__":
-    for result in main(quick="--quick" in sys.argv):
+if __name__ == "__main__":  # python -m benchmarks.bench_threads [--quick] [idle] [busy]
+    chosen = tuple(arg for arg in sys.argv[1:] if arg in ("idle", "busy")) or ("idle", "busy")
+    for result in main(quick="--quick" in sys.argv, conditions=chosen):
         print(result.line())
