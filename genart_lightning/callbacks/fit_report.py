@@ -17,7 +17,7 @@ def first_of(trainer: L.Trainer, kind: type) -> L.Callback | None:
     return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
 
 
-def fit_report(trainer: L.Trainer) -> list[str]:
+def fit_report(trainer: L.Trainer, log_dir: str | None) -> list[str]:
     """Checkpoint, last sample grid, metrics.json, logger folder, then `genart sample` / `genart eval` lines for them."""
     checkpoint, grid, summary = first_of(trainer, ModelCheckpoint), first_of(trainer, SampleGrid), first_of(trainer, RunSummary)
     ckpt = Path(checkpoint.last_model_path) if checkpoint and checkpoint.last_model_path else None
@@ -26,8 +26,8 @@ def fit_report(trainer: L.Trainer) -> list[str]:
                         ("metrics", summary.written if summary else None)):
         if path is not None:
             lines.append(f"  {label + ':':13}{path}")
-    if trainer.log_dir:
-        lines.append(f"  {'logs:':13}{trainer.log_dir}  (tensorboard --logdir {shlex.quote(str(trainer.default_root_dir))})")
+    if log_dir:
+        lines.append(f"  {'logs:':13}{log_dir}  (tensorboard --logdir {shlex.quote(str(trainer.default_root_dir))})")
     if ckpt is None:
         return lines
     prompt = grid.prompts[0] if grid and grid.prompts and trainer.lightning_module.conditional else None
@@ -46,5 +46,6 @@ class FitReport(L.Callback):
     """Rank 0 prints `fit_report` when a fit completes (not when preemption stopped it: the requeued job goes on)."""
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask, not rank 0 alone
         if trainer.is_global_zero and not stopped_by_preemption(trainer):
-            print("\n".join(fit_report(trainer)), flush=True)
+            print("\n".join(fit_report(trainer, log_dir)), flush=True)
