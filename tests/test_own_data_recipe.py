@@ -12,8 +12,9 @@ from helpers import REPO, genart_in_process
 
 from datamodules.synthetic import render_sample
 
-QUICK_STEPS = "4"
-"""The one change to the recipe: its fit's --trainer.max_steps (1,500 there), so the test takes seconds."""
+QUICK = {"--trainer.max_steps": "4", "--num-samples": "8"}
+"""The only changes to the recipe: the fit's steps (1,500 there) and eval's samples (64 there), so the test takes
+seconds."""
 
 
 def recipe() -> list[list[str]]:
@@ -38,8 +39,9 @@ def test_readme_own_data_recipe_runs_as_written(tmp_path, genart_cache, monkeypa
         image.resize((48, 40)).save(pics / f"pic{i:02d}.png")  # not square, not 32px: from-folder resizes
         (pics / f"pic{i:02d}.txt").write_text(caption)
     for command in recipe():
-        if command[0] == "fit":
-            command[command.index("--trainer.max_steps") + 1] = QUICK_STEPS
+        for option, value in QUICK.items():
+            if option in command:
+                command[command.index(option) + 1] = value
         code, out, err = genart_in_process(*command, cwd=tmp_path)
         assert code == 0, f"genart {shlex.join(command)}: exit {code}\n{(out + err)[-3000:]}"
     run = tmp_path / "runs" / "mine"
