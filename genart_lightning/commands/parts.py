@@ -50,10 +50,10 @@ def load(dotted: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def summary(cls: type) -> str:
-    """The first sentence of a class's docstring."""
+def summary(cls: type, width: int = 100) -> str:
+    """The first paragraph of a class's docstring on one line, cut at a word near `width` characters."""
     text = " ".join((inspect.getdoc(cls) or "").split("\n\n")[0].split())
-    return text.split(". ")[0].rstrip(".")
+    return text if len(text) <= width else text[:width].rsplit(" ", 1)[0] + " ..."
 
 
 def argument_docs(cls: type) -> dict[str, str]:

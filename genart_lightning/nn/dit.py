@@ -129,7 +129,8 @@ class DiT(nn.Module):
 
 
 class DiTBackbone(Backbone):
-    """Settings of the DiT above (DiT-S/2 is hidden 384, depth 12, 6 heads, patch 2)."""
+    """The DiT backbone (a transformer over image patches): width, depth, heads and patch size (DiT-S/2 is hidden
+    384, depth 12, 6 heads, patch 2)."""
 
     name = "dit"
     lora_targets = ("to_q", "to_kv", "to_out")  # self- and cross-attention projections

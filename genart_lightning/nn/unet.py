@@ -177,7 +177,7 @@ class UNet(nn.Module):
 
 
 class UNetBackbone(Backbone):
-    """Settings of the U-Net above. `attention_block` None picks by conditioning: "transformer" (self + cross
+    """The U-Net backbone: its widths, depth and attention levels. `attention_block` None picks by conditioning: "transformer" (self + cross
     attention + MLP, as in latent diffusion) with a text encoder, "plain" (DDPM's block) without one."""
 
     name = "unet"
