@@ -102,10 +102,10 @@ def test_one_option_moves_the_whole_run_and_a_failed_start_uses_no_version(shape
     assert code == 0, err[-3000:]
     assert not (tmp_path / "runs").exists()
     # The fit ends by saying where things are and what to run next; nothing nobody acts on is printed.
-    report = out[out.index("[genart] fit finished at step 4"):]
-    assert f"checkpoint:  {run}/checkpoints/last.ckpt" in report and f"sample grid: {run}/lightning_logs/version_0/samples/" in report
-    assert f"metrics:     {run}/lightning_logs/version_0/metrics.json" in report
-    assert f"genart sample --ckpt {run}/checkpoints/last.ckpt" in report and f"genart eval --ckpt {run}/checkpoints/last.ckpt" in report
+    report = out[out.index("[genart] fit finished at step 4"):]  # paths as the user sees them from the working dir
+    assert "checkpoint:  mine/checkpoints/last.ckpt" in report and "sample grid: mine/lightning_logs/version_0/samples/" in report
+    assert "metrics:     mine/lightning_logs/version_0/metrics.json" in report and "logs:        mine/lightning_logs/version_0" in report
+    assert "genart sample --ckpt mine/checkpoints/last.ckpt" in report and "genart eval --ckpt mine/checkpoints/last.ckpt" in report
     for noise in ("Tip:", "LeafSpec", "module(s) in eval mode", "SLURM job None", "/-2"):
         assert noise not in out + err, noise
     assert (run / "checkpoints/last.ckpt").is_file() and (run / "checkpoints/provenance.json").is_file()

@@ -17,17 +17,23 @@ def first_of(trainer: L.Trainer, kind: type) -> L.Callback | None:
     return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
 
 
+def shown(path: str | Path) -> Path:
+    """`path` relative to the working directory when it lies below it (as the user typed the run folder)."""
+    path = Path(path)
+    return path.relative_to(Path.cwd()) if path.is_absolute() and path.is_relative_to(Path.cwd()) else path
+
+
 def fit_report(trainer: L.Trainer, log_dir: str | None) -> list[str]:
     """Checkpoint, last sample grid, metrics.json, logger folder, then `genart sample` / `genart eval` lines for them."""
     checkpoint, grid, summary = first_of(trainer, ModelCheckpoint), first_of(trainer, SampleGrid), first_of(trainer, RunSummary)
-    ckpt = Path(checkpoint.last_model_path) if checkpoint and checkpoint.last_model_path else None
+    ckpt = shown(checkpoint.last_model_path) if checkpoint and checkpoint.last_model_path else None
     lines = [f"[genart] fit finished at step {trainer.global_step}"]
     for label, path in (("checkpoint", ckpt), ("sample grid", grid.last_path if grid else None),
                         ("metrics", summary.written if summary else None)):
         if path is not None:
-            lines.append(f"  {label + ':':13}{path}")
+            lines.append(f"  {label + ':':13}{shown(path)}")
     if log_dir:
-        lines.append(f"  {'logs:':13}{log_dir}  (tensorboard --logdir {shlex.quote(str(trainer.default_root_dir))})")
+        lines.append(f"  {'logs:':13}{shown(log_dir)}  (tensorboard --logdir {shlex.quote(str(shown(trainer.default_root_dir)))})")
     if ckpt is None:
         return lines
     prompt = grid.prompts[0] if grid and grid.prompts and trainer.lightning_module.conditional else None
