@@ -11,7 +11,7 @@ from helpers import genart_in_process
 import genart_lightning.diffusion
 import genart_lightning.models
 import genart_lightning.nn
-from genart_lightning.commands.parts import KINDS, argument_docs
+from genart_lightning.commands.parts import KINDS
 from genart_lightning.diffusion.process import Process
 from genart_lightning.models.base import GenerativeModel
 from genart_lightning.nn.backbone import Backbone
@@ -53,4 +53,3 @@ def test_settings_of_a_part_by_short_name(tmp_path):
     assert code == 2 and "no part named 'PixelDifusion'" in err and "PixelDiffusion" in err
     code, out, err = genart_in_process("fit", "--model.help", "PixelDiffusion", cwd=tmp_path)
     assert code == 0 and "--model.guidance_scale GUIDANCE_SCALE" in out, err[-2000:]
-    assert argument_docs(type("NoDocs", (), {})) == {}

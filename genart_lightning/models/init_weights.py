@@ -13,8 +13,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from genart_lightning import UserError
-from genart_lightning.models.base import FAMILY_KEY
-from genart_lightning.models.loading import checkpoint_metadata, export_metadata, read_checkpoint, read_export
+from genart_lightning.models.loading import read_checkpoint, read_export, written_family
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -47,10 +46,9 @@ def check_source_family(path: str, family: type) -> None:
     if not source.is_file():
         return  # a diffusers directory names no family; a missing file is reported when read
     try:
-        written_by = export_metadata(source) if source.suffix == ".safetensors" else checkpoint_metadata(source)
+        name = written_family(source)
     except Exception:  # unreadable: read_source_weights says so in its own line
         return
-    name = str(written_by.get(FAMILY_KEY) or "").rpartition(".")[2] if isinstance(written_by, dict) else ""
     if name and name != family.__name__:
         raise UserError(f"init_from {path} is a {name} checkpoint, but this model is {family.__name__}; give a "
                         f"checkpoint of a {family.__name__}, or set init_partial: true to load the tensors that match")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from genart_lightning import describe
 from genart_lightning.models.base import FAMILY_KEY, GenerativeModel
 from genart_lightning.models.moved import current_name
 
@@ -87,8 +88,7 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
             return _load_distributed_checkpoint(path)
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated or corrupt files fail as OSError, RuntimeError, EOFError, pickle errors
-        detail = str(err).splitlines()[0] if str(err) else "no detail"
-        raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt: {type(err).__name__}: {detail}); "
+        raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt: {describe(err)}); "
                          "use an earlier checkpoint of the run") from None
 
 
@@ -101,6 +101,14 @@ def run_commit(path: Path) -> str | None:
         return None
 
 
+def written_family(path: Path) -> str | None:
+    """The class name of the family that wrote a `genart fit` checkpoint (file or sharded directory) or a `genart
+    export` .safetensors, None when it records none; raises as the metadata readers do for an unreadable file."""
+    metadata = export_metadata(path) if path.suffix == ".safetensors" else checkpoint_metadata(path)
+    family = metadata.get(FAMILY_KEY) if isinstance(metadata, dict) else None
+    return str(family).rpartition(".")[2] if family else None
+
+
 def export_metadata(path: Path) -> dict[str, str]:
     """The metadata of a safetensors file (family and hyperparameters of a `genart export`), without its tensors."""
     from safetensors import safe_open
@@ -109,8 +117,7 @@ def export_metadata(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except Exception as err:  # safetensors' own error type for a bad header, OSError for a short file
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"{path} is not a readable safetensors file ({detail}); write it again with `genart export`") from None
+        raise ValueError(f"{path} is not a readable safetensors file ({describe(err)}); write it again with `genart export`") from None
 
 
 def read_export(path: Path, map_location: str | torch.device = "cpu") -> tuple[str, dict, dict[str, torch.Tensor]]:

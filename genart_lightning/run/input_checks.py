@@ -8,9 +8,8 @@ from pathlib import Path
 from jsonargparse import Namespace
 
 from datamodules.webdataset import existing_shards
-from genart_lightning import UserError
-from genart_lightning.models.base import FAMILY_KEY
-from genart_lightning.models.loading import checkpoint_metadata, is_sharded_checkpoint
+from genart_lightning import UserError, describe
+from genart_lightning.models.loading import is_sharded_checkpoint, written_family
 
 NAMED_CHECKPOINTS = ("last", "best", "hpc", "registry")
 """`--ckpt_path` values Lightning resolves itself."""
@@ -43,16 +42,14 @@ def check_resume_checkpoint(path: Path, configured: str | None) -> None:
     if not (path.is_file() or is_sharded_checkpoint(path)):
         raise UserError(f"checkpoint not found: {path} (from --ckpt_path); pass a .ckpt written by `genart fit`")
     try:
-        metadata = checkpoint_metadata(path)
+        family = written_family(path)
     except pickle.UnpicklingError:
         raise UserError(f"checkpoint {path} (from --ckpt_path) holds objects other than tensors, which are not unpickled "
                         "(they could run code); pass a .ckpt written by `genart fit`") from None
     except Exception as err:  # truncated zips, foreign files: each fails its own way
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"checkpoint {path} (from --ckpt_path) is unreadable ({detail}); pass an earlier checkpoint "
-                        "of the run") from None
-    family = metadata.get(FAMILY_KEY) if isinstance(metadata, dict) else None
-    if family and configured and family.rpartition(".")[2] != configured.rpartition(".")[2]:
-        raise UserError(f"--ckpt_path {path} is a {family.rpartition('.')[2]} checkpoint, but the config trains "
+        raise UserError(f"checkpoint {path} (from --ckpt_path) is unreadable ({describe(err)}); pass an earlier "
+                        "checkpoint of the run") from None
+    if family and configured and family != configured.rpartition(".")[2]:
+        raise UserError(f"--ckpt_path {path} is a {family} checkpoint, but the config trains "
                         f"{configured.rpartition('.')[2]}; resume with the config of its run (its checkpoints/config.yaml), "
                         "or load weights only with --model.init_args.init_from")

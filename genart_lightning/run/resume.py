@@ -11,6 +11,7 @@ from typing import Any
 from jsonargparse import Namespace
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
+from genart_lightning import describe
 from genart_lightning.models.loading import checkpoint_metadata
 from genart_lightning.run.cluster import PREEMPTED_CKPT
 from genart_lightning.run.csv_logger import ContinuedCSVLogger
@@ -50,7 +51,7 @@ def unreadable(ckpt: Path) -> str | None:
     try:
         checkpoint_metadata(ckpt)
     except Exception as err:  # truncated zips, bad pickles and foreign files all fail differently
-        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}"
+        return describe(err)
     return None
 
 
