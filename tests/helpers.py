@@ -158,3 +158,14 @@ def train_on_digits(name: str, shards: dict, root: Path) -> dict:
     trainer.fit(model, data)
     after = trainer.validate(model, data, verbose=False)[0]["val/loss"]
     return {"name": name, "model": model.eval(), "ckpt": root / "last.ckpt", "root": root, "before": before, "after": after}
+
+
+def save_untrained(model, path: Path) -> Path:
+    """`model`'s checkpoint as `genart fit` writes one, without training (random-init networks for shape tests)."""
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", logger=False, max_steps=0, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(path)
+    return Path(path)

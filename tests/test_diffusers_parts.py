@@ -96,6 +96,19 @@ def test_latent_diffusion_trains_over_diffusers_vae_and_unet(pretrained, shapes_
     torch.testing.assert_close(reloaded.sample(2, ["a red circle", "a blue square"], seed=3), images)
 
 
+def test_latent_samples_off_the_trained_square_decode_to_the_asked_size(pretrained):
+    model = LatentDiffusion(**_parts(pretrained) | {"sample_steps": 2})
+    assert model.diffusion_shape(16, 24) == model.first_stage.latent_shape(16, 24) == (4, 8, 12)
+    images = model.sample(2, ["a red circle", "a blue square"], seed=3, height=16, width=24)
+    assert images.shape == (2, 3, 16, 24) and torch.isfinite(images).all()
+    prefix = "cannot sample {} (height x width) with the diffusers_unet backbone of this LatentDiffusion: height and width "
+    rule = "must be multiples of 4 (the backbone's 2 x the first stage's downsampling 2); nearest sizes that work: "
+    for size, nearest in (((18, 24), "16x24, 20x24"), ((16, 23), "16x20, 16x24")):  # the U-Net's halving, the VAE's
+        with pytest.raises(UserError) as err:
+            model.sample(1, height=size[0], width=size[1])
+        assert str(err.value) == prefix.format(f"{size[0]}x{size[1]}") + rule + nearest
+
+
 def test_init_from_a_diffusers_directory_loads_its_unet_and_starts_the_ema_there(pretrained):
     parts = _parts(pretrained)
     config = diffusers.UNet2DConditionModel.load_config(pretrained["unet"])

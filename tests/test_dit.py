@@ -93,3 +93,16 @@ def test_pooled_only_conditioning_builds_no_cross_attention():
     assert model.backbone.context_embed is None and all(b.cross_attn is None for b in model.backbone.blocks)
     assert model.backbone.pooled_embed is not None
     assert set(model.encode_text(["a red circle"])) == {"pooled"}
+
+
+def test_the_trained_size_given_explicitly_is_the_default_path_and_other_sizes_sample():
+    torch.manual_seed(0)
+    model = PixelDiffusion(image_size=16, process=Flow(), sample_steps=2,
+                           backbone=DiTBackbone(patch_size=2, hidden_size=32, depth=1, num_heads=2))
+    perturbed(model.ema.module).eval()
+    captions = ["a red circle", "a blue square"]
+    default = model.sample(2, captions, seed=3)
+    torch.testing.assert_close(model.sample(2, captions, seed=3, height=16, width=16), default, rtol=0, atol=0)
+    wide = model.sample(2, captions, seed=3, height=8, width=24)
+    assert wide.shape == (2, 3, 8, 24) and wide.std() > 0
+    assert (model.sampling_settings({"width": 24})["height"], model.sampling_settings({})["width"]) == (16, 16)

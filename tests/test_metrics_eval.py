@@ -14,7 +14,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from datamodules.synthetic import render_sample, write_shapes_shards
 from genart_lightning.metrics import reference_stats
-from genart_lightning.metrics.evaluator import Evaluator, evaluate
+from genart_lightning.metrics.evaluator import Evaluator, evaluate, to_side
 from genart_lightning.metrics.features import FeatureExtractor
 from genart_lightning.models.base import GenerativeModel
 
@@ -120,3 +120,21 @@ def test_sampling_options_the_family_lacks_are_refused(odd_shards, tmp_path):
     evaluator = Evaluator(odd_shards["val_urls"], 4, Moments(), cache_dir=tmp_path)
     with pytest.raises(ValueError, match="RenderedShapes.sample\\(\\) takes no guidance"):
         evaluator(RenderedShapes(), guidance=2.0)
+
+
+class WideShapes(RenderedShapes):
+    """RenderedShapes that draws `width`-wide images: its square renders in the middle of a black band."""
+
+    def sample(self, n: int, captions=None, seed: int = 0, height: int | None = None, width: int | None = None) -> Tensor:
+        images = super().sample(n, captions, seed)
+        pad = ((width or images.shape[-1]) - images.shape[-1]) // 2
+        return torch.nn.functional.pad(images, (pad, pad), value=-1.0)
+
+
+def test_non_square_samples_are_scored_centre_cropped_to_the_reference_size(odd_shards, tmp_path):
+    evaluator = Evaluator(odd_shards["val_urls"], 6, Moments(), batch_size=3, cache_dir=tmp_path)
+    wide, square = evaluator(WideShapes(), width=24), evaluator(RenderedShapes())
+    assert wide["sampling"] == {"width": 24} and wide["resolution"] == 16
+    assert wide["fid"] == pytest.approx(square["fid"], rel=1e-9)  # the band is cropped away: the same images scored
+    images = torch.linspace(-1, 1, 2 * 3 * 8 * 12).reshape(2, 3, 8, 12)
+    assert torch.equal(to_side(images, 8), images[..., 2:10]) and to_side(images, 4).shape == (2, 3, 4, 4)

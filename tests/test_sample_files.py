@@ -1,5 +1,5 @@
 """`genart sample --out-dir`: one PNG per sample whose pixels are the grid's tiles, samples.jsonl with the settings used,
-prompts from a file, batches; small grids also written enlarged for viewing."""
+prompts from a file, batches; small grids also written enlarged for viewing; --height/--width off the trained square."""
 
 from __future__ import annotations
 
@@ -7,9 +7,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
+from helpers import genart_in_process, save_untrained, tiny_unet
 from PIL import Image
 
 from genart_lightning.cli import main as genart
+from genart_lightning.diffusion.flow import Flow
+from genart_lightning.models.diffusion import PixelDiffusion
+from genart_lightning.nn.dit import DiTBackbone
 
 CKPT = Path(__file__).parent / "fixtures" / "legacy" / "PixelDiffusion.ckpt"
 
@@ -25,7 +30,8 @@ def test_sample_files_are_the_grid_tiles(tmp_path):
     assert [r["caption"] for r in records] == ["a large red circle in the centre, black background", "a small blue square"] * 2 + [
         "a large red circle in the centre, black background"]
     assert len({r["seed"] for r in records}) == 3  # one seed per batch of 2
-    assert records[0]["settings"] == {"sampler": "ddim", "steps": 4, "guidance": 4.0, "guidance_interval": None, "eta": 0.0}
+    assert records[0]["settings"] == {"sampler": "ddim", "steps": 4, "guidance": 4.0, "guidance_interval": None, "eta": 0.0,
+                                      "height": 16, "width": 16}
     grid = np.asarray(Image.open(grid_path))
     side, nrow, pad = 16, 2, 2
     for i, record in enumerate(records):
@@ -44,3 +50,21 @@ def test_same_seed_same_files(tmp_path):
     for i in range(3):
         assert (tmp_path / "a" / f"{i:06d}.png").read_bytes() == (tmp_path / "b" / f"{i:06d}.png").read_bytes()
     assert not (tmp_path / "grid.png").exists()  # --out-dir alone writes no grid
+
+
+@pytest.mark.parametrize("backbone", ["dit", "unet"])
+def test_height_and_width_draw_non_square_samples_and_a_size_the_backbone_cannot_take_is_one_line(tmp_path, backbone):
+    spec = DiTBackbone(patch_size=2, hidden_size=32, depth=1, num_heads=2) if backbone == "dit" else tiny_unet()
+    ckpt = save_untrained(PixelDiffusion(image_size=16, process=Flow(), backbone=spec, sample_steps=2), tmp_path / "m.ckpt")
+    code, _, err = genart_in_process("sample", "--ckpt", str(ckpt), "--num", "3", "--batch-size", "2", "--height", "8",
+                                     "--width", "24", "--prompt", "a red circle", "--out-dir", str(tmp_path / "out"),
+                                     "--device", "cpu")
+    assert code == 0, err
+    records = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert [Image.open(tmp_path / "out" / r["file"]).size for r in records] == [(24, 8)] * 3  # PIL: (width, height)
+    assert {(r["settings"]["height"], r["settings"]["width"]) for r in records} == {(8, 24)}
+    code, _, err = genart_in_process("sample", "--ckpt", str(ckpt), "--height", "15", "--width", "24", "--device", "cpu")
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: cannot sample 15x24 (height x width) with the {backbone} backbone of this PixelDiffusion: height and "
+        "width must be multiples of 2; nearest sizes that work: 14x24, 16x24"]
+    assert not (tmp_path / "grid.png").exists()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from genart_lightning.nn.attention import SelfAttention2d
-from genart_lightning.nn.unet import UNet
+from genart_lightning.nn.unet import UNet, UNetBackbone
 
 
 def tiny_unet(**kwargs) -> UNet:
@@ -35,6 +35,18 @@ def test_output_has_the_input_shape(channel_mult, attention_levels, size, attent
     net = tiny_unet(in_channels=4, channel_mult=channel_mult, attention_levels=attention_levels, attention_block=attention_block)
     x = torch.randn(3, 4, size, size)
     assert net(x, torch.tensor([0, 1, 999])).shape == x.shape
+
+
+@pytest.mark.parametrize("attention_block", ["transformer", "plain"])
+def test_non_square_inputs_at_multiples_of_the_backbones_size_step_go_through(attention_block):
+    spec = UNetBackbone(channel_mult=[1, 2, 2], attention_levels=[1, 2], attention_block=attention_block)
+    assert spec.size_multiple() == 4
+    spec.check_input((3, 8, 20))
+    with pytest.raises(ValueError, match="divisible by 4; the space gives 8x18"):
+        spec.check_input((3, 8, 18))
+    net = tiny_unet(channel_mult=(1, 2, 2), attention_levels=(1, 2), attention_block=attention_block)
+    x = torch.randn(2, 3, 8, 20)
+    assert net(x, torch.tensor([10, 900])).shape == x.shape
 
 
 def test_timestep_and_text_change_the_output_but_masked_tokens_do_not():

@@ -65,6 +65,20 @@ def test_sample_and_eval_mistakes_are_one_line(tmp_path, shapes_shards):
     assert not (tmp_path / "grid.png").exists()
 
 
+def test_sizes_a_family_cannot_sample_are_one_line(tmp_path, shapes_shards):
+    gan, latent = CKPT.with_name("DCGAN.ckpt"), CKPT.with_name("LatentDiffusion.ckpt")
+    refusal = "DCGAN cannot change its sample size: it draws 16x16 images only (its trained size); drop --height/--width"
+    assert refusal in one_line(genart("sample", "--ckpt", str(gan), "--height", "24", cwd=tmp_path))
+    assert refusal in one_line(genart("eval", "--ckpt", str(gan), "--data", shapes_shards["val_urls"], "--width", "24",
+                                      "--num-samples", "4", "--fid-features", "judge", cwd=tmp_path))
+    line = one_line(genart("eval", "--ckpt", str(latent), "--data", shapes_shards["val_urls"], "--height", "17",
+                           "--num-samples", "4", "--fid-features", "judge", cwd=tmp_path))
+    assert ("cannot sample 17x16 (height x width) with the unet backbone of this LatentDiffusion: height and width must "
+            "be multiples of 2 (the backbone's 1 x the first stage's downsampling 2); nearest sizes that work: 16x16, 18x16"
+            in line)
+    assert not list(tmp_path.iterdir())  # refused before anything was sampled or written
+
+
 def test_the_console_script_exits_2_with_one_line_and_debug_shows_the_traceback(tmp_path):
     # The real `genart` process once: exit status 2 and one stderr line. --debug in-process: the traceback.
     result = subprocess.run([sys.executable, "-m", "genart_lightning.cli", "sample", "--ckpt", str(CKPT), "--sampler", "eulr"],

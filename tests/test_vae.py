@@ -86,6 +86,14 @@ def test_bad_image_size_is_one_clear_error() -> None:
         VAE(image_size=18, channel_mults=(1, 2, 4))
 
 
+def test_as_a_first_stage_it_takes_non_square_images() -> None:
+    model = VAE(image_size=16, latent_channels=2, base_channels=8, channel_mults=(1, 2), num_res_blocks=1).eval()
+    assert model.latent_shape(16, 24) == (2, 8, 12) and model.latent_shape(16) == (2, 8, 8)
+    assert model.decode(torch.zeros(1, *model.latent_shape(8, 24))).shape == (1, 3, 8, 24)
+    with pytest.raises(ValueError, match="image size 16x25 is not divisible by this VAE's downsampling factor 2"):
+        model.latent_shape(16, 25)
+
+
 def test_adversarial_term_gives_each_network_only_its_own_gradient() -> None:
     torch.manual_seed(0)
     model = VAE(image_size=16, base_channels=8, adv_weight=0.5, disc_channels=8)

@@ -30,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler", help="sampler name (diffusion, e.g. ddim)")
     p.add_argument("--guidance-interval",
                    help="LO,HI: guide only at noise levels sigma/alpha in (LO, HI], e.g. 0.3,5 (diffusion)")
+    p.add_argument("--height", type=int, help="sample height in pixels (diffusion; default image_size; scored "
+                   "resized and centre-cropped to image_size, as the real images are)")
+    p.add_argument("--width", type=int, help="sample width in pixels (diffusion; default image_size)")
     p.add_argument("--fid-features", default="inception",
                    help="FID/KID features: inception (the default: the standard Inception-v3 pool3, comparable with "
                         "published FID), judge (the shapes judge's) or digits (the digits judge's): offline, comparable "
@@ -107,8 +110,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
         clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, seed=args.seed, batch_size=args.batch_size,
         cache_dir=args.cache_dir, progress=True, suites=suites,
     )
-    options = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler),
-                                 ("guidance_interval", interval)) if v is not None}
+    options = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler), ("guidance_interval", interval),
+                                 ("height", args.height), ("width", args.width)) if v is not None}
     scales = args.guidance or [None]
     results = []
     for scale in scales:

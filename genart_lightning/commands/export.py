@@ -1,6 +1,6 @@
 """`genart export`: a training checkpoint -> safetensors weights with the family, hyperparameters and config as metadata,
 or (`--diffusers DIR`) a model built from diffusers parts -> diffusers directories (`unet/`, `vae/`) that
-`from_pretrained` loads."""
+`from_pretrained` loads, or, for a model built from a pipeline, a whole pipeline directory."""
 
 from __future__ import annotations
 
@@ -18,10 +18,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ckpt", required=True, help="checkpoint written by `genart fit` (.ckpt)")
     p.add_argument("--out", help="output file (default: the checkpoint's path with .safetensors)")
     p.add_argument("--diffusers", metavar="DIR", help="write the EMA U-Net (and a diffusers VAE first stage) as diffusers "
-                   "save_pretrained directories DIR/unet and DIR/vae instead")
+                   "save_pretrained directories DIR/unet and DIR/vae instead; a model built from a pipeline is written "
+                   "as a whole pipeline (DiffusionPipeline.from_pretrained(DIR))")
     p.add_argument("--merge-lora", action="store_true", help="fold the LoRA adapters of a LoRA fine-tuning checkpoint "
                    "into the base weights and write plain weights that need neither the base nor peft (without it, a "
                    "LoRA checkpoint exports its adapters only)")
+    p.add_argument("--lora", choices=("diffusers", "kohya"), help="write a LoRA checkpoint's (EMA) adapters as a file "
+                   "other tools load: diffusers (DIR/pytorch_lora_weights.safetensors with alpha in its metadata, for "
+                   "pipe.load_lora_weights) or kohya (one .safetensors with lora_down / lora_up / alpha keys, for "
+                   "ComfyUI and A1111); --out names the directory or file")
     p.add_argument("--config", help="resolved config to embed (default: config.yaml beside the checkpoint, if any)")
     p.set_defaults(func=run)
 
@@ -73,7 +78,8 @@ def merged_model(ckpt: Path) -> DiffusionModel:
 
 
 def export_diffusers(ckpt: Path, out: Path, merge_lora: bool = False) -> list[Path]:
-    """Save the sampling (EMA) weights of a diffusers U-Net backbone, and a diffusers first stage, with save_pretrained."""
+    """Save the sampling (EMA) weights of a diffusers U-Net backbone, and a diffusers first stage, with save_pretrained;
+    a model built from a pipeline is written as a whole pipeline directory (`export_pipeline`)."""
     from genart_lightning import UserError
     from genart_lightning.models.loading import load_model
     from genart_lightning.nn.diffusers_parts import DiffusersAutoencoder, DiffusersUNet
@@ -86,6 +92,8 @@ def export_diffusers(ckpt: Path, out: Path, merge_lora: bool = False) -> list[Pa
     if not isinstance(net, DiffusersUNet):
         raise UserError(f"{ckpt} has a {type(net or model).__name__} backbone, not a diffusers U-Net, so it has no diffusers "
                         "form; export it without --diffusers (genart safetensors)")
+    if getattr(model, "pipeline", None) is not None:
+        return [export_pipeline(model, out)]
     written = [out / "unet"]
     net.unet.save_pretrained(written[0])
     if isinstance(getattr(model, "first_stage", None), DiffusersAutoencoder):
@@ -94,13 +102,54 @@ def export_diffusers(ckpt: Path, out: Path, merge_lora: bool = False) -> list[Pa
     return written
 
 
+def export_pipeline(model: DiffusionModel, out: Path) -> Path:
+    """The source pipeline with this model's sampling weights (EMA U-Net, text encoder as sampled with) and a scheduler
+    that walks this model's process and sampler as `genart sample` does, saved where `DiffusionPipeline.from_pretrained`
+    reads it, in files transformers 4 reads too: the tokenizer folder also gets `vocab.json` / `merges.txt`, and the
+    CLIP text encoder's keys the `text_model.` prefix."""
+    from genart_lightning.diffusion.diffusers_schedulers import scheduler_for
+    from genart_lightning.nn.diffusers_parts import require_diffusers
+    from genart_lightning.nn.transformers_text import write_bpe_files, write_text_model_prefix
+
+    diffusers = require_diffusers()
+    scheduler_name, scheduler_config = scheduler_for(model.process, model.hparams.sampler)
+    text = (model.text_ema.module if model.text_ema is not None else model.text_encoder).model
+    pipe = diffusers.DiffusionPipeline.from_pretrained(
+        model.pipeline.path, unet=model.ema.module.unet, vae=model.first_stage.vae, text_encoder=text,
+        scheduler=getattr(diffusers, scheduler_name).from_config(scheduler_config))
+    pipe.save_pretrained(out)
+    write_bpe_files(out / "tokenizer")
+    write_text_model_prefix(out / "text_encoder")
+    return out
+
+
+def export_lora(ckpt: Path, fmt: str, out: Path | None) -> Path:
+    """The sampling (EMA) adapters of a LoRA checkpoint in `fmt` (nn/lora_files.py), at `out` or beside the checkpoint."""
+    from genart_lightning import UserError
+    from genart_lightning.models.loading import load_model
+    from genart_lightning.nn.lora_files import write_lora
+
+    model = load_model(ckpt)
+    settings = getattr(model, "lora", None)
+    if settings is None:
+        raise UserError(f"{ckpt} has no LoRA adapters to export; export it without --lora")
+    targets = list(settings.target_modules or model.backbone_spec.lora_targets)
+    default = ckpt.with_name(f"{ckpt.stem}_lora" + ("_kohya.safetensors" if fmt == "kohya" else ""))
+    return write_lora(model.ema.module, settings.alpha or settings.rank, settings.rank, targets, fmt, out or default)
+
+
 def run(args: argparse.Namespace) -> None:
     from genart_lightning.models.base import FAMILY_KEY
 
     ckpt = Path(args.ckpt)
+    if args.lora:
+        written = export_lora(ckpt, args.lora, Path(args.out) if args.out else None)
+        print(f"wrote {written} (LoRA adapters, {args.lora} format, EMA weights)")
+        return
     if args.diffusers:
         written = export_diffusers(ckpt, Path(args.diffusers), args.merge_lora)
-        print(f"wrote {', '.join(map(str, written))} (diffusers save_pretrained; the U-Net holds the EMA weights)")
+        what = "a diffusers pipeline" if (written[0] / "model_index.json").is_file() else "diffusers save_pretrained"
+        print(f"wrote {', '.join(map(str, written))} ({what}; the U-Net holds the EMA weights)")
         return
     out = Path(args.out) if args.out else ckpt.with_suffix(".safetensors")
     metadata = export_checkpoint(ckpt, out, Path(args.config) if args.config else None, args.merge_lora)

@@ -14,6 +14,8 @@ SAMPLING_OPTIONS = [
     ("guidance", float, "classifier-free guidance scale (1 = plain conditional)"),
     ("eta", float, "DDIM noise: 0 deterministic, 1 like DDPM"),
     ("guidance_interval", str, "LO,HI: guide only at noise levels sigma/alpha in (LO, HI], e.g. 0.3,5"),
+    ("height", int, "image height in pixels, a multiple of the backbone's step (diffusion; default image_size)"),
+    ("width", int, "image width in pixels, a multiple of the backbone's step (diffusion; default image_size)"),
 ]
 """Options forwarded to `model.sample` only when set, so families without them still work."""
 
@@ -76,6 +78,7 @@ def run(args: argparse.Namespace) -> None:
     import torch
     from tqdm import tqdm
 
+    from genart_lightning import UserError
     from genart_lightning.metrics.evaluator import chunk_seed, sample_options
     from genart_lightning.models.grids import enlarged_path, save_grid, save_images
     from genart_lightning.models.loading import load_model
@@ -93,9 +96,9 @@ def run(args: argparse.Namespace) -> None:
     captions = [prompts[i % len(prompts)] for i in range(args.num)] if prompts else None
     try:
         options = sample_options(model.sample, {name: getattr(args, name) for name, _, _ in SAMPLING_OPTIONS})
-    except ValueError as err:
+        settings = model.sampling_settings(options)  # a size the backbone cannot take is one line here
+    except (ValueError, UserError) as err:
         raise SystemExit(f"error: {err}") from None
-    settings = model.sampling_settings(options)
     images, records = [], []
     starts = range(0, args.num, args.batch_size)
     for chunk, start in enumerate(tqdm(starts, desc="sampling", unit="batch", disable=len(starts) == 1)):

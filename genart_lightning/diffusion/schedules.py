@@ -8,15 +8,19 @@ import torch
 from torch import Tensor
 
 SCHEDULES = ("linear", "scaled_linear", "cosine")
+DEFAULT_BETAS = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}
+"""(beta_start, beta_end) of the linear schedules when a config names none: DDPM's and latent diffusion's."""
 
 
-def linear_schedule(timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+def linear_schedule(timesteps: int = 1000, beta_start: float = DEFAULT_BETAS["linear"][0],
+                    beta_end: float = DEFAULT_BETAS["linear"][1]) -> Tensor:
     """DDPM's betas linear in t (Ho et al. 2020); suits pixel space."""
     betas = torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
     return torch.cumprod(1.0 - betas, dim=0)
 
 
-def scaled_linear_schedule(timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> Tensor:
+def scaled_linear_schedule(timesteps: int = 1000, beta_start: float = DEFAULT_BETAS["scaled_linear"][0],
+                           beta_end: float = DEFAULT_BETAS["scaled_linear"][1]) -> Tensor:
     """Latent diffusion's betas linear in sqrt(beta) (Rombach et al. 2022); suits unit-variance latents."""
     betas = torch.linspace(beta_start**0.5, beta_end**0.5, timesteps, dtype=torch.float64) ** 2
     return torch.cumprod(1.0 - betas, dim=0)
@@ -42,14 +46,19 @@ def rescale_zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:
     return root**2
 
 
-def make_schedule(name: str, timesteps: int = 1000, zero_terminal_snr: bool = False) -> Tensor:
-    """alphas_cumprod [timesteps] (float64) of a schedule named in SCHEDULES."""
+def make_schedule(name: str, timesteps: int = 1000, zero_terminal_snr: bool = False, beta_start: float | None = None,
+                  beta_end: float | None = None) -> Tensor:
+    """alphas_cumprod [timesteps] (float64) of a schedule named in SCHEDULES; `beta_start` / `beta_end` replace the
+    linear schedules' defaults (a pretrained pipeline's scheduler config names its own)."""
     builders = {"linear": linear_schedule, "scaled_linear": scaled_linear_schedule, "cosine": cosine_schedule}
     if name not in builders:
         raise ValueError(f"unknown noise schedule {name!r} (schedule=); choose one of {', '.join(SCHEDULES)}")
     if timesteps < 2:
         raise ValueError(f"timesteps={timesteps} is too small; use at least 2 (1000 is usual)")
-    alphas_cumprod = builders[name](timesteps)
+    betas = {k: v for k, v in (("beta_start", beta_start), ("beta_end", beta_end)) if v is not None}
+    if betas and name == "cosine":
+        raise ValueError(f"the cosine schedule has no {' or '.join(betas)}; set them with schedule linear or scaled_linear")
+    alphas_cumprod = builders[name](timesteps, **betas)
     return rescale_zero_terminal_snr(alphas_cumprod) if zero_terminal_snr else alphas_cumprod
 
 

@@ -19,19 +19,19 @@ TIMESTEP_SPACINGS = ("trailing", "linspace", "leading")
 """How ddpm / ddim / dpmpp_2m pick their timesteps, by diffusers' names (`timestep_spacing` of its schedulers)."""
 
 
-def spaced_timesteps(spacing: str, steps: int, timesteps: int) -> list[int]:
+def spaced_timesteps(spacing: str, steps: int, timesteps: int, offset: int = 0) -> list[int]:
     """`steps` training timesteps from noisiest to cleanest, as diffusers' schedulers space them.
 
     trailing (Lin et al. 2024): T-1, ..., T/N - 1, so the walk starts at the last training step and every step
     denoises; linspace: round(linspace(T-1, 0, N)), whose last step goes from t=0 to clean data; leading:
-    (N-1) T//N, ..., 0 (SD 1.x's default, which never starts at the noisiest step).
+    (N-1) T//N, ..., 0, each plus `offset` (SD 1.x's default, with offset 1: it never starts at the noisiest step).
     """
     if spacing == "trailing":
         return [round(timesteps - i * timesteps / steps) - 1 for i in range(steps)]
     if spacing == "linspace":
         return torch.linspace(0, timesteps - 1, steps, dtype=torch.float64).round().long().flip(0).tolist()
     if spacing == "leading":
-        return [i * (timesteps // steps) for i in reversed(range(steps))]
+        return [i * (timesteps // steps) + offset for i in reversed(range(steps))]
     raise ValueError(f"unknown timestep_spacing {spacing!r}; choose one of {', '.join(TIMESTEP_SPACINGS)}")
 
 
@@ -39,8 +39,10 @@ class VP(Process):
     """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps over `timesteps` discrete steps of a named schedule.
 
     ddpm / ddim / dpmpp_2m walk training timesteps spaced by `timestep_spacing` (diffusers' names; "trailing" by
-    default, starting at the last one); euler / heun walk Karras sigmas (rho 7) between the schedule's smallest and largest sigma, feeding the
-    network the fractional timestep of each sigma, as diffusers' EulerDiscreteScheduler does.
+    default, starting at the last one; `steps_offset` shifts "leading" as SD 1.x's scheduler config does); euler /
+    heun walk Karras sigmas (rho 7) between the schedule's smallest and largest sigma, feeding the network the
+    fractional timestep of each sigma, as diffusers' EulerDiscreteScheduler does. `beta_start` / `beta_end` replace
+    the linear schedules' defaults.
     """
 
     name = "vp"
@@ -54,6 +56,9 @@ class VP(Process):
         min_snr_gamma: float | None = 5.0,
         rho: float = 7.0,
         timestep_spacing: str = "trailing",
+        beta_start: float | None = None,
+        beta_end: float | None = None,
+        steps_offset: int = 0,
     ) -> None:
         check_prediction(prediction)
         spaced_timesteps(timestep_spacing, 1, timesteps)  # an unknown name fails here, when the config is read
@@ -62,8 +67,8 @@ class VP(Process):
                              "step); use prediction='v'")
         self.schedule, self.timesteps, self.zero_terminal_snr = schedule, timesteps, zero_terminal_snr
         self.prediction, self.min_snr_gamma, self.rho = prediction, min_snr_gamma, rho
-        self.timestep_spacing = timestep_spacing
-        self.alphas_cumprod = make_schedule(schedule, timesteps, zero_terminal_snr)
+        self.timestep_spacing, self.beta_start, self.beta_end, self.steps_offset = timestep_spacing, beta_start, beta_end, steps_offset
+        self.alphas_cumprod = make_schedule(schedule, timesteps, zero_terminal_snr, beta_start, beta_end)
         self._schedule_on: dict[torch.device, Tensor] = {}  # copies per device: one transfer, not one per step
         # sigma is infinite at SNR 0, so Karras sigmas need a finite top level
         self._log_sigmas = self.sigmas().log()
@@ -99,7 +104,7 @@ class VP(Process):
             return self.grid_at_sigmas(karras_sigmas(float(sigmas[0]), float(sigmas[-1]), steps, self.rho))
         if steps > self.timesteps:
             raise ValueError(f"steps={steps} is out of range; use 1..{self.timesteps} (the training timesteps)")
-        return self.grid_at_timesteps(spaced_timesteps(self.timestep_spacing, steps, self.timesteps))
+        return self.grid_at_timesteps(spaced_timesteps(self.timestep_spacing, steps, self.timesteps, self.steps_offset))
 
     def level(self, log_snr: float) -> Level:
         return self.grid_at_sigmas([math.exp(-log_snr / 2)])[0]

@@ -56,10 +56,27 @@ def sample_options(sample: Callable[..., Tensor], options: dict) -> dict:
     options = {k: v for k, v in options.items() if v is not None}
     accepted = inspect.signature(sample).parameters
     unknown = [k for k in options if k not in accepted]
+    model = getattr(sample, "__self__", sample)
+    family = type(model).__name__
+    if {"height", "width"} & set(unknown) and hasattr(model, "image_shape"):
+        _, height, width = model.image_shape()
+        raise ValueError(f"{family} cannot change its sample size: it draws {height}x{width} images only (its trained "
+                         "size); drop --height/--width for this family")
     if unknown:
-        family = type(getattr(sample, "__self__", sample)).__name__
         raise ValueError(f"{family}.sample() takes no {', '.join(unknown)}; drop --{unknown[0]} for this family")
     return options
+
+
+def to_side(images: Tensor, side: int) -> Tensor:
+    """Images [B, C, H, W] as real images are read for the reference: shorter side resized to `side` (bilinear,
+    antialiased), centre-cropped to a square; images already `side` x `side` are returned as they are."""
+    if images.shape[-2:] == (side, side):
+        return images
+    from torchvision.transforms import functional as TF
+
+    if min(images.shape[-2:]) != side:
+        images = TF.resize(images, side, antialias=True)
+    return TF.center_crop(images, [side, side]).clamp(-1, 1)
 
 
 class Samplable(Protocol):
@@ -181,8 +198,11 @@ class Evaluator:
 
     @torch.no_grad()
     def __call__(self, model: Samplable, guidance: float | None = None, **sample_kwargs) -> dict:
-        """Evaluate `model` (on every rank); `guidance` and `sample_kwargs` go to `model.sample`."""
+        """Evaluate `model` (on every rank); `guidance` and `sample_kwargs` go to `model.sample`. Samples of another
+        size than the model's own (height / width) are scored as real images are read: shorter side resized to the
+        trained size, centre-cropped."""
         sample_kwargs = sample_options(model.sample, {"guidance": guidance, **sample_kwargs})
+        settings = model.sampling_settings(sample_kwargs)  # what sampling uses, defaults resolved; a bad size fails here
         device = model.device
         self._setup(model.image_shape(), device, self._prompt_mode(model))
         self._reset()
@@ -196,9 +216,9 @@ class Evaluator:
             stop = min(start + self.batch_size, self.num_samples)
             chunk_captions = captions[start:stop] if captions else None
             images = model.sample(stop - start, captions=chunk_captions, seed=chunk_seed(self.seed, chunk), **sample_kwargs)
-            self._score(images.float().clamp(-1, 1).to(device), chunk_captions, attributes[start:stop] if attributes else None)
+            images = to_side(images.float().clamp(-1, 1), self._setup_for[1])
+            self._score(images.to(device), chunk_captions, attributes[start:stop] if attributes else None)
         model.train(was_training)
-        settings = model.sampling_settings(sample_kwargs)  # what sampling used, defaults resolved (not None)
         out: dict = {"family": type(model).__name__, "num_samples": self.num_samples, "seed": self.seed,
                      "guidance": settings.get("guidance"), "sampling": settings, **self._scores(world)}
         if model.reconstructs:  # VAEs: how well they reconstruct the real data

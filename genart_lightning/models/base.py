@@ -56,8 +56,8 @@ class FirstStage(Protocol):
         """Scaled latents -> images in [-1, 1]."""
         ...
 
-    def latent_shape(self, image_size: int) -> tuple[int, int, int]:
-        """[C, h, w] of the latents of one `image_size` image."""
+    def latent_shape(self, image_size: int, width: int | None = None) -> tuple[int, int, int]:
+        """[C, h, w] of the latents of one image `image_size` high and `width` wide (square when width is None)."""
         ...
 
     @property
@@ -174,8 +174,8 @@ class GenerativeModel(L.LightningModule):
 
     def frozen_text_encoder(self) -> FrozenTextEncoder | None:
         """The text encoder this model rebuilds from its name instead of storing (None if none or trained along)."""
-        text = getattr(self, "text_encoder", None)
-        return text if isinstance(text, FrozenTextEncoder) and not text.trainable else None
+        text = getattr(self, "text_encoder", None)  # an OpenCLIP or a transformers one: both rebuild and fingerprint
+        return text if text is not None and hasattr(text, "fingerprint") and not text.trainable else None
 
     def frozen_fingerprints(self) -> dict[str, dict[str, str]]:
         """Checkpoint entry -> fingerprint of each frozen part this model rebuilds from its source instead of storing."""

@@ -15,6 +15,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from genart_lightning import UserError
+from genart_lightning.diffusion.diffusers_schedulers import process_from_scheduler
 from genart_lightning.diffusion.guidance import check_interval, classifier_free_guidance, limited_interval
 from genart_lightning.diffusion.process import Process
 from genart_lightning.diffusion.samplers import check_eta, check_sampler
@@ -31,12 +33,15 @@ from genart_lightning.models.loading import build_family
 from genart_lightning.models.parts import build_part, part_config
 from genart_lightning.nn.backbone import Backbone
 from genart_lightning.nn.compilation import compile_networks
-from genart_lightning.nn.diffusers_parts import DiffusersUNet
+from genart_lightning.nn.diffusers_parts import DiffusersUNet, DiffusersUNetBackbone
 from genart_lightning.nn.ema import make_ema
 from genart_lightning.nn.frozen import keep_out_of_state_dict, weights_digest
 from genart_lightning.nn.lora import LoRASettings, inject_lora, merge_lora
+from genart_lightning.nn.lora_files import load_lora
+from genart_lightning.nn.pipelines import read_pipeline
 from genart_lightning.nn.sharding import shard_network
 from genart_lightning.nn.text_encoder import FrozenTextEncoder
+from genart_lightning.nn.transformers_text import TransformersTextEncoder
 from genart_lightning.nn.unet import UNetBackbone
 
 if TYPE_CHECKING:
@@ -65,6 +70,12 @@ class DiffusionModel(GenerativeModel):
     600 steps, guided samples showed the prompted colour in 0.73 of cases with it trained at 0.1x the learning
     rate, 0.19 at 1x, and 0.23 with it frozen (tests/test_flow_family.py and the note of the diffusion-core issue).
 
+    `pipeline` names a diffusers pipeline directory (or hub id): the backbone, the text encoder (its transformers
+    model and tokenizer; `text_encoder` / `text_pretrained` name OpenCLIP towers and are not read then), the
+    process and sampler (from its scheduler config, so a fine-tune continues the model's own parameterisation) and,
+    in LatentDiffusion, the first stage come from it, each unless the config names it; conditioning defaults to what
+    the pipeline's backbone reads.
+
     Subclasses say what is diffused (`to_diffusion_space`, `from_diffusion_space`, `diffusion_shape`) and call
     `build_backbone(channels)` at the end of their __init__.
     """
@@ -78,7 +89,7 @@ class DiffusionModel(GenerativeModel):
         image_size: int = 32,
         process: Process | None = None,
         backbone: Backbone | None = None,
-        conditioning: str = "both",
+        conditioning: str | None = None,
         caption_dropout: float = 0.1,
         cond_drop_prob: float | None = None,
         text_encoder: str | None = "genart-tiny",
@@ -104,10 +115,16 @@ class DiffusionModel(GenerativeModel):
         init_strict: bool = False,
         init_partial: bool = False,
         lora: dict | None = None,
+        pipeline: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # also collects the subclass's own arguments
         check_nonfinite_mode(nonfinite)
+        self.pipeline = read_pipeline(pipeline) if pipeline else None
+        if self.pipeline is not None:
+            process, sampler = self._pipeline_process(process, sampler)
+            backbone = backbone or DiffusersUNetBackbone(path=self.pipeline.path, subfolder=self.pipeline.backbone_subfolder)
+        self.hparams["conditioning"] = conditioning = conditioning or ("tokens" if self.pipeline else "both")
         if conditioning not in CONDITIONING:
             raise ValueError(f"unknown conditioning {conditioning!r}; choose one of {', '.join(CONDITIONING)}")
         self.process = build_part(process, Process, self.default_process, "process")
@@ -119,9 +136,13 @@ class DiffusionModel(GenerativeModel):
                              "latents; leave clip_x0 unset (it clamps in pixel space only)")
         self.clip_x0 = self.bounded_space if clip_x0 is None else clip_x0
         check_interval(guidance_interval)
-        self.text_encoder = (FrozenTextEncoder(text_encoder, text_pretrained, text_cache_dir, trainable=train_text_encoder,
-                                               layer=text_layer)
-                             if text_encoder else None)
+        if self.pipeline is not None:
+            self.hparams["text_encoder"] = None  # the pipeline's own, not an OpenCLIP one
+            self.text_encoder = TransformersTextEncoder(self.pipeline.path, trainable=train_text_encoder, layer=text_layer)
+        else:
+            self.text_encoder = (FrozenTextEncoder(text_encoder, text_pretrained, text_cache_dir,
+                                                   trainable=train_text_encoder, layer=text_layer)
+                                 if text_encoder else None)
         if train_text_encoder and self.text_encoder is None:
             raise ValueError("train_text_encoder=True needs a text_encoder; name one or set train_text_encoder=False")
         self.conditional = self.text_encoder is not None
@@ -133,6 +154,14 @@ class DiffusionModel(GenerativeModel):
     @staticmethod
     def default_process() -> Process:
         return VP()
+
+    def _pipeline_process(self, process: Process | dict | None, sampler: str | None) -> tuple[Process | dict, str]:
+        """The process and sampler of the pipeline's scheduler config, unless the config names its own (a checkpoint
+        of a fine-tune records what it trained with)."""
+        reading = process_from_scheduler(self.pipeline.scheduler, f"{self.pipeline.path}/scheduler")
+        if process is None and reading.note:
+            rank_zero_info(reading.note)
+        return (process or reading.process), (sampler or reading.sampler)
 
     def build_backbone(self, channels: int) -> None:
         """Create the backbone over `channels`-channel inputs (with LoRA adapters over its base weights when `lora`
@@ -172,7 +201,8 @@ class DiffusionModel(GenerativeModel):
     def attach_lora(self, pretrained: str | None) -> set[str]:
         """Load the base weights (`init_from`, else the backbone's own `pretrained` ones), fingerprint them, then add
         adapters and freeze the rest; returns the frozen parameter names. The base is the source's sampling (EMA)
-        weights where it has them: what it generates with is what the adapters adapt."""
+        weights where it has them: what it generates with is what the adapters adapt. `lora.weights` sets the
+        adapters from a LoRA file (diffusers or kohya format) to continue training it."""
         hp, spec = self.hparams, self.backbone_spec
         source = hp.init_from or pretrained
         if source is None:
@@ -185,7 +215,12 @@ class DiffusionModel(GenerativeModel):
                                                           if k.startswith(base)}, hp.init_strict, hp.init_from)
             rank_zero_info(report.summary(hp.init_from) + f" (LoRA base: the source's {base.rstrip('.')} weights)")
         self.lora_base = {"source": source, "sha256": weights_digest(self.backbone)}
-        return inject_lora(self.backbone, self.lora, spec.lora_targets, spec.name)
+        frozen = inject_lora(self.backbone, self.lora, spec.lora_targets, spec.name)
+        if self.lora.weights:
+            layers = load_lora(self.backbone, self.lora.weights, self.lora.alpha or self.lora.rank, self.lora.rank)
+            rank_zero_info(f"LoRA adapters of {layers} layers start from {self.lora.weights}")
+            self.hparams["lora"] = dict(self.hparams["lora"], weights=None)  # checkpoints hold the adapters from here on
+        return frozen
 
     def without_lora(self) -> DiffusionModel:
         """A plain copy of this LoRA model with its adapters merged into the base weights (live and EMA), for export."""
@@ -247,8 +282,8 @@ class DiffusionModel(GenerativeModel):
 
     # ---- what is diffused (pixels here; latents in LatentDiffusion) ----
 
-    def diffusion_shape(self) -> tuple[int, int, int]:
-        """Shape [C, H, W] of one diffused sample."""
+    def diffusion_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+        """Shape [C, H, W] of one diffused sample of a `height` x `width` pixel image (unset: the trained image_size)."""
         raise NotImplementedError
 
     def to_diffusion_space(self, images: Tensor) -> Tensor:
@@ -358,10 +393,35 @@ class DiffusionModel(GenerativeModel):
         hp = self.hparams
         guidance = options.get("guidance")
         interval = check_interval(options.get("guidance_interval") or hp.get("guidance_interval"))
+        height, width = (hp.image_size if options.get(k) is None else options[k] for k in ("height", "width"))
+        self.sampling_shape(height, width)  # a size the backbone cannot take fails here, before any sampling
         return {"sampler": options.get("sampler") or hp.sampler, "steps": options.get("steps") or hp.sample_steps,
                 "guidance": (hp.guidance_scale if guidance is None else guidance) if self.conditional else None,
                 "guidance_interval": interval if self.conditional else None,
-                "eta": options.get("eta") or 0.0}
+                "eta": options.get("eta") or 0.0, "height": height, "width": width}
+
+    def sampling_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """The diffused shape [C, h, w] of `height` x `width` pixel samples, judged by the backbone's `check_input`;
+        a size that cannot work is one line naming it, the backbone and the nearest sizes that do."""
+        if (height, width) == (self.hparams.image_size,) * 2:
+            return self.diffusion_shape()  # the trained size, checked when the backbone was built
+        spec, shape = self.backbone_spec, None
+        if min(height, width) >= 1:
+            try:
+                shape = self.diffusion_shape(height, width)  # the first stage may refuse it (its downsampling)
+                spec.check_input(shape)
+            except ValueError:
+                shape = None
+        if shape is not None:
+            return shape
+        downsampling = self.hparams.image_size // self.diffusion_shape()[-1]  # pixels per diffused position
+        step = spec.size_multiple() * downsampling
+        why = (f" (the backbone's {spec.size_multiple()} x the first stage's downsampling {downsampling})"
+               if downsampling > 1 else "")
+        nearest = [f"{h}x{w}" for h in _nearest_multiples(height, step) for w in _nearest_multiples(width, step)]
+        raise UserError(f"cannot sample {height}x{width} (height x width) with the {spec.name} backbone of this "
+                        f"{type(self).__name__}: height and width must be multiples of {step}{why}; nearest sizes "
+                        f"that work: {', '.join(nearest)}")
 
     @torch.no_grad()
     def sample(
@@ -374,22 +434,26 @@ class DiffusionModel(GenerativeModel):
         guidance: float | None = None,
         eta: float = 0.0,
         guidance_interval: tuple[float, float] | None = None,
+        height: int | None = None,
+        width: int | None = None,
     ) -> Tensor:
         """Draw n images with the EMA weights; unset options fall back to the config (sampler, sample_steps,
-        guidance_scale, guidance_interval: the noise levels sigma / alpha where guidance applies, all when None)."""
+        guidance_scale, guidance_interval: the noise levels sigma / alpha where guidance applies, all when None;
+        height and width in pixels: image_size, and any other size the backbone and first stage can take)."""
         settings = self.sampling_settings({"steps": steps, "sampler": sampler, "guidance": guidance, "eta": eta,
-                                           "guidance_interval": guidance_interval})
+                                           "guidance_interval": guidance_interval, "height": height, "width": width})
         steps, sampler, guidance = settings["steps"], settings["sampler"], settings["guidance"]
         if captions is not None and len(captions) != n:
             raise ValueError(f"got {len(captions)} captions for {n} samples; pass one caption per sample")
         check_eta(sampler, settings["eta"])
-        grid = self.process.grid(sampler, steps, self.diffusion_shape())
+        shape = self.sampling_shape(settings["height"], settings["width"])
+        grid = self.process.grid(sampler, steps, shape)
         net = self.ema.module
         was_training = net.training
         net.eval()
         text = self.text_ema.module if self.text_ema is not None else None
         generator = torch.Generator().manual_seed(seed)  # CPU generator: a seed gives the same grid on any device
-        noise = torch.randn((n, *self.diffusion_shape()), generator=generator).to(self.device)
+        noise = torch.randn((n, *shape), generator=generator).to(self.device)
         noise = noise * self.process.initial_noise_scale(grid)
         cond = self.encode_text(list(captions) if captions else [""] * n, text) if self.conditional else None
         denoise = self.process.denoiser(self._bound(net, cond))
@@ -406,6 +470,14 @@ class DiffusionModel(GenerativeModel):
         return self.from_diffusion_space(x, captions)
 
 
+def _nearest_multiples(size: int, step: int) -> list[int]:
+    """`size` when `step` divides it, else the positive multiples of `step` just below and above it."""
+    if size > 0 and size % step == 0:
+        return [size]
+    below = size // step * step
+    return [m for m in (below, below + step) if m > 0] or [step]
+
+
 def _rename_unet_keys(module: torch.nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
     """Checkpoints from before backbones were parts call the network `unet`; it is `backbone` now."""
     old = prefix + "unet."
@@ -419,11 +491,15 @@ class PixelDiffusion(DiffusionModel):
     bounded_space = True  # pixels live in [-1, 1]
 
     def __init__(self, channels: int = 3, **kwargs) -> None:
+        if kwargs.get("pipeline"):
+            raise ValueError("a diffusers pipeline diffuses latents; use genart_lightning.models.LatentDiffusion "
+                             "with pipeline: PATH")
         super().__init__(**kwargs)
         self.build_backbone(channels)
 
-    def diffusion_shape(self) -> tuple[int, int, int]:
-        return self.image_shape()
+    def diffusion_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+        size = self.hparams.image_size
+        return (self.hparams.channels, size if height is None else height, size if width is None else width)
 
     def image_shape(self) -> tuple[int, int, int]:
         return (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)

@@ -41,6 +41,8 @@ class LatentDiffusion(DiffusionModel):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        if self.pipeline is not None and first_stage is None and not first_stage_ckpt and first_stage_hparams is None:
+            first_stage = DiffusersAutoencoder(self.pipeline.path, subfolder="vae")
         if first_stage is not None:
             if first_stage_ckpt:
                 raise ValueError("give either first_stage_ckpt (a genart VAE) or first_stage (a pretrained part), not both")
@@ -74,8 +76,11 @@ class LatentDiffusion(DiffusionModel):
         self.first_stage.eval()
         return self
 
-    def diffusion_shape(self) -> tuple[int, int, int]:
-        return self.latent_shape
+    def diffusion_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+        if height is None and width is None:
+            return self.latent_shape
+        size = self.hparams.image_size
+        return tuple(self.first_stage.latent_shape(size if height is None else height, size if width is None else width))
 
     def image_shape(self) -> tuple[int, int, int]:
         return (self.first_stage.image_channels, self.hparams.image_size, self.hparams.image_size)

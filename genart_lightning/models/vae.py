@@ -137,13 +137,14 @@ class VAE(GenerativeModel):
     def image_shape(self) -> tuple[int, int, int]:
         return (self.hparams.in_channels, self.hparams.image_size, self.hparams.image_size)
 
-    def latent_shape(self, image_size: int) -> tuple[int, int, int]:
-        """Shape [C, h, w] of the latents of one image of side `image_size`."""
+    def latent_shape(self, image_size: int, width: int | None = None) -> tuple[int, int, int]:
+        """Shape [C, h, w] of the latents of one image `image_size` high and `width` wide (square when width is None)."""
         self._require_spatial("latent_shape")
-        if image_size % self.downsample:
-            raise ValueError(f"image_size={image_size} is not divisible by this VAE's downsampling factor {self.downsample}")
-        side = image_size // self.downsample
-        return (self.hparams.latent_channels, side, side)
+        width = image_size if width is None else width
+        if image_size % self.downsample or width % self.downsample:
+            size = f"image_size={image_size}" if width == image_size else f"image size {image_size}x{width}"
+            raise ValueError(f"{size} is not divisible by this VAE's downsampling factor {self.downsample}")
+        return (self.hparams.latent_channels, image_size // self.downsample, width // self.downsample)
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:

@@ -32,6 +32,12 @@ class Backbone:
     def check_input(self, shape: tuple[int, int, int]) -> None:
         """One line naming both parts when samples of `shape` [C, H, W] cannot go through this backbone."""
 
+    def size_multiple(self) -> int:
+        """What the diffused height and width must be multiples of (patch size, 2 ** downsamplings; 1: any size).
+
+        `check_input` judges a shape; this number lets a caller name the nearest sizes that would pass."""
+        return 1
+
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
     """Sinusoidal features [B, dim] of (possibly fractional) timesteps t [B]."""

@@ -51,7 +51,7 @@ def load_pretrained(class_name: str, path: str, subfolder: str | None = None) ->
             raise PretrainedWeightsError(f"{where} holds a diffusers {saved_class}, not a {class_name}; point at the "
                                          f"{class_name} directory (e.g. subfolder vae or unet of a pipeline)")
         source = str(local)
-    elif _looks_like_hub_id(path):
+    elif looks_like_hub_id(path):
         source = path
     else:
         raise PretrainedWeightsError(f"pretrained weights directory not found: {path}; copy the save_pretrained "
@@ -65,7 +65,7 @@ def load_pretrained(class_name: str, path: str, subfolder: str | None = None) ->
                                      "network, copy its save_pretrained directory and give that path") from None
 
 
-def _looks_like_hub_id(path: str) -> bool:
+def looks_like_hub_id(path: str) -> bool:
     parts = path.split("/")
     return len(parts) == 2 and all(parts) and not path.startswith((".", "~"))
 
@@ -107,11 +107,14 @@ class DiffusersAutoencoder(nn.Module):
             self._fingerprint = {"path": self.path, "subfolder": str(self.subfolder), "sha256": weights_digest(self.vae)}
         return self._fingerprint
 
-    def latent_shape(self, image_size: int) -> tuple[int, int, int]:
-        if image_size % self.downsample:
-            raise ValueError(f"image_size {image_size} is not divisible by the VAE's downsampling factor {self.downsample} "
+    def latent_shape(self, image_size: int, width: int | None = None) -> tuple[int, int, int]:
+        """[C, h, w] of the latents of one image `image_size` high and `width` wide (square when width is None)."""
+        width = image_size if width is None else width
+        if image_size % self.downsample or width % self.downsample:
+            size = str(image_size) if width == image_size else f"{image_size}x{width}"
+            raise ValueError(f"image size {size} is not divisible by the VAE's downsampling factor {self.downsample} "
                              f"({self.path}); choose a multiple of {self.downsample}")
-        return (self.vae.config.latent_channels, image_size // self.downsample, image_size // self.downsample)
+        return (self.vae.config.latent_channels, image_size // self.downsample, width // self.downsample)
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
@@ -170,6 +173,17 @@ class DiffusersUNetBackbone(Backbone):
 
     def pretrained_source(self) -> str | None:
         return self.path if self.config is None else None  # with a recorded config, build makes random weights
+
+    def size_multiple(self) -> int:
+        # every down block but the last halves the input; unknown (1) until build has read the config
+        return 2 ** (len(self.config["down_block_types"]) - 1) if self.config else 1
+
+    def check_input(self, shape: tuple[int, int, int]) -> None:
+        factor = self.size_multiple()
+        if shape[-1] % factor or shape[-2] % factor:
+            raise ValueError(f"the diffusers U-Net backbone ({self.path}) halves its input "
+                             f"{len(self.config['down_block_types']) - 1} times, so the diffused size must be divisible "
+                             f"by {factor}; the space gives {shape[-2]}x{shape[-1]}")
 
     def _check_widths(self, config: Any, in_channels: int, context_dim: int | None, pooled_dim: int | None) -> None:
         source = f"the diffusers U-Net at {self.path}"

@@ -130,7 +130,11 @@ class DiT(nn.Module):
 
 class DiTBackbone(Backbone):
     """The DiT backbone (a transformer over image patches): width, depth, heads and patch size (DiT-S/2 is hidden
-    384, depth 12, 6 heads, patch 2)."""
+    384, depth 12, 6 heads, patch 2).
+
+    It takes any diffused size that patch_size divides, e.g. `genart sample --height/--width` off the trained square:
+    there is no position table to resize, the 2D sin-cos embedding is computed for the requested token grid (token
+    indices as positions, not interpolated to the trained grid)."""
 
     name = "dit"
     lora_targets = ("to_q", "to_kv", "to_out")  # self- and cross-attention projections
@@ -152,7 +156,10 @@ class DiTBackbone(Backbone):
                    num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, context_dim=context_dim, pooled_dim=pooled_dim,
                    gradient_checkpointing=gradient_checkpointing)
 
+    def size_multiple(self) -> int:
+        return self.patch_size
+
     def check_input(self, shape: tuple[int, int, int]) -> None:
-        if shape[-1] % self.patch_size or shape[-2] % self.patch_size:
+        if shape[-1] % self.size_multiple() or shape[-2] % self.size_multiple():
             raise ValueError(f"the DiT backbone's patch_size {self.patch_size} does not divide the diffused size "
                              f"{shape[-2]}x{shape[-1]} given by the space; use a patch_size that divides it")

@@ -206,8 +206,11 @@ class UNetBackbone(Backbone):
                     head_channels=self.head_channels, attention_block=self.attention_block, context_dim=context_dim,
                     pooled_dim=pooled_dim, dropout=self.dropout, gradient_checkpointing=gradient_checkpointing)
 
+    def size_multiple(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)  # each level after the first halves the input
+
     def check_input(self, shape: tuple[int, int, int]) -> None:
-        factor = 2 ** (len(self.channel_mult) - 1)
+        factor = self.size_multiple()
         if shape[-1] % factor or shape[-2] % factor:
             raise ValueError(f"the U-Net backbone halves its input {len(self.channel_mult) - 1} times (channel_mult "
                              f"{self.channel_mult}), so the diffused size must be divisible by {factor}; the space gives "

@@ -1,0 +1,75 @@
+"""A diffusers pipeline directory (`model_index.json`) as a source of parts: which backbone, first stage, text encoder
+and scheduler it holds, each checked before anything is loaded, so a directory of an unsupported kind is one line.
+
+The parts themselves load with diffusers' and transformers' own `from_pretrained` from the directory's subfolders
+(`nn/diffusers_parts.py`, `nn/transformers_text.py`); a hub id is first downloaded to the hub cache, where the
+network allows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from genart_lightning import UserError
+from genart_lightning.nn.diffusers_parts import PretrainedWeightsError, looks_like_hub_id, require_diffusers
+
+READ_PIPELINES = {"StableDiffusionPipeline": "unet"}
+"""Pipeline classes read as a whole, and the subfolder of their backbone."""
+PLANNED_PIPELINES = ("StableDiffusionXLPipeline", "PixArtAlphaPipeline", "PixArtSigmaPipeline")
+
+
+@dataclass(frozen=True)
+class PipelineIndex:
+    """What a pipeline directory holds: its class, each component's (library, class), the scheduler's config."""
+
+    path: str
+    class_name: str
+    components: dict[str, tuple[str | None, str | None]]
+    scheduler: dict[str, Any]
+
+    @property
+    def backbone_subfolder(self) -> str:
+        return READ_PIPELINES[self.class_name]
+
+    def has(self, component: str) -> bool:
+        return self.components.get(component, (None, None))[1] is not None
+
+
+def local_pipeline_dir(source: str) -> Path:
+    """`source` as a local directory: itself, or a hub id's snapshot in the hub cache (downloaded where allowed)."""
+    local = Path(source).expanduser()
+    if local.exists():
+        return local
+    if not looks_like_hub_id(source):
+        raise PretrainedWeightsError(f"pipeline directory not found: {source}; copy the pipeline's directory (the one "
+                                     "holding model_index.json) there, or give a hub id")
+    try:
+        return Path(require_diffusers().DiffusionPipeline.download(source))
+    except (OSError, ValueError) as err:
+        raise PretrainedWeightsError(f"cannot fetch pipeline {source}: {str(err).splitlines()[0]}; on a node without "
+                                     "network, copy the pipeline directory and give its path") from None
+
+
+def read_pipeline(source: str) -> PipelineIndex:
+    """The index of the pipeline at `source` (a directory or hub id), or one line saying why it cannot be read."""
+    root = local_pipeline_dir(source)
+    index_file = root / "model_index.json"
+    if not index_file.is_file():
+        raise PretrainedWeightsError(f"{root} is not a diffusers pipeline directory (no model_index.json); for a single "
+                                     "model's save_pretrained directory use backbone or first_stage instead of pipeline")
+    index = json.loads(index_file.read_text())
+    class_name = index.get("_class_name", "")
+    if class_name not in READ_PIPELINES:
+        planned = " (planned)" if class_name in PLANNED_PIPELINES else ""
+        raise UserError(f"{root} holds a {class_name or 'pipeline of unknown class'}{planned}, which genart does not "
+                        f"read as a whole yet; readable: {', '.join(READ_PIPELINES)}. Its parts can be named one by "
+                        "one (backbone, first_stage)")
+    components = {k: tuple(v) for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2}
+    scheduler_file = root / "scheduler" / "scheduler_config.json"
+    if not scheduler_file.is_file():
+        raise PretrainedWeightsError(f"{root} has no scheduler/scheduler_config.json; the pipeline's noise schedule "
+                                     "and prediction type come from it")
+    return PipelineIndex(str(root), class_name, components, json.loads(scheduler_file.read_text()))

@@ -1,0 +1,174 @@
+"""A whole diffusers pipeline in and out, on a tiny random-init Stable Diffusion pipeline saved by diffusers and
+transformers themselves (tests/tiny_pipelines.py): one setting names the directory; backbone, first stage, CLIP
+text encoder + tokenizer and process come from it; a fine-tune exports back to a directory that
+`DiffusionPipeline.from_pretrained` loads and that samples what `genart sample` samples from the same noise.
+
+Tolerance of the sample comparisons: 1e-5 on images in [0, 1]. Both sides run the same networks in float32; the
+differences come from summation order (guidance in one doubled batch here, two halves of one batch there).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import cpu_trainer, save_untrained, shards_data
+from tiny_pipelines import tiny_sd_pipeline
+
+from genart_lightning import UserError
+from genart_lightning.diffusion.diffusers_schedulers import process_from_scheduler, scheduler_for
+from genart_lightning.diffusion.vp import VP
+from genart_lightning.models.latent_diffusion import LatentDiffusion
+from genart_lightning.models.loading import load_model
+from genart_lightning.nn.transformers_text import TransformersTextEncoder
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+CAPTIONS = ["a red circle", "a blue square"]
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def sd_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_sd_pipeline(tmp_path_factory.mktemp("pipelines"))
+
+
+def pipeline_images(pipe, captions: list[str], seed: int, steps: int, guidance: float, latent_shape: tuple[int, ...]):
+    """The pipeline's images in [0, 1], started from the noise `genart sample` draws for `seed` (CPU generator)."""
+    noise = torch.randn((len(captions), *latent_shape), generator=torch.Generator().manual_seed(seed))
+    return pipe(captions, num_inference_steps=steps, guidance_scale=guidance, latents=noise * pipe.scheduler.init_noise_sigma,
+                height=SIZE, width=SIZE, output_type="pt").images
+
+
+def test_one_setting_reads_the_whole_pipeline_and_samples_as_it_does(sd_pipeline):
+    model = LatentDiffusion(image_size=SIZE, pipeline=str(sd_pipeline), sample_steps=2, guidance_scale=3.0)
+    process = model.process
+    assert isinstance(process, VP) and isinstance(model.text_encoder, TransformersTextEncoder)
+    assert (process.schedule, process.beta_start, process.beta_end, process.prediction, process.timestep_spacing,
+            process.steps_offset) == ("scaled_linear", 0.00085, 0.012, "eps", "leading", 1)
+    assert model.hparams.sampler == "ddim" and model.hparams.conditioning == "tokens"
+    source = diffusers.DiffusionPipeline.from_pretrained(sd_pipeline)
+    torch.testing.assert_close(process.alphas_cumprod.float(), source.scheduler.alphas_cumprod, atol=1e-6, rtol=0)
+    # the pipeline's own DDIM ends at alphas_cumprod[0] (set_alpha_to_one false); ours ends on clean data
+    source.scheduler = diffusers.DDIMScheduler.from_config(source.scheduler.config, set_alpha_to_one=True)
+    ours = (model.sample(2, CAPTIONS, seed=0) + 1) / 2
+    theirs = pipeline_images(source, CAPTIONS, 0, 2, 3.0, model.diffusion_shape())
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_fine_tune_exports_a_pipeline_diffusers_loads_and_samples_alike(sd_pipeline, shapes_shards_16px, tmp_path, capsys):
+    from genart_lightning.cli import main as genart
+
+    torch.manual_seed(0)
+    model = LatentDiffusion(image_size=SIZE, pipeline=str(sd_pipeline), sample_steps=2, guidance_scale=2.0, lr=1e-3,
+                            ema_decay=0.5, train_text_encoder=True, process={"class_path": "genart_lightning.diffusion.vp.VP",
+                            "init_args": {"schedule": "scaled_linear", "timestep_spacing": "trailing"}})
+    text_before = {k: v.clone() for k, v in model.text_encoder.model.state_dict().items()}
+    cpu_trainer(tmp_path, 4).fit(model, datamodule=shards_data(shapes_shards_16px, batch_size=8))
+    assert any(not torch.equal(v, model.text_encoder.model.state_dict()[k]) for k, v in text_before.items())
+    ckpt = save_untrained(model, tmp_path / "tuned.ckpt")
+    genart(["export", "--ckpt", str(ckpt), "--diffusers", str(tmp_path / "out")])
+    assert "a diffusers pipeline" in capsys.readouterr().out
+    out = tmp_path / "out"
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    assert {"vocab.json", "merges.txt", "tokenizer.json"} <= {p.name for p in (out / "tokenizer").iterdir()}
+    from safetensors.torch import load_file
+
+    assert all(k.startswith("text_model.") for k in load_file(out / "text_encoder" / "model.safetensors"))
+    slow = transformers.CLIPTokenizer.from_pretrained(out / "tokenizer")  # reads vocab.json / merges.txt too
+    assert slow(CAPTIONS[0]).input_ids == model.text_encoder.tokenizer(CAPTIONS[0]).input_ids
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(out)
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.scheduler.config.timestep_spacing == "trailing"
+    reloaded = load_model(ckpt)
+    ours = (reloaded.sample(2, CAPTIONS, seed=4) + 1) / 2
+    torch.testing.assert_close(ours, pipeline_images(pipe, CAPTIONS, 4, 2, 2.0, reloaded.diffusion_shape()), atol=1e-5, rtol=0)
+    source = diffusers.DiffusionPipeline.from_pretrained(sd_pipeline)  # the fine-tune moved away from the source
+    source.scheduler = pipe.scheduler
+    assert not torch.allclose(ours, pipeline_images(source, CAPTIONS, 4, 2, 2.0, reloaded.diffusion_shape()), atol=1e-3)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "euler", "ddpm"])
+@pytest.mark.parametrize("settings", [dict(schedule="scaled_linear", beta_start=0.001, beta_end=0.015, prediction="v",
+                                           zero_terminal_snr=True, timestep_spacing="trailing"),
+                                      dict(schedule="cosine", prediction="eps", timestep_spacing="leading", steps_offset=1)])
+def test_scheduler_written_for_a_process_has_its_schedule_and_reads_back_to_it(sampler, settings):
+    process = VP(**settings)
+    if sampler == "euler" and process.zero_terminal_snr:
+        pytest.skip("Karras samplers need a finite largest sigma")
+    name, config = scheduler_for(process, sampler)
+    scheduler = getattr(diffusers, name).from_config(config)
+    torch.testing.assert_close(scheduler.alphas_cumprod.double(), process.alphas_cumprod, atol=1e-6, rtol=0)
+    if sampler in ("ddim", "ddpm"):
+        scheduler.set_timesteps(7)
+        assert scheduler.timesteps.tolist() == list(process.grid(sampler, 7, (4, 8, 8)).time[:-1])
+    reading = process_from_scheduler(dict(scheduler.config) | {"_class_name": name})
+    assert reading.sampler == sampler and reading.note is None
+    assert {k: getattr(reading.process, k) for k in settings} == settings
+
+
+def test_pipeline_mistakes_are_one_line(sd_pipeline, tmp_path):
+    with pytest.raises(UserError, match="pipeline directory not found: /no/such/pipeline; copy"):
+        LatentDiffusion(image_size=SIZE, pipeline="/no/such/pipeline")
+    with pytest.raises(UserError, match="is not a diffusers pipeline directory \\(no model_index.json\\)"):
+        LatentDiffusion(image_size=SIZE, pipeline=str(sd_pipeline / "unet"))
+    sdxl = tmp_path / "sdxl"
+    sdxl.mkdir()
+    (sdxl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    with pytest.raises(UserError, match="holds a StableDiffusionXLPipeline \\(planned\\), which genart does not read"):
+        LatentDiffusion(image_size=SIZE, pipeline=str(sdxl))
+    from genart_lightning.models.diffusion import PixelDiffusion
+
+    with pytest.raises(ValueError, match="a diffusers pipeline diffuses latents; use .*LatentDiffusion"):
+        PixelDiffusion(image_size=SIZE, pipeline=str(sd_pipeline))
+    flow = json.loads((sd_pipeline / "scheduler" / "scheduler_config.json").read_text()) | {
+        "_class_name": "FlowMatchEulerDiscreteScheduler"}
+    with pytest.raises(ValueError, match="is a flow-matching scheduler"):
+        process_from_scheduler(flow)
+
+
+def test_lora_files_load_in_diffusers_and_back_into_genart(sd_pipeline, shapes_shards_16px, tmp_path, capsys):
+    """Alpha 8 over rank 4: a file that lost alpha would load at half the adapters' strength."""
+    pytest.importorskip("peft")
+    from genart_lightning.cli import main as genart
+
+    torch.manual_seed(0)
+    model = LatentDiffusion(image_size=SIZE, pipeline=str(sd_pipeline), lora={"rank": 4, "alpha": 8}, ema_decay=0.5,
+                            lr=1e-3)
+    cpu_trainer(tmp_path, 2).fit(model, datamodule=shards_data(shapes_shards_16px, batch_size=8))
+    with torch.no_grad():  # adapters of a visible size (two steps move them by about the learning rate)
+        for name, p in model.ema.module.named_parameters():
+            if "lora_" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    ckpt = save_untrained(model, tmp_path / "lora.ckpt")
+    genart(["export", "--ckpt", str(ckpt), "--lora", "diffusers", "--out", str(tmp_path / "diffusers_lora")])
+    genart(["export", "--ckpt", str(ckpt), "--lora", "kohya", "--out", str(tmp_path / "lora_kohya.safetensors")])
+    from safetensors.torch import load_file
+
+    kohya = load_file(tmp_path / "lora_kohya.safetensors")
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    assert {f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha"} <= set(kohya)
+    assert float(kohya[f"{name}.alpha"]) == 8.0
+
+    net = model.ema.module.eval()
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 700.0])
+    context = torch.randn(2, 77, 32)
+    with torch.no_grad():
+        adapted = net(x, t, context=context)
+        for file in (tmp_path / "diffusers_lora" / "pytorch_lora_weights.safetensors", tmp_path / "lora_kohya.safetensors"):
+            pipe = diffusers.DiffusionPipeline.from_pretrained(sd_pipeline)
+            base = pipe.unet(x, t, encoder_hidden_states=context).sample
+            pipe.load_lora_weights(file)
+            torch.testing.assert_close(pipe.unet(x, t, encoder_hidden_states=context).sample, adapted, atol=1e-5, rtol=0)
+        assert not torch.allclose(base, adapted, atol=1e-3)
+        # the kohya file as the starting adapter of a new fine-tune, configured with another alpha
+        restarted = LatentDiffusion(image_size=SIZE, pipeline=str(sd_pipeline), lora={
+            "rank": 4, "alpha": 2, "weights": str(tmp_path / "lora_kohya.safetensors")})
+        torch.testing.assert_close(restarted.backbone.eval()(x, t, context=context), adapted, atol=1e-5, rtol=0)
+        torch.testing.assert_close(restarted.ema.module.eval()(x, t, context=context), adapted, atol=1e-5, rtol=0)
+    with pytest.raises(UserError, match="has rank 4 adapters, the config lora.rank 8; set lora.rank: 4"):
+        LatentDiffusion(image_size=SIZE, pipeline=str(sd_pipeline), lora={
+            "rank": 8, "weights": str(tmp_path / "lora_kohya.safetensors")})

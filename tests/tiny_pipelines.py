@@ -1,0 +1,60 @@
+"""Tiny random-init diffusers pipelines saved by diffusers and transformers themselves, for offline tests: the real
+directory layout (model_index.json, scheduler config, transformers text encoder and tokenizer) at toy widths.
+
+The CLIP tokenizer is the real one: its vocab.json and merges.txt are written from the BPE table open_clip ships, so
+captions tokenize exactly as Stable Diffusion's tokenizer does them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.tokenizer import bytes_to_unicode
+
+CLIP_VOCAB = 49408
+TEXT_WIDTH = 32
+
+
+def write_clip_tokenizer_files(folder: Path) -> Path:
+    """vocab.json and merges.txt of CLIP's BPE tokenizer (49408 tokens), from open_clip's copy of the table."""
+    table = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.decompress(table.read_bytes()).decode().split("\n")
+    merges = [tuple(line.split()) for line in lines[1:CLIP_VOCAB - 2 * 256 - 2 + 1]]  # the rest: 512 byte symbols, 2 specials
+    symbols = list(bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return folder
+
+
+def tiny_sd_pipeline(root: Path, prediction_type: str = "epsilon") -> Path:
+    """A Stable Diffusion 1.x-style pipeline: 16px images -> 4 x 8 x 8 latents, a 2-layer CLIP text encoder of width
+    32, a DDIM scheduler with SD 1.5's settings (scaled_linear betas, leading spacing, steps_offset 1)."""
+    import diffusers
+    import transformers
+
+    torch.manual_seed(0)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(write_clip_tokenizer_files(root / "clip_bpe"), model_max_length=77)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=CLIP_VOCAB, hidden_size=TEXT_WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, projection_dim=TEXT_WIDTH))
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                                  norm_num_groups=8, sample_size=16)
+    unet = diffusers.UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                          layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                          cross_attention_dim=TEXT_WIDTH, attention_head_dim=8, norm_num_groups=8)
+    scheduler = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                        timestep_spacing="leading", prediction_type=prediction_type)
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.save_pretrained(root / "sd")
+    return root / "sd"
