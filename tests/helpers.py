@@ -169,3 +169,30 @@ def save_untrained(model, path: Path) -> Path:
     trainer.strategy.connect(model)
     trainer.save_checkpoint(path)
     return Path(path)
+
+
+SIZES = [(32, 32), (48, 24), (24, 48), (40, 20), (20, 40), (36, 28)]
+"""(width, height) of the test images: square, 2:1 and 1:2 (two sizes each), and a little wider than square."""
+STEP = 8
+"""bucket_step of the aspect-bucket tests: bucket sides are multiples of it."""
+
+
+def write_mixed_shards(out: Path, samples: int, per_shard: int, seed: int = 0) -> str:
+    """Image shards of one flat colour per image at the (width, height) SIZES, for aspect buckets."""
+    import random
+
+    from PIL import Image
+
+    from datamodules.shards import write_shards
+
+    rng = random.Random(seed)
+
+    def sample(i: int) -> dict:
+        width, height = rng.choice(SIZES)
+        image = Image.new("RGB", (width, height), tuple(rng.randrange(256) for _ in range(3)))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return {"__key__": f"{i:06d}", "png": buffer.getvalue(), "txt": f"a picture, {width}x{height}".encode()}
+
+    written = write_shards((sample(i) for i in range(samples)), out, "train", per_shard)
+    return f"{out}/train-{{000000..{len(written) - 1:06d}}}.tar"

@@ -2,44 +2,23 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import random
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from helpers import tiny_unet
+from helpers import STEP, tiny_unet, write_mixed_shards
 from lightning.pytorch.callbacks import ModelCheckpoint
-from PIL import Image
 
 from datamodules.buckets import auto_buckets, nearest_bucket
-from datamodules.shards import bucket_histogram, expand_urls, format_report, inspect_shards, write_shards
+from datamodules.shards import bucket_histogram, expand_urls, format_report, inspect_shards
 from datamodules.webdataset import TextImageDataModule
 from genart_lightning.callbacks.rank_state import RankState
 from genart_lightning.diffusion.flow import Flow
 from genart_lightning.models.diffusion import PixelDiffusion
 from genart_lightning.nn.dit import DiTBackbone
-
-SIZES = [(32, 32), (48, 24), (24, 48), (40, 20), (20, 40), (36, 28)]
-"""(width, height) of the test images: square, 2:1 and 1:2 (two sizes each), and a little wider than square."""
-STEP = 8
-
-
-def write_mixed_shards(out: Path, samples: int, per_shard: int, seed: int = 0) -> str:
-    rng = random.Random(seed)
-
-    def sample(i: int) -> dict:
-        width, height = rng.choice(SIZES)
-        image = Image.new("RGB", (width, height), tuple(rng.randrange(256) for _ in range(3)))
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        return {"__key__": f"{i:06d}", "png": buffer.getvalue(), "txt": f"a picture, {width}x{height}".encode()}
-
-    written = write_shards((sample(i) for i in range(samples)), out, "train", per_shard)
-    return f"{out}/train-{{000000..{len(written) - 1:06d}}}.tar"
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cpu_trainer, save_untrained, shards_data
-from tiny_pipelines import tiny_sd_pipeline
+from helpers import STEP, cpu_trainer, genart_in_process, save_untrained, shards_data, write_mixed_shards
+from tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 from genart_lightning import UserError
 from genart_lightning.diffusion.diffusers_schedulers import process_from_scheduler, scheduler_for
@@ -36,6 +36,17 @@ def sd_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_sd_pipeline(tmp_path_factory.mktemp("pipelines"))
 
 
+@pytest.fixture(scope="module")
+def sdxl_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_sdxl_pipeline(tmp_path_factory.mktemp("pipelines_xl"))
+
+
+def ddim_like_ours(pipe):
+    """The pipeline with its scheduler's DDIM ending on clean data, as genart's ddim does."""
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=True, clip_sample=False)
+    return pipe
+
+
 def pipeline_images(pipe, captions: list[str], seed: int, steps: int, guidance: float, latent_shape: tuple[int, ...]):
     """The pipeline's images in [0, 1], started from the noise `genart sample` draws for `seed` (CPU generator)."""
     noise = torch.randn((len(captions), *latent_shape), generator=torch.Generator().manual_seed(seed))
@@ -53,9 +64,8 @@ def test_one_setting_reads_the_whole_pipeline_and_samples_as_it_does(sd_pipeline
     source = diffusers.DiffusionPipeline.from_pretrained(sd_pipeline)
     torch.testing.assert_close(process.alphas_cumprod.float(), source.scheduler.alphas_cumprod, atol=1e-6, rtol=0)
     # the pipeline's own DDIM ends at alphas_cumprod[0] (set_alpha_to_one false); ours ends on clean data
-    source.scheduler = diffusers.DDIMScheduler.from_config(source.scheduler.config, set_alpha_to_one=True)
     ours = (model.sample(2, CAPTIONS, seed=0) + 1) / 2
-    theirs = pipeline_images(source, CAPTIONS, 0, 2, 3.0, model.diffusion_shape())
+    theirs = pipeline_images(ddim_like_ours(source), CAPTIONS, 0, 2, 3.0, model.diffusion_shape())
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
@@ -115,15 +125,17 @@ def test_pipeline_mistakes_are_one_line(sd_pipeline, tmp_path):
         LatentDiffusion(image_size=SIZE, pipeline="/no/such/pipeline")
     with pytest.raises(UserError, match="is not a diffusers pipeline directory \\(no model_index.json\\)"):
         LatentDiffusion(image_size=SIZE, pipeline=str(sd_pipeline / "unet"))
-    sdxl = tmp_path / "sdxl"
-    sdxl.mkdir()
-    (sdxl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
-    with pytest.raises(UserError, match="holds a StableDiffusionXLPipeline \\(planned\\), which genart does not read"):
-        LatentDiffusion(image_size=SIZE, pipeline=str(sdxl))
+    pixart = tmp_path / "pixart"
+    pixart.mkdir()
+    (pixart / "model_index.json").write_text(json.dumps({"_class_name": "PixArtSigmaPipeline"}))
+    with pytest.raises(UserError, match="holds a PixArtSigmaPipeline \\(planned\\), which genart does not read"):
+        LatentDiffusion(image_size=SIZE, pipeline=str(pixart))
     from genart_lightning.models.diffusion import PixelDiffusion
 
     with pytest.raises(ValueError, match="a diffusers pipeline diffuses latents; use .*LatentDiffusion"):
         PixelDiffusion(image_size=SIZE, pipeline=str(sd_pipeline))
+    with pytest.raises(ValueError, match="backbone reads no image sizes \\(SDXL's U-Net does\\); drop original_size"):
+        LatentDiffusion(image_size=SIZE, pipeline=str(sd_pipeline)).sample(1, ["a"], original_size=(32, 32))
     flow = json.loads((sd_pipeline / "scheduler" / "scheduler_config.json").read_text()) | {
         "_class_name": "FlowMatchEulerDiscreteScheduler"}
     with pytest.raises(ValueError, match="is a flow-matching scheduler"):
@@ -172,3 +184,108 @@ def test_lora_files_load_in_diffusers_and_back_into_genart(sd_pipeline, shapes_s
     with pytest.raises(UserError, match="has rank 4 adapters, the config lora.rank 8; set lora.rank: 4"):
         LatentDiffusion(image_size=SIZE, pipeline=str(sd_pipeline), lora={
             "rank": 8, "weights": str(tmp_path / "lora_kohya.safetensors")})
+
+
+def test_sdxl_pipeline_reads_both_text_encoders_and_size_ids_and_exports_back(sdxl_pipeline, tmp_path, capsys):
+    from genart_lightning.cli import main as genart
+    from genart_lightning.nn.transformers_text import TextEncoderPair
+
+    model = LatentDiffusion(image_size=SIZE, pipeline=str(sdxl_pipeline), sample_steps=2, guidance_scale=3.0,
+                            sampler="ddim")
+    assert isinstance(model.text_encoder, TextEncoderPair) and model.reads_sizes
+    assert (model.hparams.text_layer, model.hparams.conditioning) == ("penultimate", "both")
+    empty = model.text_encoder([""])
+    assert not empty.tokens.any() and not empty.pooled.any()  # force_zeros_for_empty_prompt
+    ours = (model.sample(2, CAPTIONS, seed=1) + 1) / 2
+    source = ddim_like_ours(diffusers.DiffusionPipeline.from_pretrained(sdxl_pipeline))
+    torch.testing.assert_close(ours, pipeline_images(source, CAPTIONS, 1, 2, 3.0, model.diffusion_shape()), atol=1e-5,
+                               rtol=0)
+    # what the U-Net is told about sizes changes what it predicts
+    cond = model.encode_text(CAPTIONS)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([100.0, 600.0])
+    ids = torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2)
+    with torch.no_grad():
+        outputs = [model.backbone(x, t, **cond, size_ids=ids + torch.tensor(change))
+                   for change in ([0.0] * 6, [48.0, 8, 0, 0, 0, 0], [0.0, 0, 4, 0, 0, 0])]
+    assert not torch.allclose(outputs[0], outputs[1], atol=1e-4) and not torch.allclose(outputs[0], outputs[2], atol=1e-4)
+    with torch.no_grad():  # EMA weights of its own, so the export is seen to write them
+        for p in model.ema.module.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    ckpt = save_untrained(model, tmp_path / "xl.ckpt")
+    genart(["export", "--ckpt", str(ckpt), "--diffusers", str(tmp_path / "out")])
+    assert "a diffusers pipeline" in capsys.readouterr().out
+    assert {"vocab.json", "merges.txt"} <= {p.name for p in (tmp_path / "out" / "tokenizer_2").iterdir()}
+    pipe = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "out")
+    reloaded = load_model(ckpt)
+    ours = (reloaded.sample(2, CAPTIONS, seed=2, original_size=(32, 24), crop_top_left=(4, 0)) + 1) / 2
+    noise = torch.randn((2, *reloaded.diffusion_shape()), generator=torch.Generator().manual_seed(2))
+    theirs = pipe(CAPTIONS, num_inference_steps=2, guidance_scale=3.0, latents=noise, height=SIZE, width=SIZE,
+                  original_size=(32, 24), crops_coords_top_left=(4, 0), output_type="pt").images
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    code, _, err = genart_in_process("sample", "--ckpt", str(ckpt), "--num", "2", "--prompt", CAPTIONS[0], "--steps", "2",
+                                     "--original-size", "32,24", "--crop-top-left", "4,0", "--out", str(tmp_path / "g.png"))
+    assert code == 0 and (tmp_path / "g.png").is_file(), err
+    code, _, err = genart_in_process("sample", "--ckpt", str(ckpt), "--original-size", "32")
+    assert code == 2 and "'32' is not two integers A,B" in err
+
+
+def test_bucketed_sdxl_fit_feeds_each_batch_its_own_size_ids(sdxl_pipeline, tmp_path):
+    from lightning.pytorch import Callback
+
+    from datamodules.webdataset import TextImageDataModule
+
+    urls = write_mixed_shards(tmp_path / "mixed", 48, per_shard=24)
+    model = LatentDiffusion(image_size=32, pipeline=str(sdxl_pipeline), lr=1e-4)
+    received, expected = [], []
+    model.backbone.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: received.append(kwargs["added_cond_kwargs"]["time_ids"].clone()), with_kwargs=True)
+
+    class Batches(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            height, width = batch["image"].shape[-2:]
+            target = torch.tensor([[height, width]] * len(batch["caption"]))
+            expected.append(torch.cat([batch["original_size"], batch["crop_top_left"], target], dim=1).float())
+
+    data = TextImageDataModule(urls, batch_size=4, num_workers=0, image_size=32, buckets="auto", bucket_step=STEP,
+                               shuffle_buffer=8)
+    cpu_trainer(tmp_path, 4, callbacks=[Batches()]).fit(model, datamodule=data)
+    assert len(received) == len(expected) == 4
+    assert len({tuple(e[0, 4:].tolist()) for e in expected}) > 1  # several buckets were drawn
+    assert any(e[:, :2].ne(e[:, 4:]).any() for e in expected)  # original sizes that are not the bucket's
+    for got, want in zip(received, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_sdxl_lora_in_kohya_sgm_names_loads_in_diffusers_and_back(sdxl_pipeline, tmp_path):
+    pytest.importorskip("peft")
+    from genart_lightning.cli import main as genart
+
+    torch.manual_seed(0)
+    model = LatentDiffusion(image_size=SIZE, pipeline=str(sdxl_pipeline), lora={"rank": 2, "alpha": 6})
+    with torch.no_grad():
+        for name, p in model.ema.module.named_parameters():
+            if "lora_" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    genart(["export", "--ckpt", str(save_untrained(model, tmp_path / "xl_lora.ckpt")), "--lora", "kohya",
+            "--out", str(tmp_path / "xl_kohya.safetensors")])
+    from safetensors.torch import load_file
+
+    keys = set(load_file(tmp_path / "xl_kohya.safetensors"))
+    # tiny U-Net, 1 layer per block: down_blocks.0.attentions.0 -> input_blocks.1.1, up_blocks.1.attentions.1 ->
+    # output_blocks.3.1, as kohya's SDXL scripts name them
+    assert "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert "lora_unet_output_blocks_3_1_transformer_blocks_0_attn2_to_k.alpha" in keys
+    assert not any("down_blocks" in k or "up_blocks" in k for k in keys)
+    net = model.ema.module.eval()
+    cond = model.encode_text(CAPTIONS) | {"size_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2)}
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([100.0, 600.0])
+    with torch.no_grad():
+        adapted = net(x, t, **cond)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(sdxl_pipeline)
+        pipe.load_lora_weights(tmp_path / "xl_kohya.safetensors")
+        added = {"text_embeds": cond["pooled"], "time_ids": cond["size_ids"]}
+        theirs = pipe.unet(x, t, encoder_hidden_states=cond["context"], added_cond_kwargs=added).sample
+        torch.testing.assert_close(theirs, adapted, atol=1e-5, rtol=0)
+        restarted = LatentDiffusion(image_size=SIZE, pipeline=str(sdxl_pipeline), lora={
+            "rank": 2, "weights": str(tmp_path / "xl_kohya.safetensors")})
+        torch.testing.assert_close(restarted.backbone.eval()(x, t, **cond), adapted, atol=1e-5, rtol=0)

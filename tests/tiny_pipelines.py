@@ -32,6 +32,35 @@ def write_clip_tokenizer_files(folder: Path) -> Path:
     return folder
 
 
+def clip_text_config():
+    """A 2-layer CLIP text transformer of width 32 over CLIP's full vocabulary and 77 positions."""
+    import transformers
+
+    return transformers.CLIPTextConfig(vocab_size=CLIP_VOCAB, hidden_size=TEXT_WIDTH, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                                       projection_dim=TEXT_WIDTH)
+
+
+def tiny_vae():
+    """An AutoencoderKL taking 16px images to 4 x 8 x 8 latents."""
+    import diffusers
+
+    return diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                   up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                                   norm_num_groups=8, sample_size=16)
+
+
+def tiny_unet(**settings):
+    """A two-level UNet2DConditionModel over 4-channel latents, cross-attending at its first level; `settings` add
+    the text width and SDXL's extra conditioning."""
+    import diffusers
+
+    return diffusers.UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                          layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8,
+                                          norm_num_groups=8, **settings)
+
+
 def tiny_sd_pipeline(root: Path, prediction_type: str = "epsilon") -> Path:
     """A Stable Diffusion 1.x-style pipeline: 16px images -> 4 x 8 x 8 latents, a 2-layer CLIP text encoder of width
     32, a DDIM scheduler with SD 1.5's settings (scaled_linear betas, leading spacing, steps_offset 1)."""
@@ -40,16 +69,8 @@ def tiny_sd_pipeline(root: Path, prediction_type: str = "epsilon") -> Path:
 
     torch.manual_seed(0)
     tokenizer = transformers.CLIPTokenizer.from_pretrained(write_clip_tokenizer_files(root / "clip_bpe"), model_max_length=77)
-    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=CLIP_VOCAB, hidden_size=TEXT_WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=77, projection_dim=TEXT_WIDTH))
-    vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
-                                  norm_num_groups=8, sample_size=16)
-    unet = diffusers.UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-                                          layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                                          cross_attention_dim=TEXT_WIDTH, attention_head_dim=8, norm_num_groups=8)
+    text_encoder = transformers.CLIPTextModel(clip_text_config())
+    vae, unet = tiny_vae(), tiny_unet(cross_attention_dim=TEXT_WIDTH)
     scheduler = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                         clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                                         timestep_spacing="leading", prediction_type=prediction_type)
@@ -58,3 +79,27 @@ def tiny_sd_pipeline(root: Path, prediction_type: str = "epsilon") -> Path:
                                              requires_safety_checker=False)
     pipe.save_pretrained(root / "sd")
     return root / "sd"
+
+
+def tiny_sdxl_pipeline(root: Path) -> Path:
+    """An SDXL-style pipeline: two CLIP text encoders of width 32 (the second with a 32-wide projection), token states
+    concatenated to 64, a U-Net reading the pooled vector and six size ids (`addition_embed_type: text_time`), empty
+    prompts as zeros, and SDXL's Euler scheduler settings."""
+    import diffusers
+    import transformers
+
+    torch.manual_seed(1)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(write_clip_tokenizer_files(root / "clip_bpe"), model_max_length=77)
+    tokenizer_2 = transformers.CLIPTokenizer.from_pretrained(root / "clip_bpe", model_max_length=77, pad_token="!")
+    text_encoder = transformers.CLIPTextModel(clip_text_config())
+    text_encoder_2 = transformers.CLIPTextModelWithProjection(clip_text_config())
+    vae = tiny_vae()
+    unet = tiny_unet(cross_attention_dim=2 * TEXT_WIDTH, addition_embed_type="text_time", addition_time_embed_dim=8,
+                     projection_class_embeddings_input_dim=TEXT_WIDTH + 6 * 8)
+    scheduler = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                                 steps_offset=1, timestep_spacing="leading")
+    pipe = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                               tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
+                                               scheduler=scheduler, force_zeros_for_empty_prompt=True)
+    pipe.save_pretrained(root / "sdxl")
+    return root / "sdxl"

@@ -3,6 +3,7 @@
 Each module exposes `register(subparsers) -> None`, adding its parser with `func=run`.
 """
 
+import argparse
 from pathlib import Path
 
 
@@ -30,6 +31,15 @@ def use_cpu_threads(threads: int | None, device: str, loader_workers: int = 0) -
     if str(device).startswith("cpu"):
         choice = set_cpu_threads(loader_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), threads)
         print(f"[genart] {choice.line()}", flush=True)
+
+
+def int_pair(text: str) -> tuple[int, int]:
+    """An argparse type: "A,B" as two integers (--original-size H,W, --crop-top-left TOP,LEFT)."""
+    try:
+        first, second = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not two integers A,B, e.g. 1024,768") from None
+    return first, second
 
 
 def interval_option(text: str | None) -> tuple[float, float] | None:

@@ -1,6 +1,7 @@
 """`genart export`: a training checkpoint -> safetensors weights with the family, hyperparameters and config as metadata,
-or (`--diffusers DIR`) a model built from diffusers parts -> diffusers directories (`unet/`, `vae/`) that
-`from_pretrained` loads, or, for a model built from a pipeline, a whole pipeline directory."""
+or (`--diffusers DIR`) a model built from diffusers parts -> a whole pipeline directory where it has one (built from a
+pipeline, or over a diffusers VAE and an OpenCLIP text tower), else diffusers directories (`unet/`, `vae/`) that
+`from_pretrained` loads."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output file (default: the checkpoint's path with .safetensors)")
     p.add_argument("--diffusers", metavar="DIR", help="write the EMA U-Net (and a diffusers VAE first stage) as diffusers "
                    "save_pretrained directories DIR/unet and DIR/vae instead; a model built from a pipeline is written "
-                   "as a whole pipeline (DiffusionPipeline.from_pretrained(DIR))")
+                   "as a whole pipeline (DiffusionPipeline.from_pretrained(DIR)), and so is one over a diffusers VAE and an "
+                   "OpenCLIP text tower (a StableDiffusionPipeline)")
     p.add_argument("--merge-lora", action="store_true", help="fold the LoRA adapters of a LoRA fine-tuning checkpoint "
                    "into the base weights and write plain weights that need neither the base nor peft (without it, a "
                    "LoRA checkpoint exports its adapters only)")
@@ -77,9 +79,12 @@ def merged_model(ckpt: Path) -> DiffusionModel:
     return model.without_lora()
 
 
-def export_diffusers(ckpt: Path, out: Path, merge_lora: bool = False) -> list[Path]:
-    """Save the sampling (EMA) weights of a diffusers U-Net backbone, and a diffusers first stage, with save_pretrained;
-    a model built from a pipeline is written as a whole pipeline directory (`export_pipeline`)."""
+def export_diffusers(ckpt: Path, out: Path, merge_lora: bool = False) -> tuple[list[Path], str | None]:
+    """Write a model with a diffusers U-Net backbone where diffusers reads it: the paths written, and why they are not a
+    whole pipeline (None when they are). A model built from a pipeline is written as that pipeline (`export_pipeline`);
+    one over a diffusers VAE and an OpenCLIP text tower as a Stable Diffusion pipeline (`export_openclip_pipeline`)
+    where that pipeline samples as the model does; any other as save_pretrained directories of the sampling (EMA)
+    U-Net and a diffusers first stage."""
     from genart_lightning import UserError
     from genart_lightning.models.loading import load_model
     from genart_lightning.nn.diffusers_parts import DiffusersAutoencoder, DiffusersUNet
@@ -93,13 +98,65 @@ def export_diffusers(ckpt: Path, out: Path, merge_lora: bool = False) -> list[Pa
         raise UserError(f"{ckpt} has a {type(net or model).__name__} backbone, not a diffusers U-Net, so it has no diffusers "
                         "form; export it without --diffusers (genart safetensors)")
     if getattr(model, "pipeline", None) is not None:
-        return [export_pipeline(model, out)]
+        return [export_pipeline(model, out)], None
+    if (why_not := openclip_pipeline_blocker(model)) is None:
+        return [export_openclip_pipeline(model, out)], None
     written = [out / "unet"]
     net.unet.save_pretrained(written[0])
     if isinstance(getattr(model, "first_stage", None), DiffusersAutoencoder):
         written.append(out / "vae")
         model.first_stage.vae.save_pretrained(written[1])
-    return written
+    return written, why_not
+
+
+def openclip_pipeline_blocker(model: DiffusionModel) -> str | None:
+    """Why a model over a diffusers U-Net (not built from a pipeline) has no StableDiffusionPipeline that samples what it
+    samples; None when it has one (diffusers VAE, OpenCLIP text tower, VP process, U-Net reading tokens only)."""
+    from genart_lightning.diffusion.diffusers_schedulers import scheduler_for
+    from genart_lightning.nn.diffusers_parts import DiffusersAutoencoder
+    from genart_lightning.nn.openclip_export import conversion_blocker
+    from genart_lightning.nn.text_encoder import FrozenTextEncoder
+
+    first_stage, net = getattr(model, "first_stage", None), model.ema.module
+    text = model.text_ema.module if getattr(model, "text_ema", None) is not None else model.text_encoder
+    if first_stage is None:
+        return "a pixel-space model has no VAE"
+    if not isinstance(first_stage, DiffusersAutoencoder):
+        return f"its first stage is a {type(first_stage).__name__}, not a diffusers AutoencoderKL"
+    if first_stage.shift_factor:
+        return f"its VAE has shift_factor {first_stage.shift_factor}, which StableDiffusionPipeline does not apply"
+    if net.attention_mask or getattr(net, "reads_sizes", False):
+        return "its U-Net reads the caption mask or size ids, which StableDiffusionPipeline does not pass"
+    if not isinstance(text, FrozenTextEncoder):
+        return "it has no text encoder" if text is None else f"its text encoder is a {type(text).__name__}"
+    try:
+        scheduler_for(model.process, model.hparams.sampler)
+    except ValueError as err:
+        return str(err).split(";")[0]
+    return conversion_blocker(text)
+
+
+def export_openclip_pipeline(model: DiffusionModel, out: Path) -> Path:
+    """A StableDiffusionPipeline of this model's sampling weights: the EMA U-Net, the diffusers VAE, the OpenCLIP tower
+    as a CLIPTextModel ending at the layer the model reads with a CLIP tokenizer giving OpenCLIP's ids, padding
+    included (nn/openclip_export.py), and the scheduler that walks the model's process and sampler as `genart sample`
+    does; in files transformers 4 reads too (`vocab.json` / `merges.txt`, `text_model.` keys)."""
+    from genart_lightning.diffusion.diffusers_schedulers import scheduler_for
+    from genart_lightning.nn.diffusers_parts import require_diffusers
+    from genart_lightning.nn.openclip_export import clip_text_model, clip_tokenizer
+    from genart_lightning.nn.transformers_text import write_bpe_files, write_text_model_prefix
+
+    diffusers = require_diffusers()
+    scheduler_name, scheduler_config = scheduler_for(model.process, model.hparams.sampler)
+    text = model.text_ema.module if model.text_ema is not None else model.text_encoder
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=model.first_stage.vae, text_encoder=clip_text_model(text), tokenizer=clip_tokenizer(text),
+        unet=model.ema.module.unet, scheduler=getattr(diffusers, scheduler_name).from_config(scheduler_config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out)
+    write_bpe_files(out / "tokenizer")
+    write_text_model_prefix(out / "text_encoder")
+    return out
 
 
 def export_pipeline(model: DiffusionModel, out: Path) -> Path:
@@ -109,17 +166,24 @@ def export_pipeline(model: DiffusionModel, out: Path) -> Path:
     CLIP text encoder's keys the `text_model.` prefix."""
     from genart_lightning.diffusion.diffusers_schedulers import scheduler_for
     from genart_lightning.nn.diffusers_parts import require_diffusers
-    from genart_lightning.nn.transformers_text import write_bpe_files, write_text_model_prefix
+    from genart_lightning.nn.transformers_text import (
+        TextEncoderPair,
+        write_bpe_files,
+        write_text_model_prefix,
+    )
 
     diffusers = require_diffusers()
     scheduler_name, scheduler_config = scheduler_for(model.process, model.hparams.sampler)
-    text = (model.text_ema.module if model.text_ema is not None else model.text_encoder).model
+    text = model.text_ema.module if model.text_ema is not None else model.text_encoder
+    encoders = [text.first, text.second] if isinstance(text, TextEncoderPair) else [text]
     pipe = diffusers.DiffusionPipeline.from_pretrained(
-        model.pipeline.path, unet=model.ema.module.unet, vae=model.first_stage.vae, text_encoder=text,
-        scheduler=getattr(diffusers, scheduler_name).from_config(scheduler_config))
+        model.pipeline.path, unet=model.ema.module.unet, vae=model.first_stage.vae,
+        scheduler=getattr(diffusers, scheduler_name).from_config(scheduler_config),
+        **{encoder.subfolder: encoder.model for encoder in encoders})
     pipe.save_pretrained(out)
-    write_bpe_files(out / "tokenizer")
-    write_text_model_prefix(out / "text_encoder")
+    for encoder in encoders:
+        write_bpe_files(out / encoder.tokenizer_subfolder)
+        write_text_model_prefix(out / encoder.subfolder)
     return out
 
 
@@ -147,8 +211,12 @@ def run(args: argparse.Namespace) -> None:
         print(f"wrote {written} (LoRA adapters, {args.lora} format, EMA weights)")
         return
     if args.diffusers:
-        written = export_diffusers(ckpt, Path(args.diffusers), args.merge_lora)
-        what = "a diffusers pipeline" if (written[0] / "model_index.json").is_file() else "diffusers save_pretrained"
+        written, why_not = export_diffusers(ckpt, Path(args.diffusers), args.merge_lora)
+        if why_not is None:
+            parts = sorted(p.name for p in written[0].iterdir() if p.is_dir())
+            what = f"a diffusers pipeline: {', '.join(parts)}"
+        else:
+            what = f"diffusers save_pretrained, not a whole pipeline: {why_not}"
         print(f"wrote {', '.join(map(str, written))} ({what}; the U-Net holds the EMA weights)")
         return
     out = Path(args.out) if args.out else ckpt.with_suffix(".safetensors")

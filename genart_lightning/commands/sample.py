@@ -6,7 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
-from genart_lightning.commands import add_threads_option, interval_option, require_checkpoint, use_cpu_threads
+from genart_lightning.commands import (
+    add_threads_option,
+    int_pair,
+    interval_option,
+    require_checkpoint,
+    use_cpu_threads,
+)
 
 SAMPLING_OPTIONS = [
     ("steps", int, "number of sampling steps"),
@@ -16,6 +22,9 @@ SAMPLING_OPTIONS = [
     ("guidance_interval", str, "LO,HI: guide only at noise levels sigma/alpha in (LO, HI], e.g. 0.3,5"),
     ("height", int, "image height in pixels, a multiple of the backbone's step (diffusion; default image_size)"),
     ("width", int, "image width in pixels, a multiple of the backbone's step (diffusion; default image_size)"),
+    ("original_size", int_pair, "H,W: the original image size a size-reading backbone (SDXL) is told; default the "
+                                "sample's size"),
+    ("crop_top_left", int_pair, "TOP,LEFT: the crop corner a size-reading backbone (SDXL) is told; default 0,0"),
 ]
 """Options forwarded to `model.sample` only when set, so families without them still work."""
 
@@ -36,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     add_threads_option(p)
     for name, kind, text in SAMPLING_OPTIONS:
-        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"{text} (families that take it; default: the checkpoint's config)")
+        default = "" if "default" in text else "; default: the checkpoint's config"
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"{text} (families that take it{default})")
     p.set_defaults(func=run)
 
 

@@ -41,7 +41,7 @@ from genart_lightning.nn.lora_files import load_lora
 from genart_lightning.nn.pipelines import read_pipeline
 from genart_lightning.nn.sharding import shard_network
 from genart_lightning.nn.text_encoder import FrozenTextEncoder
-from genart_lightning.nn.transformers_text import TransformersTextEncoder
+from genart_lightning.nn.transformers_text import pipeline_text_encoder
 from genart_lightning.nn.unet import UNetBackbone
 
 if TYPE_CHECKING:
@@ -73,8 +73,13 @@ class DiffusionModel(GenerativeModel):
     `pipeline` names a diffusers pipeline directory (or hub id): the backbone, the text encoder (its transformers
     model and tokenizer; `text_encoder` / `text_pretrained` name OpenCLIP towers and are not read then), the
     process and sampler (from its scheduler config, so a fine-tune continues the model's own parameterisation) and,
-    in LatentDiffusion, the first stage come from it, each unless the config names it; conditioning defaults to what
-    the pipeline's backbone reads.
+    in LatentDiffusion, the first stage come from it, each unless the config names it; conditioning and text_layer
+    default to what the pipeline's backbone reads (SDXL: both text encoders' penultimate states and the pooled one).
+
+    A backbone that reads image sizes (SDXL's U-Net: `reads_sizes`) gets `size_ids` [B, 6] = original (h, w), crop
+    top-left (top, left), target (h, w) in pixels: from an aspect-bucketed batch's `original_size` / `crop_top_left`
+    and its own size (the image's size, and no crop, without buckets); at sampling `original_size = target = (H, W)`
+    and crop (0, 0) unless given. Both guidance branches get the same ids, as diffusers' SDXL pipeline does.
 
     Subclasses say what is diffused (`to_diffusion_space`, `from_diffusion_space`, `diffusion_shape`) and call
     `build_backbone(channels)` at the end of their __init__.
@@ -95,7 +100,7 @@ class DiffusionModel(GenerativeModel):
         text_encoder: str | None = "genart-tiny",
         text_pretrained: str | None = None,
         text_cache_dir: str | None = None,
-        text_layer: str = "final",
+        text_layer: str | None = None,
         train_text_encoder: bool = False,
         text_lr_multiplier: float = 0.1,
         lr: float = 1e-4,
@@ -124,7 +129,8 @@ class DiffusionModel(GenerativeModel):
         if self.pipeline is not None:
             process, sampler = self._pipeline_process(process, sampler)
             backbone = backbone or DiffusersUNetBackbone(path=self.pipeline.path, subfolder=self.pipeline.backbone_subfolder)
-        self.hparams["conditioning"] = conditioning = conditioning or ("tokens" if self.pipeline else "both")
+        self.hparams["conditioning"] = conditioning = conditioning or (
+            "both" if self.pipeline is None or len(self.pipeline.text_parts) > 1 else "tokens")
         if conditioning not in CONDITIONING:
             raise ValueError(f"unknown conditioning {conditioning!r}; choose one of {', '.join(CONDITIONING)}")
         self.process = build_part(process, Process, self.default_process, "process")
@@ -136,9 +142,11 @@ class DiffusionModel(GenerativeModel):
                              "latents; leave clip_x0 unset (it clamps in pixel space only)")
         self.clip_x0 = self.bounded_space if clip_x0 is None else clip_x0
         check_interval(guidance_interval)
+        self.hparams["text_layer"] = text_layer = text_layer or (self.pipeline.text_layer if self.pipeline else "final")
         if self.pipeline is not None:
             self.hparams["text_encoder"] = None  # the pipeline's own, not an OpenCLIP one
-            self.text_encoder = TransformersTextEncoder(self.pipeline.path, trainable=train_text_encoder, layer=text_layer)
+            self.text_encoder = pipeline_text_encoder(self.pipeline.path, self.pipeline.text_parts, train_text_encoder,
+                                                      text_layer, self.pipeline.zeros_for_empty_prompt)
         else:
             self.text_encoder = (FrozenTextEncoder(text_encoder, text_pretrained, text_cache_dir,
                                                    trainable=train_text_encoder, layer=text_layer)
@@ -178,6 +186,7 @@ class DiffusionModel(GenerativeModel):
         frozen = self.attach_lora(pretrained) if self.lora else None
         if hp.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
+        self.reads_sizes = bool(getattr(self.backbone, "reads_sizes", False))
         self.ema = make_ema(self.backbone, hp.ema_decay)
         if frozen:  # only the adapters are checkpointed; the base is rebuilt from its source (fingerprinted)
             keep_out_of_state_dict(self.backbone, frozen)
@@ -332,8 +341,19 @@ class DiffusionModel(GenerativeModel):
             return None
         keep = self.keep_captions(len(batch["caption"])) if drop else torch.ones(len(batch["caption"]), dtype=torch.bool)
         if self.reads_cached_text(batch):
-            return cached_conditioning(batch, keep, self.unconditional_text(), self.hparams.conditioning)
-        return self.encode_text([c if k else "" for c, k in zip(batch["caption"], keep.tolist(), strict=True)])
+            cond = cached_conditioning(batch, keep, self.unconditional_text(), self.hparams.conditioning)
+        else:
+            cond = self.encode_text([c if k else "" for c, k in zip(batch["caption"], keep.tolist(), strict=True)])
+        return cond | ({"size_ids": self.batch_size_ids(batch)} if self.reads_sizes else {})
+
+    def batch_size_ids(self, batch: dict) -> Tensor:
+        """[B, 6] original (h, w), crop top-left, target (h, w) in pixels of a batch (see the class docstring)."""
+        x = batch["latent"] if "latent" in batch else batch["image"]
+        scale = self.hparams.image_size // self.diffusion_shape()[-1] if "latent" in batch else 1
+        target = torch.tensor([x.shape[-2] * scale, x.shape[-1] * scale], device=x.device).expand(x.shape[0], 2)
+        original = batch["original_size"].to(x.device) if "original_size" in batch else target
+        crop = batch["crop_top_left"].to(x.device) if "crop_top_left" in batch else torch.zeros_like(target)
+        return torch.cat([original, crop, target], dim=1).to(x.dtype)
 
     def unconditional_text(self) -> dict[str, Tensor]:
         """The conditioning of the empty caption, encoded once per device (the text encoder is frozen)."""
@@ -436,10 +456,13 @@ class DiffusionModel(GenerativeModel):
         guidance_interval: tuple[float, float] | None = None,
         height: int | None = None,
         width: int | None = None,
+        original_size: tuple[int, int] | None = None,
+        crop_top_left: tuple[int, int] = (0, 0),
     ) -> Tensor:
         """Draw n images with the EMA weights; unset options fall back to the config (sampler, sample_steps,
         guidance_scale, guidance_interval: the noise levels sigma / alpha where guidance applies, all when None;
-        height and width in pixels: image_size, and any other size the backbone and first stage can take)."""
+        height and width in pixels: image_size, and any other size the backbone and first stage can take;
+        original_size (default (height, width)) and crop_top_left: what a size-reading backbone is told)."""
         settings = self.sampling_settings({"steps": steps, "sampler": sampler, "guidance": guidance, "eta": eta,
                                            "guidance_interval": guidance_interval, "height": height, "width": width})
         steps, sampler, guidance = settings["steps"], settings["sampler"], settings["guidance"]
@@ -455,11 +478,19 @@ class DiffusionModel(GenerativeModel):
         generator = torch.Generator().manual_seed(seed)  # CPU generator: a seed gives the same grid on any device
         noise = torch.randn((n, *shape), generator=generator).to(self.device)
         noise = noise * self.process.initial_noise_scale(grid)
-        cond = self.encode_text(list(captions) if captions else [""] * n, text) if self.conditional else None
-        denoise = self.process.denoiser(self._bound(net, cond))
+        sizes = {}
+        if (original_size is not None or tuple(crop_top_left) != (0, 0)) and not self.reads_sizes:
+            raise ValueError(f"the {self.backbone_spec.name} backbone reads no image sizes (SDXL's U-Net does); drop "
+                             "original_size / crop_top_left")
+        if self.reads_sizes:
+            height, width = settings["height"], settings["width"]
+            ids = [*(original_size or (height, width)), *crop_top_left, height, width]
+            sizes = {"size_ids": torch.tensor([ids] * n, dtype=torch.float32, device=self.device)}
+        cond = (self.encode_text(list(captions) if captions else [""] * n, text) | sizes) if self.conditional else None
+        denoise = self.process.denoiser(self._bound(net, cond or sizes or None))
         if cond is not None and captions and guidance != 1.0:
             guided = self.process.denoiser(classifier_free_guidance(lambda x, t, c: self._net(net, x, t, c), cond,
-                                                                    self.encode_text([""] * n, text), guidance))
+                                                                    self.encode_text([""] * n, text) | sizes, guidance))
             interval = settings["guidance_interval"]
             denoise = guided if interval is None else limited_interval(guided, denoise, interval)
         if self.clip_x0:

@@ -129,16 +129,22 @@ class DiffusersAutoencoder(nn.Module):
 
 
 class DiffusersUNet(nn.Module):
-    """`UNet2DConditionModel` behind the backbone call `net(x, t, context=, context_mask=, pooled=)`."""
+    """`UNet2DConditionModel` behind the backbone call `net(x, t, context=, context_mask=, pooled=, size_ids=)`.
+
+    SDXL's U-Net (`addition_embed_type: text_time`) `reads_sizes`: the pooled text vector and the six size ids go in
+    as its `added_cond_kwargs` (`text_embeds`, `time_ids`)."""
 
     def __init__(self, unet: nn.Module, attention_mask: bool) -> None:
         super().__init__()
         self.unet, self.attention_mask = unet, attention_mask
+        self.reads_sizes = getattr(unet.config, "addition_embed_type", None) == "text_time"
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None,
-                pooled: Tensor | None = None) -> Tensor:
+                pooled: Tensor | None = None, size_ids: Tensor | None = None) -> Tensor:
         mask = context_mask if self.attention_mask and context is not None else None
-        return self.unet(x, t, encoder_hidden_states=context, encoder_attention_mask=mask, return_dict=False)[0]
+        added = {"text_embeds": pooled, "time_ids": size_ids} if self.reads_sizes else None
+        return self.unet(x, t, encoder_hidden_states=context, encoder_attention_mask=mask, added_cond_kwargs=added,
+                         return_dict=False)[0]
 
 
 class DiffusersUNetBackbone(Backbone):
@@ -196,5 +202,11 @@ class DiffusersUNetBackbone(Backbone):
         if config.cross_attention_dim != context_dim:
             raise ValueError(f"{source} cross-attends to width {config.cross_attention_dim}, but the text encoder gives "
                              f"tokens of width {context_dim}; use the text encoder it was trained with")
-        if pooled_dim is not None:
+        if getattr(config, "addition_embed_type", None) == "text_time":  # SDXL: pooled text + 6 size ids, embedded
+            expected = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+            if pooled_dim != expected:
+                raise ValueError(f"{source} reads a pooled text vector of width {expected} (SDXL), but the text encoder "
+                                 f"gives {pooled_dim or 'none'}; set conditioning: both with the text encoders it was "
+                                 "trained with")
+        elif pooled_dim is not None:
             raise ValueError(f"{source} reads text tokens only, not a pooled vector; set conditioning: tokens")

@@ -3,7 +3,7 @@
 Two layouts: diffusers / peft (`unet.<module>.lora_A.weight`, `.lora_B.weight`, written by diffusers' own
 `save_lora_weights` with the adapter's LoraConfig as metadata, so `load_lora_weights` knows alpha; without that
 metadata a file loads as if alpha were the rank) and kohya / A1111 (`lora_unet_<module with _>.lora_down.weight`,
-`.lora_up.weight`, `.alpha`), which ComfyUI, A1111 and diffusers read. The kohya file is written here rather than by
+`.lora_up.weight`, `.alpha`; SDXL's in its original sgm block names), which ComfyUI, A1111 and diffusers read. The kohya file is written here rather than by
 diffusers' `convert_state_dict_to_kohya`, which records alpha = rank whatever the adapter's alpha was.
 
 peft's `get_peft_model_state_dict` / `set_peft_model_state_dict` read and write the adapters; this module only
@@ -39,11 +39,37 @@ def backbone_module(key: str) -> str:
     return key.rsplit(".lora_", 1)[0].removeprefix("unet.")
 
 
-def to_kohya(tensors: dict[str, Tensor], alpha: float) -> dict[str, Tensor]:
-    """peft adapter tensors -> kohya keys, with each module's alpha."""
+def sgm_module(module: str, layers_per_block: int) -> str:
+    """A diffusers U-Net attention module's path in SDXL's original (sgm) block names, which kohya's SDXL scripts and
+    ComfyUI use: `down_blocks.b.attentions.j` is `input_blocks.(1 + b (n + 1) + j).1`, `mid_block.attentions.0`
+    `middle_block.1`, `up_blocks.b.attentions.j` `output_blocks.(b (n + 1) + j).1`, n = layers_per_block."""
+    parts = module.split(".")
+    if parts[0] == "mid_block" and parts[1:3] == ["attentions", "0"]:
+        return ".".join(["middle_block", "1", *parts[3:]])
+    if parts[0] in ("down_blocks", "up_blocks") and parts[2] == "attentions":
+        block, layer = int(parts[1]), int(parts[3])
+        index = (1 if parts[0] == "down_blocks" else 0) + block * (layers_per_block + 1) + layer
+        return ".".join(["input_blocks" if parts[0] == "down_blocks" else "output_blocks", str(index), "1", *parts[4:]])
+    return module  # outside the attention blocks the names agree
+
+
+def kohya_name(module: str, sgm_layers_per_block: int | None) -> str:
+    """`lora_unet_` + the module's path with `_` for `.` (in sgm block names for SDXL)."""
+    path = sgm_module(module, sgm_layers_per_block) if sgm_layers_per_block is not None else module
+    return KOHYA_PREFIX + path.replace(".", "_")
+
+
+def sgm_layers(net: nn.Module) -> int | None:
+    """layers_per_block of an SDXL U-Net (whose kohya files use sgm block names), None for any other network."""
+    unet = getattr(net, "unet", None)
+    return unet.config.layers_per_block if getattr(net, "reads_sizes", False) else None
+
+
+def to_kohya(tensors: dict[str, Tensor], alpha: float, sgm_layers_per_block: int | None = None) -> dict[str, Tensor]:
+    """peft adapter tensors -> kohya keys (sgm block names when `sgm_layers_per_block` is set), with each alpha."""
     out: dict[str, Tensor] = {}
     for key, tensor in tensors.items():
-        name = KOHYA_PREFIX + backbone_module(key).replace(".", "_")
+        name = kohya_name(backbone_module(key), sgm_layers_per_block)
         part = "lora_down" if ".lora_A." in key else "lora_up"
         out[f"{name}.{part}.weight"] = tensor
         out[f"{name}.alpha"] = torch.tensor(float(alpha))
@@ -57,7 +83,7 @@ def write_lora(net: nn.Module, alpha: float, rank: int, target_modules: list[str
         from safetensors.torch import save_file
 
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_file(to_kohya(tensors, alpha), str(out), metadata={"format": "pt", "ss_network_dim": str(rank),
+        save_file(to_kohya(tensors, alpha, sgm_layers(net)), str(out), metadata={"format": "pt", "ss_network_dim": str(rank),
                                                                  "ss_network_alpha": str(alpha)})
         return out
     if fmt != "diffusers":
@@ -114,7 +140,7 @@ def load_lora(net: nn.Module, path: str, alpha: float, rank: int) -> int:
     into the up weights so the adapted network computes what the file's adapter computes. Returns the layers set."""
     tensors, alphas = read_lora(path)
     modules = {backbone_module(k) for k in adapter_tensors(net)}
-    kohya_names = {KOHYA_PREFIX + m.replace(".", "_"): m for m in modules}
+    kohya_names = {kohya_name(m, None): m for m in modules} | {kohya_name(m, sgm_layers(net)): m for m in modules}
     prefix = "unet." if any(k.startswith("unet.") for k in adapter_tensors(net)) else ""
     state = {}
     for key, tensor in tensors.items():

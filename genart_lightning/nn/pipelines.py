@@ -16,18 +16,24 @@ from typing import Any
 from genart_lightning import UserError
 from genart_lightning.nn.diffusers_parts import PretrainedWeightsError, looks_like_hub_id, require_diffusers
 
-READ_PIPELINES = {"StableDiffusionPipeline": "unet"}
+READ_PIPELINES = {"StableDiffusionPipeline": "unet", "StableDiffusionXLPipeline": "unet"}
 """Pipeline classes read as a whole, and the subfolder of their backbone."""
-PLANNED_PIPELINES = ("StableDiffusionXLPipeline", "PixArtAlphaPipeline", "PixArtSigmaPipeline")
+PLANNED_PIPELINES = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
+TEXT_PARTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+"""(encoder, tokenizer) subfolders a pipeline may hold, in the order their token states are concatenated."""
+PENULTIMATE_PIPELINES = ("StableDiffusionXLPipeline",)
+"""Pipelines that read their text encoders' last-but-one hidden states (SDXL's `hidden_states[-2]`)."""
 
 
 @dataclass(frozen=True)
 class PipelineIndex:
-    """What a pipeline directory holds: its class, each component's (library, class), the scheduler's config."""
+    """What a pipeline directory holds: its class, each component's (library, class), its own options
+    (`force_zeros_for_empty_prompt`, ...), the scheduler's config."""
 
     path: str
     class_name: str
     components: dict[str, tuple[str | None, str | None]]
+    options: dict[str, Any]
     scheduler: dict[str, Any]
 
     @property
@@ -36,6 +42,21 @@ class PipelineIndex:
 
     def has(self, component: str) -> bool:
         return self.components.get(component, (None, None))[1] is not None
+
+    @property
+    def text_parts(self) -> list[tuple[str, str]]:
+        """The (encoder, tokenizer) subfolders this pipeline holds."""
+        return [(encoder, tokenizer) for encoder, tokenizer in TEXT_PARTS if self.has(encoder)]
+
+    @property
+    def text_layer(self) -> str:
+        """The hidden state its backbone was trained on: SDXL's penultimate, else the final one."""
+        return "penultimate" if self.class_name in PENULTIMATE_PIPELINES else "final"
+
+    @property
+    def zeros_for_empty_prompt(self) -> bool:
+        """SDXL's `force_zeros_for_empty_prompt`: the empty caption's text states are zeros, not its encoding."""
+        return bool(self.options.get("force_zeros_for_empty_prompt", False))
 
 
 def local_pipeline_dir(source: str) -> Path:
@@ -68,8 +89,9 @@ def read_pipeline(source: str) -> PipelineIndex:
                         f"read as a whole yet; readable: {', '.join(READ_PIPELINES)}. Its parts can be named one by "
                         "one (backbone, first_stage)")
     components = {k: tuple(v) for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2}
+    options = {k: v for k, v in index.items() if not k.startswith("_") and k not in components}
     scheduler_file = root / "scheduler" / "scheduler_config.json"
     if not scheduler_file.is_file():
         raise PretrainedWeightsError(f"{root} has no scheduler/scheduler_config.json; the pipeline's noise schedule "
                                      "and prediction type come from it")
-    return PipelineIndex(str(root), class_name, components, json.loads(scheduler_file.read_text()))
+    return PipelineIndex(str(root), class_name, components, options, json.loads(scheduler_file.read_text()))

@@ -139,3 +139,41 @@ def write_text_model_prefix(folder: Path) -> None:
     if index:
         index["weight_map"] = {(k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in index["weight_map"].items()}
         index_file.write_text(json.dumps(index, indent=2))
+
+
+class TextEncoderPair(nn.Module):
+    """SDXL's two text encoders read as one: token states concatenated along the width (the first's, then the
+    second's), the pooled vector and mask of the second (with projection). `zeros_for_empty` gives the empty caption
+    zero states instead of its encoding, as SDXL's `force_zeros_for_empty_prompt` does in training and guidance."""
+
+    def __init__(self, first: TransformersTextEncoder, second: TransformersTextEncoder, zeros_for_empty: bool) -> None:
+        super().__init__()
+        self.first, self.second, self.zeros_for_empty = first, second, zeros_for_empty
+        self.trainable = first.trainable
+        self.context_length = min(first.context_length, second.context_length)
+        self.token_dim, self.pooled_dim = first.token_dim + second.token_dim, second.pooled_dim
+
+    def fingerprint(self) -> dict[str, str]:
+        one, two = self.first.fingerprint(), self.second.fingerprint()
+        return {"model": f"{one['model']} + {two['model']}", "pretrained": one["pretrained"],
+                "sha256": f"{one['sha256']}+{two['sha256']}"}
+
+    def forward(self, captions: Sequence[str]) -> TextEmbedding:
+        one, two = self.first(captions), self.second(captions)
+        embedding = TextEmbedding(tokens=torch.cat([one.tokens, two.tokens], dim=-1), pooled=two.pooled, mask=two.mask)
+        if self.zeros_for_empty:
+            keep = torch.tensor([bool(c) for c in captions], device=embedding.tokens.device)
+            embedding.tokens = embedding.tokens * keep[:, None, None].to(embedding.tokens.dtype)
+            embedding.pooled = embedding.pooled * keep[:, None].to(embedding.pooled.dtype)
+        return embedding
+
+
+def pipeline_text_encoder(path: str, parts: list[tuple[str, str]], trainable: bool, layer: str,
+                          zeros_for_empty: bool) -> TransformersTextEncoder | TextEncoderPair:
+    """The text encoder of a pipeline directory: its one encoder, or SDXL's two as a pair."""
+    encoders = [TransformersTextEncoder(path, encoder, tokenizer, trainable, layer) for encoder, tokenizer in parts]
+    if len(encoders) == 1:
+        return encoders[0]
+    if len(encoders) != 2:
+        raise UserError(f"{path} holds {len(encoders)} text encoders; genart reads one or two (SDXL)")
+    return TextEncoderPair(*encoders, zeros_for_empty)
