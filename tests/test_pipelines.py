@@ -289,3 +289,28 @@ def test_sdxl_lora_in_kohya_sgm_names_loads_in_diffusers_and_back(sdxl_pipeline,
         restarted = LatentDiffusion(image_size=SIZE, pipeline=str(sdxl_pipeline), lora={
             "rank": 2, "weights": str(tmp_path / "xl_kohya.safetensors")})
         torch.testing.assert_close(restarted.backbone.eval()(x, t, **cond), adapted, atol=1e-5, rtol=0)
+
+
+def test_sdxl_fit_from_shards_encoded_with_the_pipeline_matches_fit_from_images(sdxl_pipeline, shapes_shards_16px,
+                                                                                  tmp_path):
+    """`genart shards encode --pipeline` caches the VAE latents and both encoders' states (float32: losses equal to
+    1e-4); caption dropout 0.5 swaps in the empty caption's states, zeros for SDXL, in both runs."""
+    import lightning as L
+
+    from datamodules.webdataset import TextImageDataModule
+
+    code, _, err = genart_in_process("shards", "encode", "--pipeline", str(sdxl_pipeline), "--data",
+                                     shapes_shards_16px["train_urls"], "--out", str(tmp_path / "latents"),
+                                     "--image-size", str(SIZE), "--precision", "float32")
+    assert code == 0, err
+    losses = {}
+    for kind, urls in (("images", shapes_shards_16px["train_urls"]), ("latents", str(tmp_path / "latents" / "train-{000000..000003}.tar"))):
+        L.seed_everything(0)
+        model = LatentDiffusion(image_size=SIZE, pipeline=str(sdxl_pipeline), caption_dropout=0.5, lr=1e-3)
+        data = TextImageDataModule(urls, batch_size=8, num_workers=0, image_size=SIZE, kind=kind, shuffle_buffer=16)
+        recorder = []
+        model.on_train_batch_end = lambda outputs, batch, batch_idx, out=recorder: out.append(float(outputs["loss"]))
+        cpu_trainer(tmp_path / kind, 3).fit(model, datamodule=data)
+        losses[kind] = recorder
+    assert len(losses["latents"]) == 3
+    torch.testing.assert_close(torch.tensor(losses["latents"]), torch.tensor(losses["images"]), atol=1e-4, rtol=0)

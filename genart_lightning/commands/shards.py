@@ -50,16 +50,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "encode", help="image shards -> latent shards of a frozen first stage (and text encoder), to train from",
         description="Encode image shards once with a frozen VAE (and text encoder); latent diffusion then trains from "
                     "the output with --data.kind=latents. Under torchrun or srun each rank encodes its own shards.")
-    encode.add_argument("--first-stage", required=True, metavar="CKPT_OR_DIR",
+    source = encode.add_mutually_exclusive_group(required=True)
+    source.add_argument("--first-stage", metavar="CKPT_OR_DIR",
                         help="genart VAE (or latent-diffusion) checkpoint, or a diffusers AutoencoderKL directory")
+    source.add_argument("--pipeline", metavar="DIR", help="a diffusers pipeline directory: its VAE and text encoder(s), "
+                        "read as a model built with pipeline: DIR reads them")
     encode.add_argument("--data", required=True, metavar="URLS", help="image shards: path, brace pattern (quote it), glob")
     encode.add_argument("--out", required=True, help="output directory (shards keep their names; latents.json records "
                                                      "what made them)")
     encode.add_argument("--text-encoder", default=None, metavar="NAME",
                         help="also cache this OpenCLIP text encoder's states (e.g. genart-tiny, ViT-H-14)")
     encode.add_argument("--pretrained", default=None, metavar="TAG", help="its pretrained tag or weights file")
-    encode.add_argument("--text-layer", default="final", choices=("final", "penultimate"),
-                        help="token states of this layer (as the model's text_layer)")
+    encode.add_argument("--text-layer", default=None, choices=("final", "penultimate"),
+                        help="token states of this layer (as the model's text_layer; default final, or the pipeline's)")
     encode.add_argument("--text-cache-dir", default=None, help="where its pretrained weights are cached")
     encode.add_argument("--image-size", type=int, default=None,
                         help="resize + centre crop to this side (default: a genart VAE's own image_size)")
@@ -142,18 +145,24 @@ def run_encode(args: argparse.Namespace) -> None:
 
     from datamodules.webdataset import existing_shards
     from genart_lightning.models.latent_cache import encode_shards, load_first_stage
+    from genart_lightning.nn.pipelines import read_pipeline
     from genart_lightning.nn.text_encoder import FrozenTextEncoder
     from genart_lightning.run.cluster import launcher_ranks
 
     rank, world, local_rank = launcher_ranks()
     try:
         urls = existing_shards(args.data, "data", flag="--data")
-        first_stage = load_first_stage(args.first_stage)
+        if args.pipeline:
+            index = read_pipeline(args.pipeline)
+            first_stage, text = index.first_stage(), index.text_encoder(layer=args.text_layer).eval()
+        else:
+            first_stage = load_first_stage(args.first_stage)
+            text = (FrozenTextEncoder(args.text_encoder, args.pretrained, args.text_cache_dir,
+                                      layer=args.text_layer or "final").eval() if args.text_encoder else None)
         image_size = args.image_size or getattr(getattr(first_stage, "hparams", None), "image_size", None)
         if image_size is None:
-            raise ValueError(f"pass --image-size: {args.first_stage} does not record the image size it was trained at")
-        text = (FrozenTextEncoder(args.text_encoder, args.pretrained, args.text_cache_dir, layer=args.text_layer).eval()
-                if args.text_encoder else None)
+            raise ValueError(f"pass --image-size: {args.first_stage or args.pipeline} does not record the image size "
+                             "it was trained at")
         device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
         use_cpu_threads(args.threads, device)
         counts = encode_shards(first_stage, text, urls, args.out, image_size, args.batch_size, args.precision, rank,

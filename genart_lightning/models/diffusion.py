@@ -41,7 +41,6 @@ from genart_lightning.nn.lora_files import load_lora
 from genart_lightning.nn.pipelines import read_pipeline
 from genart_lightning.nn.sharding import shard_network
 from genart_lightning.nn.text_encoder import FrozenTextEncoder
-from genart_lightning.nn.transformers_text import pipeline_text_encoder
 from genart_lightning.nn.unet import UNetBackbone
 
 if TYPE_CHECKING:
@@ -145,8 +144,7 @@ class DiffusionModel(GenerativeModel):
         self.hparams["text_layer"] = text_layer = text_layer or (self.pipeline.text_layer if self.pipeline else "final")
         if self.pipeline is not None:
             self.hparams["text_encoder"] = None  # the pipeline's own, not an OpenCLIP one
-            self.text_encoder = pipeline_text_encoder(self.pipeline.path, self.pipeline.text_parts, train_text_encoder,
-                                                      text_layer, self.pipeline.zeros_for_empty_prompt)
+            self.text_encoder = self.pipeline.text_encoder(train_text_encoder, text_layer)
         else:
             self.text_encoder = (FrozenTextEncoder(text_encoder, text_pretrained, text_cache_dir,
                                                    trainable=train_text_encoder, layer=text_layer)

@@ -42,7 +42,7 @@ class LatentDiffusion(DiffusionModel):
     ) -> None:
         super().__init__(**kwargs)
         if self.pipeline is not None and first_stage is None and not first_stage_ckpt and first_stage_hparams is None:
-            first_stage = DiffusersAutoencoder(self.pipeline.path, subfolder="vae")
+            first_stage = self.pipeline.first_stage()
         if first_stage is not None:
             if first_stage_ckpt:
                 raise ValueError("give either first_stage_ckpt (a genart VAE) or first_stage (a pretrained part), not both")

@@ -120,7 +120,8 @@ class DiffusersAutoencoder(nn.Module):
     def encode(self, images: Tensor) -> Tensor:
         posterior = self.vae.encode(images.to(self.vae.dtype)).latent_dist
         z = posterior.sample() if self.sample_posterior else posterior.mean
-        return ((z - self.shift_factor) * self.scaling_factor).float()
+        # contiguous: the posterior mean is a strided view, and noise drawn "like" it would follow its memory order
+        return ((z - self.shift_factor) * self.scaling_factor).float().contiguous()
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:

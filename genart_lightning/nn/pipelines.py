@@ -14,7 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from genart_lightning import UserError
-from genart_lightning.nn.diffusers_parts import PretrainedWeightsError, looks_like_hub_id, require_diffusers
+from genart_lightning.nn.diffusers_parts import (
+    DiffusersAutoencoder,
+    PretrainedWeightsError,
+    looks_like_hub_id,
+    require_diffusers,
+)
+from genart_lightning.nn.transformers_text import (
+    TextEncoderPair,
+    TransformersTextEncoder,
+    pipeline_text_encoder,
+)
 
 READ_PIPELINES = {"StableDiffusionPipeline": "unet", "StableDiffusionXLPipeline": "unet"}
 """Pipeline classes read as a whole, and the subfolder of their backbone."""
@@ -57,6 +67,15 @@ class PipelineIndex:
     def zeros_for_empty_prompt(self) -> bool:
         """SDXL's `force_zeros_for_empty_prompt`: the empty caption's text states are zeros, not its encoding."""
         return bool(self.options.get("force_zeros_for_empty_prompt", False))
+
+    def text_encoder(self, trainable: bool = False, layer: str | None = None) -> TransformersTextEncoder | TextEncoderPair:
+        """Its text encoder (SDXL: both, as a pair), read at `layer` (default: the one its backbone was trained on)."""
+        return pipeline_text_encoder(self.path, self.text_parts, trainable, layer or self.text_layer,
+                                     self.zeros_for_empty_prompt)
+
+    def first_stage(self) -> DiffusersAutoencoder:
+        """Its VAE, frozen."""
+        return DiffusersAutoencoder(self.path, subfolder="vae").eval()
 
 
 def local_pipeline_dir(source: str) -> Path:

@@ -78,10 +78,11 @@ class TransformersTextEncoder(nn.Module):
         return super().train(mode and self.trainable)
 
     def fingerprint(self) -> dict[str, str]:
-        """The directory it was read from and a hash of its weights, for checkpoints to refuse another one."""
+        """Its class, subfolder and a hash of its weights, for checkpoints and latent caches to refuse another one
+        (not the directory's path: a pipeline copied elsewhere is the same encoder)."""
         if self._fingerprint is None:
-            self._fingerprint = {"model": f"{self.path}/{self.subfolder}", "pretrained": "pipeline directory",
-                                 "sha256": weights_digest(self.model)}
+            self._fingerprint = {"model": f"{type(self.model).__name__} ({self.subfolder})",
+                                 "pretrained": "pipeline directory", "sha256": weights_digest(self.model)}
         return self._fingerprint
 
     def tokenize(self, captions: Sequence[str]) -> tuple[Tensor, Tensor]:
@@ -149,7 +150,7 @@ class TextEncoderPair(nn.Module):
     def __init__(self, first: TransformersTextEncoder, second: TransformersTextEncoder, zeros_for_empty: bool) -> None:
         super().__init__()
         self.first, self.second, self.zeros_for_empty = first, second, zeros_for_empty
-        self.trainable = first.trainable
+        self.trainable, self.layer = first.trainable, first.layer
         self.context_length = min(first.context_length, second.context_length)
         self.token_dim, self.pooled_dim = first.token_dim + second.token_dim, second.pooled_dim
 
