@@ -1,35 +1,20 @@
 """Tiny random-init diffusers pipelines saved by diffusers and transformers themselves, for offline tests: the real
 directory layout (model_index.json, scheduler config, transformers text encoder and tokenizer) at toy widths.
 
-The CLIP tokenizer is the real one: its vocab.json and merges.txt are written from the BPE table open_clip ships, so
-captions tokenize exactly as Stable Diffusion's tokenizer does them.
+The CLIP tokenizer is the real one: its vocab.json and merges.txt are written from the BPE table open_clip ships
+(`write_clip_tokenizer_files`, which `genart export` uses too), so captions tokenize exactly as Stable Diffusion's
+tokenizer does them.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 from pathlib import Path
 
-import open_clip
 import torch
-from open_clip.tokenizer import bytes_to_unicode
 
-CLIP_VOCAB = 49408
+from genart_lightning.nn.openclip_export import CLIP_VOCAB, write_clip_tokenizer_files
+
 TEXT_WIDTH = 32
-
-
-def write_clip_tokenizer_files(folder: Path) -> Path:
-    """vocab.json and merges.txt of CLIP's BPE tokenizer (49408 tokens), from open_clip's copy of the table."""
-    table = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    lines = gzip.decompress(table.read_bytes()).decode().split("\n")
-    merges = [tuple(line.split()) for line in lines[1:CLIP_VOCAB - 2 * 256 - 2 + 1]]  # the rest: 512 byte symbols, 2 specials
-    symbols = list(bytes_to_unicode().values())
-    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    return folder
 
 
 def clip_text_config():

@@ -79,10 +79,15 @@ def scheduler_for(process: Process, sampler: str) -> tuple[str, dict[str, Any]]:
                          "(genart export without --diffusers) or train with process: vp")
     if sampler not in SCHEDULER_OF_SAMPLER:
         raise ValueError(f"sampler {sampler!r} has no diffusers scheduler; choose one of {', '.join(SCHEDULER_OF_SAMPLER)}")
+    if process.timestep_spacing == "leading" and process.steps_offset != 1:
+        raise ValueError(f"'leading' timesteps with steps_offset {process.steps_offset} have no Stable Diffusion "
+                         "pipeline: its constructor rewrites steps_offset to 1; train with steps_offset 1 or "
+                         "timestep_spacing trailing")
     inverse = {ours: theirs for theirs, ours in PREDICTIONS.items()}
+    # steps_offset moves "leading" timesteps only; elsewhere 1, the value SD pipelines would rewrite it to
     config: dict[str, Any] = {"num_train_timesteps": process.timesteps, "prediction_type": inverse[process.prediction],
                               "rescale_betas_zero_snr": process.zero_terminal_snr,
-                              "timestep_spacing": process.timestep_spacing, "steps_offset": process.steps_offset}
+                              "timestep_spacing": process.timestep_spacing, "steps_offset": 1}
     config["beta_schedule"] = {ours: theirs for theirs, ours in BETA_SCHEDULES.items()}[process.schedule]
     if process.schedule in DEFAULT_BETAS:
         default_start, default_end = DEFAULT_BETAS[process.schedule]
