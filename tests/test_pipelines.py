@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import STEP, cpu_trainer, genart_in_process, save_untrained, shards_data, write_mixed_shards
-from tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
+from tiny_pipelines import tiny_pixart_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 from genart_lightning import UserError
 from genart_lightning.diffusion.diffusers_schedulers import process_from_scheduler, scheduler_for
@@ -125,11 +125,11 @@ def test_pipeline_mistakes_are_one_line(sd_pipeline, tmp_path):
         LatentDiffusion(image_size=SIZE, pipeline="/no/such/pipeline")
     with pytest.raises(UserError, match="is not a diffusers pipeline directory \\(no model_index.json\\)"):
         LatentDiffusion(image_size=SIZE, pipeline=str(sd_pipeline / "unet"))
-    pixart = tmp_path / "pixart"
-    pixart.mkdir()
-    (pixart / "model_index.json").write_text(json.dumps({"_class_name": "PixArtSigmaPipeline"}))
-    with pytest.raises(UserError, match="holds a PixArtSigmaPipeline \\(planned\\), which genart does not read"):
-        LatentDiffusion(image_size=SIZE, pipeline=str(pixart))
+    sd3 = tmp_path / "sd3"
+    sd3.mkdir()
+    (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    with pytest.raises(UserError, match="holds a StableDiffusion3Pipeline, which genart does not read as a whole yet; readable: Stable"):
+        LatentDiffusion(image_size=SIZE, pipeline=str(sd3))
     from genart_lightning.models.diffusion import PixelDiffusion
 
     with pytest.raises(ValueError, match="a diffusers pipeline diffuses latents; use .*LatentDiffusion"):
@@ -314,3 +314,41 @@ def test_sdxl_fit_from_shards_encoded_with_the_pipeline_matches_fit_from_images(
         losses[kind] = recorder
     assert len(losses["latents"]) == 3
     torch.testing.assert_close(torch.tensor(losses["latents"]), torch.tensor(losses["images"]), atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def pixart_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_pixart_pipeline(tmp_path_factory.mktemp("pipelines_pixart"))
+
+
+def pixart_images(pipe, captions: list[str], seed: int, guidance: float, latent_shape: tuple[int, ...]):
+    noise = torch.randn((len(captions), *latent_shape), generator=torch.Generator().manual_seed(seed))
+    return pipe(captions, num_inference_steps=2, guidance_scale=guidance, latents=noise, height=SIZE, width=SIZE,
+                clean_caption=False, use_resolution_binning=False, output_type="pt").images
+
+
+def test_pixart_pipeline_reads_t5_and_its_transformer_and_a_fine_tune_exports_back(pixart_pipeline, shapes_shards_16px,
+                                                                                   tmp_path, capsys):
+    from genart_lightning.cli import main as genart
+    from genart_lightning.nn.diffusers_pixart import DiffusersPixArt
+
+    torch.manual_seed(0)
+    model = LatentDiffusion(image_size=SIZE, pipeline=str(pixart_pipeline), sample_steps=2, guidance_scale=3.0,
+                            lr=1e-3, ema_decay=0.5)
+    assert isinstance(model.backbone, DiffusersPixArt) and model.backbone.learned_variance
+    assert model.text_encoder.context_length == 300 and model.text_encoder.use_mask  # PixArt-sigma's T5 length
+    assert (model.hparams.sampler, model.hparams.conditioning) == ("dpmpp_2m", "tokens")
+    source = diffusers.DiffusionPipeline.from_pretrained(pixart_pipeline)
+    torch.testing.assert_close((model.sample(2, CAPTIONS, seed=0) + 1) / 2,
+                               pixart_images(source, CAPTIONS, 0, 3.0, model.diffusion_shape()), atol=1e-5, rtol=0)
+    cpu_trainer(tmp_path, 3).fit(model, datamodule=shards_data(shapes_shards_16px, batch_size=8))
+    ckpt = save_untrained(model, tmp_path / "pixart.ckpt")
+    genart(["export", "--ckpt", str(ckpt), "--diffusers", str(tmp_path / "out")])
+    assert "a diffusers pipeline" in capsys.readouterr().out
+    source_tokenizer = {p.name for p in (pixart_pipeline / "tokenizer").iterdir()}
+    assert source_tokenizer <= {p.name for p in (tmp_path / "out" / "tokenizer").iterdir()}
+    pipe = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "out")
+    reloaded = load_model(ckpt)
+    ours = (reloaded.sample(2, CAPTIONS, seed=5) + 1) / 2
+    torch.testing.assert_close(ours, pixart_images(pipe, CAPTIONS, 5, 3.0, reloaded.diffusion_shape()), atol=1e-5, rtol=0)
+    assert not torch.allclose(ours, pixart_images(source, CAPTIONS, 5, 3.0, reloaded.diffusion_shape()), atol=1e-3)

@@ -88,3 +88,30 @@ def tiny_sdxl_pipeline(root: Path) -> Path:
                                                scheduler=scheduler, force_zeros_for_empty_prompt=True)
     pipe.save_pretrained(root / "sdxl")
     return root / "sdxl"
+
+
+T5_WORDS = ["a", "an", "the", "red", "green", "blue", "yellow", "circle", "square", "triangle", "small", "large", "big", "on", "of", "picture", "photo"]
+
+
+def tiny_pixart_pipeline(root: Path, name: str = "PixArtSigmaPipeline") -> Path:
+    """A PixArt-style pipeline: a 2-layer T5 encoder of width 32 with a Unigram tokenizer over a few words and the
+    letters, a PixArt transformer (patch 2, learned variance: 8 output channels over 4 latent ones) cross-attending to
+    its masked states, the tiny VAE, and PixArt's DPM-Solver++ scheduler settings."""
+    import diffusers
+    import transformers
+
+    torch.manual_seed(2)
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -5.0)]
+    pieces += [("\u2581" + w, -1.0 - i / 100) for i, w in enumerate(T5_WORDS)] + [(c, -10.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    tokenizer = transformers.T5Tokenizer(vocab=pieces, extra_ids=0)
+    text_encoder = transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=len(pieces), d_model=TEXT_WIDTH, d_kv=8, d_ff=64, num_layers=2, num_heads=2))
+    transformer = diffusers.PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
+        patch_size=2, caption_channels=TEXT_WIDTH, cross_attention_dim=16, norm_num_groups=1)
+    scheduler = diffusers.DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
+                                                      timestep_spacing="trailing", final_sigmas_type="zero")
+    pipe = getattr(diffusers, name)(tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_vae(),
+                                    transformer=transformer, scheduler=scheduler)
+    pipe.save_pretrained(root / "pixart")
+    return root / "pixart"

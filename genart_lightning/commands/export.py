@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -93,12 +94,12 @@ def export_diffusers(ckpt: Path, out: Path, merge_lora: bool = False) -> tuple[l
     if getattr(model, "lora", None) is not None:
         raise UserError(f"{ckpt} holds LoRA adapters, which a diffusers U-Net directory cannot; add --merge-lora to "
                         "write the U-Net with the adapters folded in")
+    if getattr(model, "pipeline", None) is not None:
+        return [export_pipeline(model, out)], None
     net = model.ema.module if hasattr(model, "ema") else None
     if not isinstance(net, DiffusersUNet):
         raise UserError(f"{ckpt} has a {type(net or model).__name__} backbone, not a diffusers U-Net, so it has no diffusers "
                         "form; export it without --diffusers (genart safetensors)")
-    if getattr(model, "pipeline", None) is not None:
-        return [export_pipeline(model, out)], None
     if (why_not := openclip_pipeline_blocker(model)) is None:
         return [export_openclip_pipeline(model, out)], None
     written = [out / "unet"]
@@ -160,10 +161,11 @@ def export_openclip_pipeline(model: DiffusionModel, out: Path) -> Path:
 
 
 def export_pipeline(model: DiffusionModel, out: Path) -> Path:
-    """The source pipeline with this model's sampling weights (EMA U-Net, text encoder as sampled with) and a scheduler
-    that walks this model's process and sampler as `genart sample` does, saved where `DiffusionPipeline.from_pretrained`
-    reads it, in files transformers 4 reads too: the tokenizer folder also gets `vocab.json` / `merges.txt`, and the
-    CLIP text encoder's keys the `text_model.` prefix."""
+    """The source pipeline with this model's sampling weights (EMA U-Net or transformer, text encoder(s) as sampled
+    with) and a scheduler that walks this model's process and sampler as `genart sample` does, saved where
+    `DiffusionPipeline.from_pretrained` reads it, in files transformers 4 reads too: tokenizer folders keep the
+    source's files (T5's `spiece.model`) and CLIP's get `vocab.json` / `merges.txt`, CLIP text encoders' keys the
+    `text_model.` prefix."""
     from genart_lightning.diffusion.diffusers_schedulers import scheduler_for
     from genart_lightning.nn.diffusers_parts import require_diffusers
     from genart_lightning.nn.transformers_text import (
@@ -177,12 +179,17 @@ def export_pipeline(model: DiffusionModel, out: Path) -> Path:
     text = model.text_ema.module if model.text_ema is not None else model.text_encoder
     encoders = [text.first, text.second] if isinstance(text, TextEncoderPair) else [text]
     pipe = diffusers.DiffusionPipeline.from_pretrained(
-        model.pipeline.path, unet=model.ema.module.unet, vae=model.first_stage.vae,
+        model.pipeline.path, vae=model.first_stage.vae,
         scheduler=getattr(diffusers, scheduler_name).from_config(scheduler_config),
-        **{encoder.subfolder: encoder.model for encoder in encoders})
+        **{encoder.subfolder: encoder.model for encoder in encoders},
+        **{model.pipeline.backbone_subfolder: getattr(model.ema.module, model.pipeline.backbone_subfolder)})
     pipe.save_pretrained(out)
     for encoder in encoders:
-        write_bpe_files(out / encoder.tokenizer_subfolder)
+        source, written = Path(model.pipeline.path) / encoder.tokenizer_subfolder, out / encoder.tokenizer_subfolder
+        for file in source.iterdir():  # transformers 5 writes tokenizer.json only; 4's slow tokenizers read the others
+            if file.is_file() and not (written / file.name).exists():
+                shutil.copy2(file, written / file.name)
+        write_bpe_files(written)
         write_text_model_prefix(out / encoder.subfolder)
     return out
 

@@ -33,7 +33,7 @@ from genart_lightning.models.loading import build_family
 from genart_lightning.models.parts import build_part, part_config
 from genart_lightning.nn.backbone import Backbone
 from genart_lightning.nn.compilation import compile_networks
-from genart_lightning.nn.diffusers_parts import DiffusersUNet, DiffusersUNetBackbone
+from genart_lightning.nn.diffusers_parts import DiffusersUNet
 from genart_lightning.nn.ema import make_ema
 from genart_lightning.nn.frozen import keep_out_of_state_dict, weights_digest
 from genart_lightning.nn.lora import LoRASettings, inject_lora, merge_lora
@@ -127,7 +127,7 @@ class DiffusionModel(GenerativeModel):
         self.pipeline = read_pipeline(pipeline) if pipeline else None
         if self.pipeline is not None:
             process, sampler = self._pipeline_process(process, sampler)
-            backbone = backbone or DiffusersUNetBackbone(path=self.pipeline.path, subfolder=self.pipeline.backbone_subfolder)
+            backbone = backbone or self.pipeline.backbone()
         self.hparams["conditioning"] = conditioning = conditioning or (
             "both" if self.pipeline is None or len(self.pipeline.text_parts) > 1 else "tokens")
         if conditioning not in CONDITIONING:

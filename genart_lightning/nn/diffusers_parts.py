@@ -70,6 +70,16 @@ def looks_like_hub_id(path: str) -> bool:
     return len(parts) == 2 and all(parts) and not path.startswith((".", "~"))
 
 
+def pretrained_or_configured(class_name: str, path: str | None, subfolder: str | None,
+                             config: dict | None) -> tuple[nn.Module, dict]:
+    """A diffusers backbone and its config: pretrained from `path` when first built, else from the `config` a model
+    recorded then (random weights: its checkpoint holds the trained ones)."""
+    if config is None:
+        model = load_pretrained(class_name, path, subfolder)
+        return model, plain_config(model.config)
+    return getattr(require_diffusers(), class_name).from_config(config), config
+
+
 def plain_config(config: Any) -> dict:
     """A diffusers config as a JSON-able dict without its private `_` entries (kept in hyperparameters)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dict(config).items() if not k.startswith("_")}
@@ -168,11 +178,7 @@ class DiffusersUNetBackbone(Backbone):
 
     def build(self, in_channels: int, context_dim: int | None, pooled_dim: int | None,
               gradient_checkpointing: bool = False) -> DiffusersUNet:
-        if self.config is None:
-            unet = load_pretrained("UNet2DConditionModel", self.path, self.subfolder)
-            self.config = plain_config(unet.config)
-        else:
-            unet = require_diffusers().UNet2DConditionModel.from_config(self.config)
+        unet, self.config = pretrained_or_configured("UNet2DConditionModel", self.path, self.subfolder, self.config)
         self._check_widths(unet.config, in_channels, context_dim, pooled_dim)
         if gradient_checkpointing:
             unet.enable_gradient_checkpointing()

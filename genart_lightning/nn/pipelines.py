@@ -14,21 +14,26 @@ from pathlib import Path
 from typing import Any
 
 from genart_lightning import UserError
+from genart_lightning.nn.backbone import Backbone
 from genart_lightning.nn.diffusers_parts import (
     DiffusersAutoencoder,
+    DiffusersUNetBackbone,
     PretrainedWeightsError,
     looks_like_hub_id,
     require_diffusers,
 )
+from genart_lightning.nn.diffusers_pixart import PixArtBackbone
 from genart_lightning.nn.transformers_text import (
     TextEncoderPair,
     TransformersTextEncoder,
     pipeline_text_encoder,
 )
 
-READ_PIPELINES = {"StableDiffusionPipeline": "unet", "StableDiffusionXLPipeline": "unet"}
+READ_PIPELINES = {"StableDiffusionPipeline": "unet", "StableDiffusionXLPipeline": "unet",
+                  "PixArtAlphaPipeline": "transformer", "PixArtSigmaPipeline": "transformer"}
 """Pipeline classes read as a whole, and the subfolder of their backbone."""
-PLANNED_PIPELINES = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
+TEXT_MAX_LENGTH = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
+"""Caption tokens the T5 pipelines read (their `max_sequence_length`; T5's tokenizer sets no length of its own)."""
 TEXT_PARTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 """(encoder, tokenizer) subfolders a pipeline may hold, in the order their token states are concatenated."""
 PENULTIMATE_PIPELINES = ("StableDiffusionXLPipeline",)
@@ -71,7 +76,13 @@ class PipelineIndex:
     def text_encoder(self, trainable: bool = False, layer: str | None = None) -> TransformersTextEncoder | TextEncoderPair:
         """Its text encoder (SDXL: both, as a pair), read at `layer` (default: the one its backbone was trained on)."""
         return pipeline_text_encoder(self.path, self.text_parts, trainable, layer or self.text_layer,
-                                     self.zeros_for_empty_prompt)
+                                     self.zeros_for_empty_prompt, TEXT_MAX_LENGTH.get(self.class_name))
+
+    def backbone(self) -> Backbone:
+        """Its backbone's settings: the U-Net of SD / SDXL, the transformer of PixArt."""
+        if self.backbone_subfolder == "transformer":
+            return PixArtBackbone(path=self.path, subfolder="transformer")
+        return DiffusersUNetBackbone(path=self.path, subfolder="unet")
 
     def first_stage(self) -> DiffusersAutoencoder:
         """Its VAE, frozen."""
@@ -103,8 +114,7 @@ def read_pipeline(source: str) -> PipelineIndex:
     index = json.loads(index_file.read_text())
     class_name = index.get("_class_name", "")
     if class_name not in READ_PIPELINES:
-        planned = " (planned)" if class_name in PLANNED_PIPELINES else ""
-        raise UserError(f"{root} holds a {class_name or 'pipeline of unknown class'}{planned}, which genart does not "
+        raise UserError(f"{root} holds a {class_name or 'pipeline of unknown class'}, which genart does not "
                         f"read as a whole yet; readable: {', '.join(READ_PIPELINES)}. Its parts can be named one by "
                         "one (backbone, first_stage)")
     components = {k: tuple(v) for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2}

@@ -42,10 +42,11 @@ class TransformersTextEncoder(nn.Module):
     SD 2.x, whose saved encoder already ends at the penultimate block); "penultimate" reads `hidden_states[-2]`
     without the final norm, as SDXL's pipeline does. The pooled vector is CLIP's pooled (end-token) state, projected
     when the model has a projection (`text_embeds`); T5 has none, so it is the masked mean of the token states.
+    `max_length` is the caption length in tokens (default: the tokenizer's; T5 pipelines name theirs).
     """
 
     def __init__(self, path: str, subfolder: str = "text_encoder", tokenizer_subfolder: str = "tokenizer",
-                 trainable: bool = False, layer: str = "final") -> None:
+                 trainable: bool = False, layer: str = "final", max_length: int | None = None) -> None:
         super().__init__()
         if layer not in TEXT_LAYERS:
             raise ValueError(f"unknown text layer {layer!r} (from --model.init_args.text_layer); choose final or penultimate")
@@ -66,7 +67,9 @@ class TransformersTextEncoder(nn.Module):
         config = self.model.config
         self.is_t5 = architecture == "T5EncoderModel"
         self.use_mask = self.is_t5 or bool(getattr(config, "use_attention_mask", False))
-        self.context_length: int = int(self.tokenizer.model_max_length)
+        self.context_length: int = int(max_length or self.tokenizer.model_max_length)
+        if self.context_length > 4096:  # transformers' "no limit" (T5's tokenizer): a pipeline names its own
+            raise UserError(f"{path}/{tokenizer_subfolder} sets no caption length; give the pipeline's max length")
         self.token_dim: int = config.d_model if self.is_t5 else config.hidden_size
         self.pooled_dim: int = getattr(config, "projection_dim", None) if architecture.endswith("WithProjection") else self.token_dim
         self._fingerprint: dict[str, str] | None = None
@@ -170,9 +173,10 @@ class TextEncoderPair(nn.Module):
 
 
 def pipeline_text_encoder(path: str, parts: list[tuple[str, str]], trainable: bool, layer: str,
-                          zeros_for_empty: bool) -> TransformersTextEncoder | TextEncoderPair:
+                          zeros_for_empty: bool, max_length: int | None = None) -> TransformersTextEncoder | TextEncoderPair:
     """The text encoder of a pipeline directory: its one encoder, or SDXL's two as a pair."""
-    encoders = [TransformersTextEncoder(path, encoder, tokenizer, trainable, layer) for encoder, tokenizer in parts]
+    encoders = [TransformersTextEncoder(path, encoder, tokenizer, trainable, layer, max_length)
+                for encoder, tokenizer in parts]
     if len(encoders) == 1:
         return encoders[0]
     if len(encoders) != 2:
