@@ -14,7 +14,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import PicklePayload, add_member, tiny_unet
+from helpers import PicklePayload, add_member, genart_in_process, tiny_unet
 
 from datamodules.latents import CACHE_FILE, CacheMismatch, read_cache_info
 from datamodules.shards import expand_urls, format_report, inspect_shards
@@ -125,8 +125,9 @@ def test_a_cache_of_another_first_stage_or_text_encoder_is_refused(cache: dict, 
 
 
 def test_two_rank_encode_writes_disjoint_shards_covering_every_sample(cache: dict, shapes_shards_16px: dict,
-                                                                      tmp_path: Path) -> None:
-    """torchrun with 2 processes, each encoding its own shards (no process group); then a second run skips them all."""
+                                                                      tmp_path: Path, monkeypatch) -> None:
+    """torchrun with 2 processes, each encoding its own shards (no process group); then a second run (its two ranks in
+    this process, with the variables torchrun sets) skips them all."""
     genart = Path(sys.executable).with_name("genart")
     command = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", "2", "--no-python", str(genart),
                "shards", "encode", "--first-stage", str(cache["vae"]), "--data", shapes_shards_16px["train_urls"],
@@ -146,8 +147,12 @@ def test_two_rank_encode_writes_disjoint_shards_covering_every_sample(cache: dic
     assert sum(data.train_loader.counts) == len(source)  # sizes.json of both ranks merged
     assert data.latent_cache["text_encoder"] is None and data.latent_cache["precision"] == "float16"
     assert f"latents: 4x8x8 ({len(source)})" in format_report(inspect_shards(str(tmp_path / "out" / "*.tar")))
-    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("(2 already there)") == 2, again.stderr[-2000:]
+    for rank in range(2):
+        for name, value in {"RANK": rank, "LOCAL_RANK": rank, "GROUP_RANK": 0, "WORLD_SIZE": 2, "TORCHELASTIC_RUN_ID": 1,
+                            "LOCAL_WORLD_SIZE": 2}.items():
+            monkeypatch.setenv(name, str(value))
+        code, out, err = genart_in_process(*command[5:])
+        assert code == 0 and "(2 already there)" in out, err[-2000:]
 
 
 def test_latent_ranks_are_disjoint_equal_and_resume_exactly(cache: dict) -> None:

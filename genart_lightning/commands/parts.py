@@ -25,6 +25,7 @@ KINDS: dict[str, tuple[str, list[str]]] = {
         "genart_lightning.nn.unet.UNetBackbone",
         "genart_lightning.nn.dit.DiTBackbone",
         "genart_lightning.nn.diffusers_parts.DiffusersUNetBackbone",
+        "genart_lightning.nn.diffusers_pixart.PixArtBackbone",
     ]),
     "first stages (or first_stage_ckpt: a VAE run's checkpoint)": ("model.init_args.first_stage", [
         "genart_lightning.nn.diffusers_parts.DiffusersAutoencoder",
