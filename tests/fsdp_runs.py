@@ -3,6 +3,7 @@ fit resumed from that checkpoint, all from the same seed; rank 0 saves each run'
 its parameter + optimizer bytes.
 
     torchrun --nproc-per-node 2 tests/fsdp_runs.py FAMILY TRAIN_URLS OUT_DIR [--sharded]
+    (family sd_pipeline reads the pipeline directory from $GENART_TEST_PIPELINE)
     python tests/fsdp_runs.py bf16 TRAIN_URLS -     (one process: bf16 + checkpointing under FSDP2, JSON on stdout)
 
 With --sharded, also the same FSDP2 fit and resume with sharded checkpoints (a directory of per-rank files).
@@ -11,6 +12,7 @@ With --sharded, also the same FSDP2 fit and resume with sharded checkpoints (a d
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from genart_lightning.callbacks.rank_state import RankState
 from genart_lightning.diffusion.flow import Flow
 from genart_lightning.diffusion.vp import VP
 from genart_lightning.models.diffusion import PixelDiffusion
+from genart_lightning.models.latent_diffusion import LatentDiffusion
 from genart_lightning.nn.dit import DiTBackbone
 from genart_lightning.nn.sharding import local
 from genart_lightning.nn.unet import UNetBackbone
@@ -36,6 +39,9 @@ FAMILIES = {
     "vp_unet": lambda: PixelDiffusion(image_size=16, process=VP(prediction="v"), lr=1e-3, ema_decay=0.9,
                                       backbone=UNetBackbone(base_channels=32, channel_mult=[1, 2], num_res_blocks=1,
                                                             attention_levels=[1], head_channels=32)),
+    # a whole Stable Diffusion pipeline (tests/tiny_pipelines.py), saved where the test names it
+    "sd_pipeline": lambda: LatentDiffusion(image_size=16, pipeline=os.environ["GENART_TEST_PIPELINE"], lr=1e-3,
+                                           ema_decay=0.9),
 }
 
 

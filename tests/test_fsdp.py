@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from tiny_pipelines import tiny_sd_pipeline
 
 from genart_lightning.models.diffusion import PixelDiffusion
 from genart_lightning.models.gan import DCGAN
@@ -25,13 +26,20 @@ after 4 AdamW steps of lr 1e-3: 0 for the DiT, 1.1e-5 for the U-Net (its GroupNo
 rounding in small gradients into differences of that size."""
 
 
-@pytest.mark.parametrize("family", ["flow_dit", "vp_unet"])
+@pytest.mark.parametrize("family", ["flow_dit", "vp_unet", "sd_pipeline"])
 def test_fsdp2_trains_resumes_exactly_matches_ddp_and_shards_the_state(family: str, shapes_shards_16px: dict,
                                                                        tmp_path: Path) -> None:
+    """sd_pipeline: full fine-tuning of a model read from a whole diffusers pipeline (its U-Net's down and up blocks
+    are the units)."""
+    pipeline = ""
+    if family == "sd_pipeline":
+        pytest.importorskip("diffusers")
+        pipeline = str(tiny_sd_pipeline(tmp_path / "pipeline"))
     torchrun = Path(sys.executable).with_name("torchrun")
     done = subprocess.run([str(torchrun), "--nproc-per-node", "2", str(HERE / "fsdp_runs.py"), family,
                            shapes_shards_16px["train_urls"], str(tmp_path), *(["--sharded"] if family == "flow_dit" else [])],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "GENART_TEST_PIPELINE": pipeline})
     assert done.returncode == 0, done.stderr[-4000:]
     fsdp, resumed, ddp = (torch.load(tmp_path / run / "weights.pt") for run in ("fsdp", "fsdp-resumed", "ddp"))
     assert fsdp.keys() == ddp.keys() and any(k.startswith("ema.module.") for k in fsdp)
