@@ -142,48 +142,68 @@ def test_pipeline_mistakes_are_one_line(sd_pipeline, tmp_path):
         process_from_scheduler(flow)
 
 
-def test_lora_files_load_in_diffusers_and_back_into_genart(sd_pipeline, shapes_shards_16px, tmp_path, capsys):
+def test_lora_on_unet_and_text_encoder_trains_exports_in_both_formats_and_loads_back(sd_pipeline, shapes_shards_16px,
+                                                                                      tmp_path):
     """Alpha 8 over rank 4: a file that lost alpha would load at half the adapters' strength."""
     pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
     from genart_lightning.cli import main as genart
 
     torch.manual_seed(0)
-    model = LatentDiffusion(image_size=SIZE, pipeline=str(sd_pipeline), lora={"rank": 4, "alpha": 8}, ema_decay=0.5,
-                            lr=1e-3)
+    model = LatentDiffusion(image_size=SIZE, pipeline=str(sd_pipeline), lora={"rank": 4, "alpha": 8, "text_encoder": True},
+                            ema_decay=0.5, lr=1e-3)
+    text_adapters = {n: p.clone() for n, p in model.text_encoder.named_parameters() if p.requires_grad}
+    assert text_adapters and all("lora_" in n for n in text_adapters)
     cpu_trainer(tmp_path, 2).fit(model, datamodule=shards_data(shapes_shards_16px, batch_size=8))
+    assert any(not torch.equal(p, text_adapters[n]) for n, p in model.text_encoder.named_parameters() if p.requires_grad)
     with torch.no_grad():  # adapters of a visible size (two steps move them by about the learning rate)
-        for name, p in model.ema.module.named_parameters():
-            if "lora_" in name:
-                p.add_(0.2 * torch.randn_like(p))
+        for network in (model.ema.module, model.text_ema.module):
+            for name, p in network.named_parameters():
+                if "lora_" in name:
+                    p.add_(0.2 * torch.randn_like(p))
     ckpt = save_untrained(model, tmp_path / "lora.ckpt")
+    saved = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert all("lora_" in k for k in saved if k.startswith(("text_encoder.", "text_ema.module.")))  # the base stays out
     genart(["export", "--ckpt", str(ckpt), "--lora", "diffusers", "--out", str(tmp_path / "diffusers_lora")])
     genart(["export", "--ckpt", str(ckpt), "--lora", "kohya", "--out", str(tmp_path / "lora_kohya.safetensors")])
-    from safetensors.torch import load_file
-
     kohya = load_file(tmp_path / "lora_kohya.safetensors")
-    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
-    assert {f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha"} <= set(kohya)
-    assert float(kohya[f"{name}.alpha"]) == 8.0
+    for name in ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+                 "lora_te_text_model_encoder_layers_0_self_attn_q_proj"):  # transformers 4's (and kohya's) CLIP names
+        assert {f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha"} <= set(kohya)
+        assert float(kohya[f"{name}.alpha"]) == 8.0
 
-    net = model.ema.module.eval()
+    net, text = model.ema.module.eval(), model.text_ema.module
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 700.0])
     context = torch.randn(2, 77, 32)
+    ids = text.tokenize(CAPTIONS)[0]
     with torch.no_grad():
-        adapted = net(x, t, context=context)
+        adapted, adapted_text = net(x, t, context=context), text(CAPTIONS).tokens
         for file in (tmp_path / "diffusers_lora" / "pytorch_lora_weights.safetensors", tmp_path / "lora_kohya.safetensors"):
             pipe = diffusers.DiffusionPipeline.from_pretrained(sd_pipeline)
-            base = pipe.unet(x, t, encoder_hidden_states=context).sample
+            base, base_text = pipe.unet(x, t, encoder_hidden_states=context).sample, pipe.text_encoder(ids)[0]
             pipe.load_lora_weights(file)
             torch.testing.assert_close(pipe.unet(x, t, encoder_hidden_states=context).sample, adapted, atol=1e-5, rtol=0)
-        assert not torch.allclose(base, adapted, atol=1e-3)
-        # the kohya file as the starting adapter of a new fine-tune, configured with another alpha
+            torch.testing.assert_close(pipe.text_encoder(ids)[0], adapted_text, atol=1e-5, rtol=0)
+        assert not torch.allclose(base, adapted, atol=1e-3) and not torch.allclose(base_text, adapted_text, atol=1e-3)
+        # the kohya file as the starting adapters of a new fine-tune, configured with another alpha
         restarted = LatentDiffusion(image_size=SIZE, pipeline=str(sd_pipeline), lora={
-            "rank": 4, "alpha": 2, "weights": str(tmp_path / "lora_kohya.safetensors")})
+            "rank": 4, "alpha": 2, "text_encoder": True, "weights": str(tmp_path / "lora_kohya.safetensors")})
         torch.testing.assert_close(restarted.backbone.eval()(x, t, context=context), adapted, atol=1e-5, rtol=0)
         torch.testing.assert_close(restarted.ema.module.eval()(x, t, context=context), adapted, atol=1e-5, rtol=0)
+        torch.testing.assert_close(restarted.text_encoder(CAPTIONS).tokens, adapted_text, atol=1e-5, rtol=0)
     with pytest.raises(UserError, match="has rank 4 adapters, the config lora.rank 8; set lora.rank: 4"):
         LatentDiffusion(image_size=SIZE, pipeline=str(sd_pipeline), lora={
-            "rank": 8, "weights": str(tmp_path / "lora_kohya.safetensors")})
+            "rank": 8, "text_encoder": True, "weights": str(tmp_path / "lora_kohya.safetensors")})
+    with pytest.raises(UserError, match="adapts a text encoder this model does not .*lora.text_encoder"):
+        LatentDiffusion(image_size=SIZE, pipeline=str(sd_pipeline), lora={
+            "rank": 4, "weights": str(tmp_path / "lora_kohya.safetensors")})
+    # merged into a whole pipeline: the text encoder's adapters are folded in as well
+    genart(["export", "--ckpt", str(ckpt), "--merge-lora", "--diffusers", str(tmp_path / "merged")])
+    merged = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(merged.text_encoder(ids)[0], adapted_text, atol=1e-5, rtol=0)
+        torch.testing.assert_close(merged.unet(x, t, encoder_hidden_states=context).sample, adapted, atol=1e-5, rtol=0)
 
 
 def test_sdxl_pipeline_reads_both_text_encoders_and_size_ids_and_exports_back(sdxl_pipeline, tmp_path, capsys):
@@ -261,11 +281,12 @@ def test_sdxl_lora_in_kohya_sgm_names_loads_in_diffusers_and_back(sdxl_pipeline,
     from genart_lightning.cli import main as genart
 
     torch.manual_seed(0)
-    model = LatentDiffusion(image_size=SIZE, pipeline=str(sdxl_pipeline), lora={"rank": 2, "alpha": 6})
+    model = LatentDiffusion(image_size=SIZE, pipeline=str(sdxl_pipeline), lora={"rank": 2, "alpha": 6, "text_encoder": True})
     with torch.no_grad():
-        for name, p in model.ema.module.named_parameters():
-            if "lora_" in name:
-                p.add_(0.2 * torch.randn_like(p))
+        for network in (model.ema.module, model.text_ema.module):
+            for name, p in network.named_parameters():
+                if "lora_" in name:
+                    p.add_(0.2 * torch.randn_like(p))
     genart(["export", "--ckpt", str(save_untrained(model, tmp_path / "xl_lora.ckpt")), "--lora", "kohya",
             "--out", str(tmp_path / "xl_kohya.safetensors")])
     from safetensors.torch import load_file
@@ -276,7 +297,11 @@ def test_sdxl_lora_in_kohya_sgm_names_loads_in_diffusers_and_back(sdxl_pipeline,
     assert "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
     assert "lora_unet_output_blocks_3_1_transformer_blocks_0_attn2_to_k.alpha" in keys
     assert not any("down_blocks" in k or "up_blocks" in k for k in keys)
+    assert {"lora_te1_text_model_encoder_layers_1_self_attn_v_proj.alpha",
+            "lora_te2_text_model_encoder_layers_1_self_attn_v_proj.alpha"} <= keys  # SDXL's two text encoders
     net = model.ema.module.eval()
+    text = model.text_ema.module
+    ids = [encoder.tokenize(CAPTIONS)[0] for encoder in text.encoders()]
     cond = model.encode_text(CAPTIONS) | {"size_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2)}
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([100.0, 600.0])
     with torch.no_grad():
@@ -286,9 +311,14 @@ def test_sdxl_lora_in_kohya_sgm_names_loads_in_diffusers_and_back(sdxl_pipeline,
         added = {"text_embeds": cond["pooled"], "time_ids": cond["size_ids"]}
         theirs = pipe.unet(x, t, encoder_hidden_states=cond["context"], added_cond_kwargs=added).sample
         torch.testing.assert_close(theirs, adapted, atol=1e-5, rtol=0)
+        for encoder, theirs_text, token_ids in zip(text.encoders(), (pipe.text_encoder, pipe.text_encoder_2), ids,
+                                                   strict=True):
+            torch.testing.assert_close(theirs_text(token_ids, output_hidden_states=True).hidden_states[-2],
+                                       encoder(CAPTIONS).tokens, atol=1e-5, rtol=0)
         restarted = LatentDiffusion(image_size=SIZE, pipeline=str(sdxl_pipeline), lora={
-            "rank": 2, "weights": str(tmp_path / "xl_kohya.safetensors")})
+            "rank": 2, "text_encoder": True, "weights": str(tmp_path / "xl_kohya.safetensors")})
         torch.testing.assert_close(restarted.backbone.eval()(x, t, **cond), adapted, atol=1e-5, rtol=0)
+        torch.testing.assert_close(restarted.text_encoder(CAPTIONS).tokens, text(CAPTIONS).tokens, atol=1e-5, rtol=0)
 
 
 def test_sdxl_fit_from_shards_encoded_with_the_pipeline_matches_fit_from_images(sdxl_pipeline, shapes_shards_16px,

@@ -168,16 +168,11 @@ def export_pipeline(model: DiffusionModel, out: Path) -> Path:
     `text_model.` prefix."""
     from genart_lightning.diffusion.diffusers_schedulers import scheduler_for
     from genart_lightning.nn.diffusers_parts import require_diffusers
-    from genart_lightning.nn.transformers_text import (
-        TextEncoderPair,
-        write_bpe_files,
-        write_text_model_prefix,
-    )
+    from genart_lightning.nn.transformers_text import write_bpe_files, write_text_model_prefix
 
     diffusers = require_diffusers()
     scheduler_name, scheduler_config = scheduler_for(model.process, model.hparams.sampler)
-    text = model.text_ema.module if model.text_ema is not None else model.text_encoder
-    encoders = [text.first, text.second] if isinstance(text, TextEncoderPair) else [text]
+    encoders = (model.text_ema.module if model.text_ema is not None else model.text_encoder).encoders()
     pipe = diffusers.DiffusionPipeline.from_pretrained(
         model.pipeline.path, vae=model.first_stage.vae,
         scheduler=getattr(diffusers, scheduler_name).from_config(scheduler_config),
@@ -204,9 +199,10 @@ def export_lora(ckpt: Path, fmt: str, out: Path | None) -> Path:
     settings = getattr(model, "lora", None)
     if settings is None:
         raise UserError(f"{ckpt} has no LoRA adapters to export; export it without --lora")
-    targets = list(settings.target_modules or model.backbone_spec.lora_targets)
     default = ckpt.with_name(f"{ckpt.stem}_lora" + ("_kohya.safetensors" if fmt == "kohya" else ""))
-    return write_lora(model.ema.module, settings.alpha or settings.rank, settings.rank, targets, fmt, out or default)
+    pipeline_class = model.pipeline.class_name if getattr(model, "pipeline", None) else "StableDiffusionPipeline"
+    return write_lora(model.lora_parts(sampling=True), settings.alpha or settings.rank, settings.rank, fmt,
+                      out or default, pipeline_class)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -37,7 +37,7 @@ from genart_lightning.nn.diffusers_parts import DiffusersUNet
 from genart_lightning.nn.ema import make_ema
 from genart_lightning.nn.frozen import keep_out_of_state_dict, weights_digest
 from genart_lightning.nn.lora import LoRASettings, inject_lora, merge_lora
-from genart_lightning.nn.lora_files import load_lora
+from genart_lightning.nn.lora_files import AdaptedPart, backbone_part, load_lora, text_parts
 from genart_lightning.nn.pipelines import read_pipeline
 from genart_lightning.nn.sharding import shard_network
 from genart_lightning.nn.text_encoder import FrozenTextEncoder
@@ -142,9 +142,14 @@ class DiffusionModel(GenerativeModel):
         self.clip_x0 = self.bounded_space if clip_x0 is None else clip_x0
         check_interval(guidance_interval)
         self.hparams["text_layer"] = text_layer = text_layer or (self.pipeline.text_layer if self.pipeline else "final")
+        self.lora = LoRASettings.from_config(lora) if lora is not None else None
+        text_lora = self.lora if self.lora is not None and self.lora.text_encoder else None
+        if text_lora and self.pipeline is None:
+            raise ValueError("lora.text_encoder adapts a pipeline's transformers text encoder(s); this model's text "
+                             "encoder is OpenCLIP: set pipeline, or train it whole with train_text_encoder")
         if self.pipeline is not None:
             self.hparams["text_encoder"] = None  # the pipeline's own, not an OpenCLIP one
-            self.text_encoder = self.pipeline.text_encoder(train_text_encoder, text_layer)
+            self.text_encoder = self.pipeline.text_encoder(train_text_encoder, text_layer, text_lora)
         else:
             self.text_encoder = (FrozenTextEncoder(text_encoder, text_pretrained, text_cache_dir,
                                                    trainable=train_text_encoder, layer=text_layer)
@@ -153,13 +158,17 @@ class DiffusionModel(GenerativeModel):
             raise ValueError("train_text_encoder=True needs a text_encoder; name one or set train_text_encoder=False")
         self.conditional = self.text_encoder is not None
         self.backbone_spec = build_part(backbone, Backbone, UNetBackbone, "backbone")
-        self.lora = LoRASettings.from_config(lora) if lora is not None else None
         self.lora_base: dict[str, str] | None = None
         self.register_load_state_dict_pre_hook(_rename_unet_keys)
 
     @staticmethod
     def default_process() -> Process:
         return VP()
+
+    @property
+    def learns_text(self) -> bool:
+        """Whether training changes the text encoder: trained whole (`train_text_encoder`) or through LoRA adapters."""
+        return bool(self.hparams.train_text_encoder or (self.lora and self.lora.text_encoder))
 
     def _pipeline_process(self, process: Process | dict | None, sampler: str | None) -> tuple[Process | dict, str]:
         """The process and sampler of the pipeline's scheduler config, unless the config names its own (a checkpoint
@@ -190,7 +199,7 @@ class DiffusionModel(GenerativeModel):
             keep_out_of_state_dict(self.backbone, frozen)
             keep_out_of_state_dict(self.ema.module, frozen)
         # the text tower's buffers are constants (its causal mask holds -inf): average its parameters only
-        self.text_ema = make_ema(text, hp.ema_decay, average_buffers=False) if hp.train_text_encoder else None
+        self.text_ema = make_ema(text, hp.ema_decay, average_buffers=False) if self.learns_text else None
         compile_networks([self.backbone], hp.compile)
 
     def shard(self, mesh: DeviceMesh) -> None:
@@ -224,17 +233,30 @@ class DiffusionModel(GenerativeModel):
         self.lora_base = {"source": source, "sha256": weights_digest(self.backbone)}
         frozen = inject_lora(self.backbone, self.lora, spec.lora_targets, spec.name)
         if self.lora.weights:
-            layers = load_lora(self.backbone, self.lora.weights, self.lora.alpha or self.lora.rank, self.lora.rank)
+            layers = load_lora(self.lora_parts(), self.lora.weights, self.lora.alpha or self.lora.rank, self.lora.rank)
             rank_zero_info(f"LoRA adapters of {layers} layers start from {self.lora.weights}")
             self.hparams["lora"] = dict(self.hparams["lora"], weights=None)  # checkpoints hold the adapters from here on
         return frozen
 
+    def lora_parts(self, sampling: bool = False) -> list[AdaptedPart]:
+        """The networks holding LoRA adapters, backbone first, then adapted text encoders; their EMA copies (what
+        sampling reads) when `sampling`."""
+        spec = self.backbone_spec
+        parts = [backbone_part(self.ema.module if sampling else self.backbone, self.lora.target_modules or spec.lora_targets)]
+        if self.lora.text_encoder:
+            parts += text_parts((self.text_ema.module if sampling else self.text_encoder).encoders())
+        return parts
+
     def without_lora(self) -> DiffusionModel:
-        """A plain copy of this LoRA model with its adapters merged into the base weights (live and EMA), for export."""
+        """A plain copy of this LoRA model with its adapters merged into the base weights (live and EMA; the text
+        encoder's as sampled with, where it has adapters), for export."""
         hp = dict(self.hparams) | {"lora": None, "init_from": None, "backbone": part_config(self.backbone_spec)}
         plain = build_family(f"{type(self).__module__}.{type(self).__qualname__}", hp)
         plain.load_state_dict(self.state_dict(), strict=False)  # what is not the backbone (a trained text tower, ...)
-        for adapted, target in ((self.backbone, plain.backbone), (self.ema.module, plain.ema.module)):
+        pairs = [(self.backbone, plain.backbone), (self.ema.module, plain.ema.module)]
+        if self.lora.text_encoder:  # the text encoder as sampled with (its EMA), adapters folded in
+            pairs.append((self.text_ema.module, plain.text_encoder))
+        for adapted, target in pairs:
             merged = merge_lora(copy.deepcopy(adapted))  # a copy: the live and EMA networks share one base
             # by name, not state_dict(): the copy keeps the hook that leaves the base out of checkpoints
             missing = target.load_state_dict(dict(merged.named_parameters()) | dict(merged.named_buffers()),
@@ -330,7 +352,7 @@ class DiffusionModel(GenerativeModel):
 
     def reads_cached_text(self, batch: dict) -> bool:
         """Whether the batch's cached text states stand in for the text encoder (a tower trained along reads captions)."""
-        return self.conditional and "text_tokens" in batch and not self.hparams.train_text_encoder
+        return self.conditional and "text_tokens" in batch and not self.learns_text
 
     def batch_conditioning(self, batch: dict, drop: bool) -> dict[str, Tensor] | None:
         """The backbone's conditioning for a batch, with caption dropout when `drop`: from its cached text states
@@ -398,8 +420,9 @@ class DiffusionModel(GenerativeModel):
     def configure_optimizers(self):
         hp = self.hparams
         groups = [{"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": hp.lr}]  # LoRA: adapters
-        if hp.train_text_encoder:
-            groups.append({"params": list(self.text_encoder.parameters()), "lr": hp.lr * hp.text_lr_multiplier})
+        if self.learns_text:  # all of it, or its adapters
+            groups.append({"params": [p for p in self.text_encoder.parameters() if p.requires_grad],
+                           "lr": hp.lr * hp.text_lr_multiplier})
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay, fused=self.fused_optimizer())
         warmup = max(1, hp.warmup_steps)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))

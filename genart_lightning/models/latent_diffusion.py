@@ -95,7 +95,7 @@ class LatentDiffusion(DiffusionModel):
     def check_latent_cache(self, cache: dict) -> None:
         """Latent shards must come from this first stage at this image size, and cached text states (read unless the
         text tower trains along) from this text encoder; else one line naming both."""
-        reads_text = self.conditional and not self.hparams.train_text_encoder and cache.get("text_encoder") is not None
+        reads_text = self.conditional and not self.learns_text and cache.get("text_encoder") is not None
         check_cache(cache, self.first_stage, self.text_encoder if reads_text else None, self.hparams.image_size)
         if cache.get("text_encoder") is not None and not reads_text:
             rank_zero_info("latent shards hold cached text states; this model encodes the captions instead"

@@ -21,15 +21,17 @@ EXTRA_HINT = "pip install 'genart-lightning[diffusers]'"
 
 @dataclass(frozen=True)
 class LoRASettings:
-    """`lora: {rank, alpha, target_modules, dropout, weights}`; alpha defaults to the rank (update scale alpha / rank
-    = 1), target_modules to the backbone's attention projections; `weights` starts the adapters from a LoRA file
-    (diffusers / peft or kohya format, `nn/lora_files.py`) instead of peft's init (B = 0)."""
+    """`lora: {rank, alpha, target_modules, dropout, weights, text_encoder}`; alpha defaults to the rank (update scale
+    alpha / rank = 1), target_modules to the backbone's attention projections; `weights` starts the adapters from a
+    LoRA file (diffusers / peft or kohya format, `nn/lora_files.py`) instead of peft's init (B = 0);
+    `text_encoder: true` adapts a pipeline's text encoder(s) too (their attention projections, same rank and alpha)."""
 
     rank: int = 8
     alpha: float | None = None
     target_modules: tuple[str, ...] | None = None
     dropout: float = 0.0
     weights: str | None = None
+    text_encoder: bool = False
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> LoRASettings:

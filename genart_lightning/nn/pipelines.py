@@ -23,6 +23,7 @@ from genart_lightning.nn.diffusers_parts import (
     require_diffusers,
 )
 from genart_lightning.nn.diffusers_pixart import PixArtBackbone
+from genart_lightning.nn.lora import LoRASettings
 from genart_lightning.nn.transformers_text import (
     TextEncoderPair,
     TransformersTextEncoder,
@@ -73,10 +74,12 @@ class PipelineIndex:
         """SDXL's `force_zeros_for_empty_prompt`: the empty caption's text states are zeros, not its encoding."""
         return bool(self.options.get("force_zeros_for_empty_prompt", False))
 
-    def text_encoder(self, trainable: bool = False, layer: str | None = None) -> TransformersTextEncoder | TextEncoderPair:
-        """Its text encoder (SDXL: both, as a pair), read at `layer` (default: the one its backbone was trained on)."""
+    def text_encoder(self, trainable: bool = False, layer: str | None = None,
+                     lora: LoRASettings | None = None) -> TransformersTextEncoder | TextEncoderPair:
+        """Its text encoder (SDXL: both, as a pair), read at `layer` (default: the one its backbone was trained on),
+        with LoRA adapters where `lora` is given."""
         return pipeline_text_encoder(self.path, self.text_parts, trainable, layer or self.text_layer,
-                                     self.zeros_for_empty_prompt, TEXT_MAX_LENGTH.get(self.class_name))
+                                     self.zeros_for_empty_prompt, TEXT_MAX_LENGTH.get(self.class_name), lora)
 
     def backbone(self) -> Backbone:
         """Its backbone's settings: the U-Net of SD / SDXL, the transformer of PixArt."""

@@ -9,6 +9,7 @@ on exactly what the pipeline computes. transformers is the optional extra `[diff
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,10 +20,13 @@ from torch import Tensor, nn
 
 from genart_lightning import UserError
 from genart_lightning.nn.frozen import keep_out_of_state_dict, weights_digest
+from genart_lightning.nn.lora import LoRASettings, inject_lora
 from genart_lightning.nn.text_encoder import TEXT_LAYERS, TextEmbedding
 
 EXTRA_HINT = "pip install 'genart-lightning[diffusers]'"
 ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
+TEXT_LORA_TARGETS = {"clip": ("q_proj", "k_proj", "v_proj", "out_proj"), "t5": ("q", "k", "v", "o")}
+"""The attention projections LoRA adapts in a text encoder, as diffusers' and kohya's scripts choose them."""
 
 
 def require_transformers() -> Any:
@@ -43,10 +47,14 @@ class TransformersTextEncoder(nn.Module):
     without the final norm, as SDXL's pipeline does. The pooled vector is CLIP's pooled (end-token) state, projected
     when the model has a projection (`text_embeds`); T5 has none, so it is the masked mean of the token states.
     `max_length` is the caption length in tokens (default: the tokenizer's; T5 pipelines name theirs).
+
+    `lora` adds LoRA adapters to its attention projections (CLIP's q/k/v/out_proj, T5's q/k/v/o) and trains those
+    only: the base stays frozen and out of checkpoints (fingerprinted as without adapters), the adapters are in them.
     """
 
     def __init__(self, path: str, subfolder: str = "text_encoder", tokenizer_subfolder: str = "tokenizer",
-                 trainable: bool = False, layer: str = "final", max_length: int | None = None) -> None:
+                 trainable: bool = False, layer: str = "final", max_length: int | None = None,
+                 lora: LoRASettings | None = None) -> None:
         super().__init__()
         if layer not in TEXT_LAYERS:
             raise ValueError(f"unknown text layer {layer!r} (from --model.init_args.text_layer); choose final or penultimate")
@@ -73,8 +81,28 @@ class TransformersTextEncoder(nn.Module):
         self.token_dim: int = config.d_model if self.is_t5 else config.hidden_size
         self.pooled_dim: int = getattr(config, "projection_dim", None) if architecture.endswith("WithProjection") else self.token_dim
         self._fingerprint: dict[str, str] | None = None
-        if not trainable:
+        self.adapted = lora is not None
+        self.lora_targets = TEXT_LORA_TARGETS["t5" if self.is_t5 else "clip"]
+        if trainable and self.adapted:
+            raise ValueError("train_text_encoder trains the whole text encoder and lora.text_encoder its adapters; "
+                             "choose one")
+        if self.adapted:
+            self.fingerprint()  # of the base, before adapters are added
+            # the backbone's target_modules are not its own
+            frozen = inject_lora(self.model, dataclasses.replace(lora, target_modules=None), self.lora_targets,
+                                 "text encoder")
+            keep_out_of_state_dict(self, {f"model.{name}" for name in frozen})
+        elif not trainable:
             keep_out_of_state_dict(self)
+
+    @property
+    def learns(self) -> bool:
+        """Whether training changes it: trained whole, or through LoRA adapters."""
+        return self.trainable or self.adapted
+
+    def encoders(self) -> list[TransformersTextEncoder]:
+        """The transformers encoders it reads captions with: itself (SDXL's pair: both)."""
+        return [self]
 
     def train(self, mode: bool = True) -> TransformersTextEncoder:
         """A frozen encoder stays in eval mode: dropout must not act."""
@@ -99,7 +127,7 @@ class TransformersTextEncoder(nn.Module):
         ids, mask = self.tokenize(captions)
         device = next(self.model.parameters()).device
         ids, mask = ids.to(device), mask.to(device)
-        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+        with torch.set_grad_enabled(self.learns and torch.is_grad_enabled()):
             out = self.model(ids, attention_mask=mask if self.use_mask else None, output_hidden_states=self.layer != "final")
         tokens = out.last_hidden_state if self.layer == "final" else out.hidden_states[-2]
         if self.is_t5:
@@ -153,9 +181,12 @@ class TextEncoderPair(nn.Module):
     def __init__(self, first: TransformersTextEncoder, second: TransformersTextEncoder, zeros_for_empty: bool) -> None:
         super().__init__()
         self.first, self.second, self.zeros_for_empty = first, second, zeros_for_empty
-        self.trainable, self.layer = first.trainable, first.layer
+        self.trainable, self.layer, self.learns = first.trainable, first.layer, first.learns
         self.context_length = min(first.context_length, second.context_length)
         self.token_dim, self.pooled_dim = first.token_dim + second.token_dim, second.pooled_dim
+
+    def encoders(self) -> list[TransformersTextEncoder]:
+        return [self.first, self.second]
 
     def fingerprint(self) -> dict[str, str]:
         one, two = self.first.fingerprint(), self.second.fingerprint()
@@ -172,10 +203,11 @@ class TextEncoderPair(nn.Module):
         return embedding
 
 
-def pipeline_text_encoder(path: str, parts: list[tuple[str, str]], trainable: bool, layer: str,
-                          zeros_for_empty: bool, max_length: int | None = None) -> TransformersTextEncoder | TextEncoderPair:
-    """The text encoder of a pipeline directory: its one encoder, or SDXL's two as a pair."""
-    encoders = [TransformersTextEncoder(path, encoder, tokenizer, trainable, layer, max_length)
+def pipeline_text_encoder(path: str, parts: list[tuple[str, str]], trainable: bool, layer: str, zeros_for_empty: bool,
+                          max_length: int | None = None, lora: LoRASettings | None = None,
+                          ) -> TransformersTextEncoder | TextEncoderPair:
+    """The text encoder of a pipeline directory: its one encoder, or SDXL's two as a pair (with LoRA: on each)."""
+    encoders = [TransformersTextEncoder(path, encoder, tokenizer, trainable, layer, max_length, lora)
                 for encoder, tokenizer in parts]
     if len(encoders) == 1:
         return encoders[0]
