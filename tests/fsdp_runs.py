@@ -3,8 +3,8 @@ fit resumed from that checkpoint, all from the same seed; rank 0 saves each run'
 its parameter + optimizer bytes.
 
     torchrun --nproc-per-node 2 tests/fsdp_runs.py FAMILY TRAIN_URLS OUT_DIR [--sharded]
-    (family sd_pipeline reads the pipeline directory from $GENART_TEST_PIPELINE)
-    python tests/fsdp_runs.py bf16 TRAIN_URLS -     (one process: bf16 + checkpointing under FSDP2, JSON on stdout)
+    python tests/fsdp_runs.py bf16 TRAIN_URLS -     (one process: bf16 + checkpointing under FSDP2, and the SD pipeline
+                                                     at $GENART_TEST_PIPELINE fine-tuned under FSDP2; JSON on stdout)
 
 With --sharded, also the same FSDP2 fit and resume with sharded checkpoints (a directory of per-rank files).
 """
@@ -39,9 +39,6 @@ FAMILIES = {
     "vp_unet": lambda: PixelDiffusion(image_size=16, process=VP(prediction="v"), lr=1e-3, ema_decay=0.9,
                                       backbone=UNetBackbone(base_channels=32, channel_mult=[1, 2], num_res_blocks=1,
                                                             attention_levels=[1], head_channels=32)),
-    # a whole Stable Diffusion pipeline (tests/tiny_pipelines.py), saved where the test names it
-    "sd_pipeline": lambda: LatentDiffusion(image_size=16, pipeline=os.environ["GENART_TEST_PIPELINE"], lr=1e-3,
-                                           ema_decay=0.9),
 }
 
 
@@ -80,7 +77,8 @@ def fit(family: str, urls: str, out: Path, strategy: str, ckpt_path: str | None 
 
 
 def bf16_units(urls: str) -> dict:
-    """One process: FSDP2 + bf16-mixed + gradient checkpointing on a DiT; what the test checks, as JSON."""
+    """One process: FSDP2 + bf16-mixed + gradient checkpointing on a DiT, then a whole SD pipeline model under FSDP2;
+    what the test checks, as JSON."""
     from torch.distributed.fsdp import FSDPModule
 
     model = PixelDiffusion(image_size=16, process=Flow(), clip_x0=False, gradient_checkpointing=True,
@@ -93,9 +91,18 @@ def bf16_units(urls: str) -> dict:
                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, TextImageDataModule(urls, batch_size=4, num_workers=0, image_size=16))
     weight = block.modulation[1].weight
+    pipeline = LatentDiffusion(image_size=16, pipeline=os.environ["GENART_TEST_PIPELINE"], lr=1e-3)
+    unet = pipeline.backbone.unet
+    before = unet.conv_in.weight.detach().clone()
+    L.Trainer(max_steps=2, accelerator="cpu", devices=1, strategy="fsdp2", logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False).fit(
+        pipeline, TextImageDataModule(urls, batch_size=4, num_workers=0, image_size=16))
+    blocks = [*unet.down_blocks, *unet.up_blocks]
     return {"units": all(isinstance(b, FSDPModule) for b in model.backbone.blocks) and isinstance(model.ema.module, FSDPModule),
             "dtensor_fp32": type(weight).__name__ == "DTensor" and weight.dtype == torch.float32,
-            "dtypes": sorted(dtypes), "calls": len(calls)}  # 2 steps x (forward + recompute)
+            "dtypes": sorted(dtypes), "calls": len(calls),  # 2 steps x (forward + recompute)
+            "pipeline_units": sum(isinstance(b, FSDPModule) for b in blocks),
+            "pipeline_trained": not torch.equal(local(unet.conv_in.weight).detach(), before)}
 
 
 def main() -> None:

@@ -26,20 +26,13 @@ after 4 AdamW steps of lr 1e-3: 0 for the DiT, 1.1e-5 for the U-Net (its GroupNo
 rounding in small gradients into differences of that size."""
 
 
-@pytest.mark.parametrize("family", ["flow_dit", "vp_unet", "sd_pipeline"])
+@pytest.mark.parametrize("family", ["flow_dit", "vp_unet"])
 def test_fsdp2_trains_resumes_exactly_matches_ddp_and_shards_the_state(family: str, shapes_shards_16px: dict,
                                                                        tmp_path: Path) -> None:
-    """sd_pipeline: full fine-tuning of a model read from a whole diffusers pipeline (its U-Net's down and up blocks
-    are the units)."""
-    pipeline = ""
-    if family == "sd_pipeline":
-        pytest.importorskip("diffusers")
-        pipeline = str(tiny_sd_pipeline(tmp_path / "pipeline"))
     torchrun = Path(sys.executable).with_name("torchrun")
     done = subprocess.run([str(torchrun), "--nproc-per-node", "2", str(HERE / "fsdp_runs.py"), family,
                            shapes_shards_16px["train_urls"], str(tmp_path), *(["--sharded"] if family == "flow_dit" else [])],
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "GENART_TEST_PIPELINE": pipeline})
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-4000:]
     fsdp, resumed, ddp = (torch.load(tmp_path / run / "weights.pt") for run in ("fsdp", "fsdp-resumed", "ddp"))
     assert fsdp.keys() == ddp.keys() and any(k.startswith("ema.module.") for k in fsdp)
@@ -72,12 +65,18 @@ def test_fsdp2_is_one_word_and_unsupported_settings_are_one_line() -> None:
         PixelDiffusion(image_size=16, train_text_encoder=True).shard(None)
 
 
-def test_fsdp2_with_bf16_and_activation_checkpointing_per_block(shapes_shards_16px: dict) -> None:
+def test_fsdp2_with_bf16_and_activation_checkpointing_per_block(shapes_shards_16px: dict, tmp_path: Path) -> None:
     """One process (a mesh of 1) is enough to see the switches compose: every DiT block is its own FSDP unit with
     float32 DTensor shards, computes in bfloat16 under `bf16-mixed`, and is recomputed in backward. In its own
-    process: the strategy starts a process group there, which must not outlive the test in pytest's."""
+    process: the strategy starts a process group there, which must not outlive the test in pytest's. The same process
+    fine-tunes a whole SD pipeline model under FSDP2: its U-Net's down and up blocks become units and it trains (the
+    two-process exactness above is the strategy's, shown on our networks)."""
+    pytest.importorskip("diffusers")
+    pipeline = tiny_sd_pipeline(tmp_path)
     done = subprocess.run([sys.executable, str(HERE / "fsdp_runs.py"), "bf16", shapes_shards_16px["train_urls"], "-"],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "GENART_TEST_PIPELINE": str(pipeline)})
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report == {"units": True, "dtensor_fp32": True, "dtypes": ["torch.bfloat16"], "calls": 4}, report
+    assert report == {"units": True, "dtensor_fp32": True, "dtypes": ["torch.bfloat16"], "calls": 4,
+                      "pipeline_units": 4, "pipeline_trained": True}, report
