@@ -15,6 +15,7 @@ from helpers import REPO, tiny_config
 
 from genart_lightning.cli import lightning_cli, main
 from genart_lightning.sweeps.launch import array_ranges
+from genart_lightning.sweeps.report import markdown
 from genart_lightning.sweeps.spec import (
     SpecError,
     expand,
@@ -177,8 +178,17 @@ def test_local_sweep_2x2_report_and_rerun_launches_nothing(tmp_path: Path, shape
     assert len(rows) == 4 and all(float(r["train/loss"]) > 0 for r in rows)
     assert {(r["model.init_args.lr"], r["seed"]) for r in rows} == {(a, b) for a in ("0.001", "0.003") for b in "12"}
     table = (tmp_path / "runs" / "report.md").read_text().splitlines()
-    assert table[0].startswith("| lr | runs |") and len(table) == 4  # header, rule, one row per lr
-    assert all(line.split(" | ")[1] == "2" for line in table[2:])  # two seeds per setting
+    assert table[0].startswith("| # | lr | runs | train/loss |") and table[0].endswith("within seed noise of |")
+    rows_md = table[2:4]  # header and rule, then one row per lr, then the note on seed noise
+    assert all(line.split(" | ")[2] == "2" for line in rows_md)  # two seeds per setting
+    assert {line.rstrip(" |").rsplit(" | ", 1)[1] for line in rows_md} <= {"none", "1", "2"} and "seed noise" in table[5]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for row in rows:  # each run's hparams summary: its swept value and seed, with its final metrics
+        accumulator = EventAccumulator(str(tmp_path / "runs" / row["run"] / "lightning_logs" / "version_0" / "hparams"))
+        accumulator.Reload()
+        start = accumulator.PluginTagToContent("hparams")["_hparams_/session_start_info"]  # the HParams plugin's record
+        assert b"lr" in start and b"seed" in start and "final/train/loss" in accumulator.Tags()["scalars"]
     assert (tmp_path / "runs" / "report.png").stat().st_size > 1000 and "report.png" in report
     losses = {r["run"]: r["train/loss"] for r in rows}
     assert len(set(losses.values())) == 4  # the settings and seeds really differ
@@ -200,3 +210,19 @@ def test_slurm_array_runs_every_config(tmp_path: Path, shapes_shards_16px: dict,
     logs = sorted((tmp_path / "runs" / "slurm-logs").glob("*.out"))
     assert len(logs) == 2 and all("array task" in log.read_text() for log in logs)
     assert "all 2 runs finished" in sweep(str(path), "--launcher", "slurm")
+
+
+def test_sweep_runs_share_a_wandb_group_with_a_job_type_per_setting_and_the_report_marks_seed_noise(tmp_path: Path,
+                                                                                                     shapes_shards_16px):
+    config = tiny_config(shapes_shards_16px)
+    config["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"offline": True}}
+    spec = load_spec(write_spec(tmp_path, config, grid={"model.init_args.lr": [1e-3, 3e-3]}, seeds=[1, 2]))
+    loggers = [resolved_config(spec, run)["trainer"]["logger"]["init_args"] for run in expand(spec)]
+    assert {logger["group"] for logger in loggers} == {spec.name}
+    assert [logger["job_type"] for logger in loggers] == ["lr=0.001", "lr=0.001", "lr=0.003", "lr=0.003"]
+    assert resolved_config(spec, expand(spec)[1])["run_summary"]["hparams"] == {"lr": 1e-3, "seed": 2}
+    # three settings: two whose seeds overlap, one far from both; and one with a single seed
+    summary = [{"lr": lr, "runs": runs, "loss": loss} for lr, runs, loss in
+               [(1, 3, (0.50, 0.02)), (2, 3, (0.51, 0.02)), (3, 3, (0.90, 0.02)), (4, 1, (0.50, 0.0))]]
+    rows = [line.rstrip(" |").rsplit(" | ", 1)[1] for line in markdown(summary, ["lr"], ["loss"], 0).splitlines()[2:6]]
+    assert rows == ["2", "1", "none", "(one seed: no spread)"]

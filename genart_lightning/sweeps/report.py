@@ -73,15 +73,41 @@ def summarize(rows: list[dict[str, Any]], keys: list[str], metrics: list[str]) -
     return summary
 
 
+NOISE_SIGMAS = 2.0
+"""Two settings' means differ within seed noise when the gap is at most this many standard errors of the difference
+(sqrt(std_a^2 / n_a + std_b^2 / n_b)): about a 95% band under a normal approximation."""
+
+
+def within_noise(a: dict[str, Any], b: dict[str, Any], metric: str) -> bool | None:
+    """Whether settings `a` and `b` differ in `metric` by no more than seed noise; None when either has one seed."""
+    if a["runs"] < 2 or b["runs"] < 2:
+        return None
+    (mean_a, std_a), (mean_b, std_b) = a[metric], b[metric]
+    return abs(mean_a - mean_b) <= NOISE_SIGMAS * math.sqrt(std_a**2 / a["runs"] + std_b**2 / b["runs"])
+
+
 def markdown(summary: list[dict[str, Any]], keys: list[str], metrics: list[str], pending: int) -> str:
-    """A markdown table: one row per setting, `mean ± std` over its seeds."""
+    """A markdown table: one row per setting (numbered), `mean ± std` over its seeds, and which other settings its
+    first metric (the one the sweep is judged by) cannot be told apart from given the spread over seeds."""
     short = short_keys(keys)
-    header = [short[k] for k in keys] + ["runs"] + metrics
+    header = ["#"] + [short[k] for k in keys] + ["runs"] + metrics
+    if metrics:
+        header.append(f"{metrics[0]} within seed noise of")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for entry in summary:
-        cells = [format_value(entry[k]) for k in keys] + [str(entry["runs"])]
+    for number, entry in enumerate(summary, 1):
+        cells = [str(number)] + [format_value(entry[k]) for k in keys] + [str(entry["runs"])]
         cells += [f"{mean:.4g} ± {std:.2g}" for mean, std in (entry[m] for m in metrics)]
+        if metrics:
+            if entry["runs"] < 2:
+                cells.append("(one seed: no spread)")
+            else:
+                alike = [str(i) for i, other in enumerate(summary, 1) if other is not entry
+                         and within_noise(entry, other, metrics[0])]
+                cells.append(", ".join(alike) or "none")
         lines.append("| " + " | ".join(cells) + " |")
+    if metrics and len(summary) > 1:
+        lines.append(f"\nSettings listed together differ in {metrics[0]} by at most {NOISE_SIGMAS:g} standard errors of "
+                     "the difference of their means (seed noise); more seeds narrow it.")
     if pending:
         lines.append(f"\n{pending} run(s) not finished yet; run `genart sweep SPEC.yaml` to finish them.")
     return "\n".join(lines) + "\n"

@@ -282,14 +282,18 @@ def resolved_config(spec: SweepSpec, run: Run) -> dict:
         set_key(config, "data.init_args.seed", run.seed)  # a seed replicate also varies the data order
     set_key(config, "trainer.default_root_dir", str(run.dir))
     set_key(config, "run_summary.path", str(run.metrics_path))
+    short = short_keys(spec.swept_keys)
+    setting = {short[k]: v for k, v in run.values.items()}
+    set_key(config, "run_summary.hparams", {**setting, "seed": run.seed})  # TensorBoard's HParams view
     loggers = config["trainer"].get("logger")
     for logger in loggers if isinstance(loggers, list) else [loggers]:
         if isinstance(logger, dict) and "class_path" in logger:
             init = logger.setdefault("init_args", {})
             init["save_dir"] = str(run.dir)
-            if logger["class_path"].endswith("WandbLogger"):
+            if logger["class_path"].endswith("WandbLogger"):  # one group per sweep, one job type per setting
                 init["name"] = f"{spec.name}/{run.name}"
                 init["group"] = spec.name
+                init["job_type"] = ",".join(f"{k}={format_value(v)}" for k, v in setting.items()) or "base"
     return config
 
 
