@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import time
 from pathlib import Path
 
 import lightning as L
@@ -86,3 +87,51 @@ def test_batch_size_of_the_batch_contract_and_a_clear_error() -> None:
     assert batch_size([torch.zeros(2, 1)]) == 2
     with pytest.raises(TypeError, match="yield dicts with an 'image' tensor"):
         batch_size({"caption": ["a"]})
+
+
+class Linear(L.LightningModule):
+    """One 192 -> 64 linear layer on flattened 8px images: its FLOPs per step are known (forward 2 B 192 64, and the
+    same again in backward for the weight's gradient; the input needs none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(192, 64, bias=False)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.layer(batch["image"].flatten(1)).square().mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class SlowImages(torch.utils.data.Dataset):
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    def __len__(self) -> int:
+        return 1000
+
+    def __getitem__(self, index: int) -> dict:
+        if self.delay:
+            time.sleep(self.delay)
+        return {"image": torch.ones(3, 8, 8)}
+
+
+def test_efficiency_panel_sees_a_slow_loader_and_logs_mfu_as_flops_over_time_over_peak(tmp_path: Path) -> None:
+    from genart_lightning.callbacks.efficiency import Efficiency
+
+    shares = {}
+    for delay in (0.0, 0.005):
+        panel = Efficiency(every_n_steps=10)
+        L.Trainer(max_steps=10, callbacks=[panel], logger=CSVLogger(tmp_path), enable_progress_bar=False,
+                  enable_model_summary=False, enable_checkpointing=False, accelerator="cpu").fit(
+            Linear(), DataLoader(SlowImages(delay), batch_size=BATCH))
+        logged = panel.logged
+        shares[delay] = logged["efficiency/data_wait_share"]
+        assert panel.flops_per_step == 2 * 2 * BATCH * 192 * 64  # counted once, on one step
+        assert logged["efficiency/mfu"] == pytest.approx(panel.flops_per_step / logged["efficiency/step_time_median"]
+                                                         / panel.peak, rel=1e-12)
+        assert 0 < logged["efficiency/step_time_median"] <= logged["efficiency/step_time_p90"]
+        assert logged["efficiency/peak_memory_gb"] > 0.05 and panel.peak_source.startswith("measured fp32 matmul")
+    # 4 x 5 ms of sleeping per batch against a step of well under a millisecond
+    assert shares[0.005] > 0.5 > shares[0.0], shares

@@ -11,6 +11,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from genart_lightning.callbacks.efficiency import Efficiency
 from genart_lightning.callbacks.failed_start import DiscardFailedStart
 from genart_lightning.callbacks.fit_report import FitReport
 from genart_lightning.callbacks.log_run_record import LogRunRecord
@@ -55,7 +56,8 @@ def loggers_into_run_dir(config: Namespace) -> None:
 
 
 class GenartCLI(LightningCLI):
-    """Adds `checkpoint` (RunCheckpoint: `last.ckpt` always holds the final weights), `sample_grid`, `throughput`, `lr_monitor` and
+    """Adds `checkpoint` (RunCheckpoint: `last.ckpt` always holds the final weights), `sample_grid`, `throughput`,
+    `efficiency` (step time, data wait, MFU, peak memory), `lr_monitor` and
     `run_summary` (final metrics.json) config sections to every run.
 
     Cluster side: `preemption` (SIGUSR1 -> checkpoint, requeue), per-rank RNG state in checkpoints,
@@ -74,6 +76,7 @@ class GenartCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0, "checkpoint.every_n_train_steps": 500})
         parser.add_lightning_class_args(SampleGrid, "sample_grid")
         parser.add_lightning_class_args(Throughput, "throughput")
+        parser.add_lightning_class_args(Efficiency, "efficiency")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(RunSummary, "run_summary")
