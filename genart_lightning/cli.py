@@ -15,7 +15,7 @@ LIGHTNING_SUBCOMMANDS = {
     "test": "run the test loop of a config/checkpoint",
     "predict": "run prediction of a config/checkpoint",
 }
-COMMAND_MODULES = ["shards", "sample", "sweep", "export", "eval", "slurm", "parts"]
+COMMAND_MODULES = ["shards", "sample", "sweep", "export", "eval", "ema", "slurm", "parts"]
 """Modules in genart_lightning.commands, each adding one subcommand."""
 
 

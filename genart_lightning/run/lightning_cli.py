@@ -15,6 +15,7 @@ from genart_lightning.callbacks.efficiency import Efficiency
 from genart_lightning.callbacks.failed_start import DiscardFailedStart
 from genart_lightning.callbacks.fit_report import FitReport
 from genart_lightning.callbacks.log_run_record import LogRunRecord
+from genart_lightning.callbacks.posthoc_ema import PostHocEMA
 from genart_lightning.callbacks.preemption import Preemption
 from genart_lightning.callbacks.rank_state import RankState
 from genart_lightning.callbacks.run_checkpoint import RunCheckpoint
@@ -77,6 +78,7 @@ class GenartCLI(LightningCLI):
         parser.add_lightning_class_args(SampleGrid, "sample_grid")
         parser.add_lightning_class_args(Throughput, "throughput")
         parser.add_lightning_class_args(Efficiency, "efficiency")
+        parser.add_lightning_class_args(PostHocEMA, "posthoc_ema")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(RunSummary, "run_summary")
