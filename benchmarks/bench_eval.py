@@ -16,6 +16,7 @@ import torch
 from benchmarks.common import CLOCK, Comparison, alternate, clock, fix_threads, timed
 from datamodules.synthetic import write_shapes_shards
 from genart_lightning.metrics.evaluator import Evaluator
+from genart_lightning.metrics.feature_space import FeatureSpace
 from genart_lightning.metrics.features import (
     INCEPTION_FILE,
     InceptionFeatures,
@@ -86,17 +87,17 @@ def reference_cache(weights: Path, tmp: Path, quick: bool) -> Comparison:
     info = write_shapes_shards(tmp / "shards", 2 * REFERENCE_IMAGES, image_size=IMAGE_SIZE, seed=0, val_fraction=0.5)
     evaluator = Evaluator(info["val_urls"], num_samples=2, features=InceptionFeatures(weights), batch_size=BATCH, cache_dir=tmp / "cache")
     # The runner's own reference step (what `genart eval` and the periodic callback run), minus sampling.
-    evaluator.extractor = evaluator.features_spec.eval()
     counts: dict[str, int] = {}
 
     def run(cached: bool) -> float:
         if not cached:
             for path in (tmp / "cache").glob("*.pt"):
                 path.unlink()
-        evaluator.distances = FeatureDistances(evaluator.extractor.num_features)  # fresh real-side state
+        evaluator.spaces = {"fid": FeatureSpace(evaluator.features_spec, torch.device("cpu"))}  # fresh real-side state
         start = clock()
-        reference = evaluator._reference(IMAGE_SIZE, torch.device("cpu"))
+        evaluator._references(IMAGE_SIZE, torch.device("cpu"))
         elapsed = clock() - start
+        reference = evaluator.spaces["fid"].reference
         if reference["reused"] != cached:
             raise AssertionError(f"expected reused={cached}, got {reference}")
         counts["images"] = reference["count"]

@@ -14,7 +14,8 @@ from genart_lightning.shapes.suite import ShapesSuite
 
 
 class PeriodicEvaluation(L.Callback):
-    """Every `every_n_steps` optimizer steps, score `num_samples` samples against the validation shards.
+    """Every `every_n_steps` optimizer steps, score `num_samples` samples against the validation shards (FID/KID, and
+    FD-DINOv2 and precision/recall where asked).
 
     Runs on every rank (each samples its share; `compute` is a collective, so a rank-zero-only call
     would hang). Families sample with their EMA weights inside `sample()`, so the curve is the EMA
@@ -36,6 +37,9 @@ class PeriodicEvaluation(L.Callback):
         guidance: float | None = None,
         batch_size: int = 64,
         seed: int = 0,
+        fd_dinov2: str | None = None,
+        precision_recall: str | None = None,
+        precision_recall_k: int = 3,
     ) -> None:
         """
         Args:
@@ -49,11 +53,15 @@ class PeriodicEvaluation(L.Callback):
             guidance: classifier-free guidance scale for diffusion families (default: the family's own).
             batch_size: images sampled per call on each rank.
             seed: sampling seed; the same at every evaluation, so curves compare like with like.
+            fd_dinov2: also FD-DINOv2 (`val/fd_dinov2`): a Dinov2Model save_pretrained directory or a hub id in the hub cache.
+            precision_recall: also `val/precision` and `val/recall` (k = precision_recall_k nearest neighbours) on the
+                FID features ("fid") or DINOv2's ("dinov2", needs fd_dinov2); None: off.
         """
         self.every_n_steps = every_n_steps
         self.options = dict(
             num_samples=num_samples, features=features, fid_weights=fid_weights, prompts=prompts, clip_model=clip_model,
-            clip_pretrained=clip_pretrained, batch_size=batch_size, seed=seed,
+            clip_pretrained=clip_pretrained, batch_size=batch_size, seed=seed, fd_dinov2=fd_dinov2,
+            precision_recall=precision_recall, precision_recall_k=precision_recall_k,
         )
         self.data_urls = data_urls
         self.guidance = guidance

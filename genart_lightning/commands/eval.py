@@ -1,4 +1,5 @@
-"""`genart eval`: FID/KID, CLIP score or attribute accuracy of a checkpoint; several --guidance values make a sweep."""
+"""`genart eval`: FID/KID (+ FD-DINOv2, precision/recall), CLIP score or attribute accuracy of a checkpoint; several
+--guidance values make a sweep."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from pathlib import Path
 
 from genart_lightning.commands import add_threads_option, interval_option, require_checkpoint, use_cpu_threads
 
-TABLE_COLUMNS = ("guidance", "fid", "kid", "clip_score", "attribute_accuracy", "psnr", "ssim")
+TABLE_COLUMNS = ("guidance", "fid", "kid", "fd_dinov2", "precision", "recall", "clip_score", "attribute_accuracy", "psnr",
+                 "ssim")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "eval", help="score a checkpoint: FID/KID, CLIP score, attribute accuracy; guidance sweeps", description=__doc__,
+        "eval", help="score a checkpoint: FID/KID, FD-DINOv2, precision/recall, CLIP score, attribute accuracy; guidance sweeps", description=__doc__,
         epilog="Multi-GPU: torchrun --nproc_per_node 4 -m genart_lightning.cli eval ... (each rank samples its share).",
     )
     source = p.add_mutually_exclusive_group(required=True)
@@ -38,6 +40,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "published FID), judge (the shapes judge's) or digits (the digits judge's): offline, comparable "
                         "only on their own dataset; or a TorchScript .pt")
     p.add_argument("--fid-weights", help="local Inception weights file (offline nodes); default: the torch hub cache")
+    p.add_argument("--fd-dinov2", metavar="PATH_OR_ID",
+                   help="also FD-DINOv2 (as EDM2 reports): a transformers Dinov2Model save_pretrained directory, or a hub "
+                        "id already in the hub cache (EDM2's: facebook/dinov2-large); nothing is downloaded")
+    p.add_argument("--precision-recall", nargs="?", const="fid", choices=("fid", "dinov2"),
+                   help="also improved precision/recall (Kynkaanniemi et al. 2019) on the FID features (the default) or "
+                        "on DINOv2's (needs --fd-dinov2)")
+    p.add_argument("--precision-recall-k", type=int, default=3, help="nearest neighbours of precision/recall (default 3)")
     p.add_argument("--clip-model", help="OpenCLIP model for CLIP score, e.g. ViT-B-32 (default: no CLIP score)")
     p.add_argument("--clip-pretrained", help="OpenCLIP tag (e.g. laion2b_s34b_b79k) or a local weights file")
     p.add_argument("--prompts", choices=("auto", "shapes", "digits", "data"), default="auto",
@@ -96,7 +105,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
         folder = ImageFolder(args.fake)
         evaluator = Evaluator(args.data, len(folder.files), args.fid_features, fid_weights=args.fid_weights,
                               clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, batch_size=args.batch_size,
-                              cache_dir=args.cache_dir, progress=True, suites=suites)
+                              cache_dir=args.cache_dir, progress=True, suites=suites, **extra_metrics(args))
         results = [{**evaluator.score_folder(folder, device), "data": args.data}]
         if rank_world()[0] == 0:
             write_results(results, Path(args.out))
@@ -108,7 +117,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
     evaluator = Evaluator(
         args.data, args.num_samples, args.fid_features, fid_weights=args.fid_weights, prompts=args.prompts,
         clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, seed=args.seed, batch_size=args.batch_size,
-        cache_dir=args.cache_dir, progress=True, suites=suites,
+        cache_dir=args.cache_dir, progress=True, suites=suites, **extra_metrics(args),
     )
     options = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler), ("guidance_interval", interval),
                                  ("height", args.height), ("width", args.width)) if v is not None}
@@ -120,6 +129,12 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
     if rank_world()[0] == 0:
         write_results(results, Path(args.out))
         warn_if_not_comparable(results[0], args, suites)
+
+
+def extra_metrics(args: argparse.Namespace) -> dict:
+    """The opt-in metrics' Evaluator options (FD-DINOv2, precision/recall)."""
+    return {"fd_dinov2": args.fd_dinov2, "precision_recall": args.precision_recall,
+            "precision_recall_k": args.precision_recall_k}
 
 
 def warn_if_not_comparable(result: dict, args: argparse.Namespace, suites: list) -> None:

@@ -19,10 +19,12 @@ from tqdm import tqdm
 from datamodules.distributed import rank_world
 from datamodules.shards import expand_urls
 from datamodules.stream import read_shard
+from genart_lightning.metrics.feature_space import FeatureSpace
 from genart_lightning.metrics.features import FeatureExtractor, build_features
-from genart_lightning.metrics.fid import FeatureDistances, all_sum
+from genart_lightning.metrics.fid import all_sum
 from genart_lightning.metrics.image_folder import ImageFolder
 from genart_lightning.metrics.reference_stats import (
+    KID_REFERENCE_MAX,
     ReferenceStats,
     cache_path,
     describe,
@@ -116,12 +118,26 @@ class Evaluator:
         num_workers: int = 0,
         progress: bool = False,
         suites: Sequence[PromptSuite] = (),
+        fd_dinov2: str | None = None,
+        precision_recall: str | None = None,
+        precision_recall_k: int = 3,
     ) -> None:
-        """`suites`: dataset plug-ins whose names `prompts` and `features` may give (e.g. shapes, judge)."""
+        """`suites`: dataset plug-ins whose names `prompts` and `features` may give (e.g. shapes, judge).
+        `fd_dinov2`: a DINOv2 directory or hub id (FD-DINOv2 beside FID). `precision_recall`: None (off), "fid" (on
+        FID's features) or "dinov2" (on DINOv2's), with `precision_recall_k` nearest neighbours."""
         self.suites = {suite.name: suite for suite in suites}
         choices = ("auto", "data", *self.suites)
         if prompts not in choices:
             raise ValueError(f"unknown prompts {prompts!r} (--prompts); choose one of {', '.join(choices)}")
+        if precision_recall not in (None, "fid", "dinov2"):
+            raise ValueError(f"unknown precision/recall features {precision_recall!r} (--precision-recall); choose fid "
+                             "(the FID features) or dinov2")
+        if precision_recall == "dinov2" and not fd_dinov2:
+            raise ValueError("--precision-recall dinov2 needs the DINOv2 network: add --fd-dinov2 PATH_OR_HUB_ID")
+        if precision_recall and precision_recall_k < 1:
+            raise ValueError(f"--precision-recall-k {precision_recall_k}: needs at least 1 nearest neighbour (paper: 3)")
+        self.fd_dinov2, self.precision_recall, self.precision_recall_k = fd_dinov2, precision_recall, precision_recall_k
+        self._dinov2: FeatureExtractor | None = None  # loaded once: it does not depend on the resolution
         if num_samples < 2:
             raise ValueError(f"num_samples={num_samples}: FID needs at least 2 generated images (--num-samples)")
         self.data_urls, self.num_samples, self.features_spec = data_urls, num_samples, features
@@ -138,9 +154,17 @@ class Evaluator:
         `mode`: where captions come from (None: no captions; "data", "files" or a suite's name)."""
         channels, side, _ = shape
         if self._setup_for != (channels, side, device):
-            self.extractor = self._features(side, channels).to(device).eval()
-            self.distances = FeatureDistances(self.extractor.num_features, seed=self.seed).to(device)
-            self.reference = self._reference(side, device)
+            k = self.precision_recall_k
+            self.spaces = {"fid": FeatureSpace(self._features(side, channels), device, seed=self.seed,
+                                               precision_recall_k=k if self.precision_recall == "fid" else None)}
+            if self.fd_dinov2:
+                if self._dinov2 is None:
+                    from genart_lightning.metrics.dinov2 import DINOv2Features
+
+                    self._dinov2 = DINOv2Features(self.fd_dinov2)
+                self.spaces["fd_dinov2"] = FeatureSpace(self._dinov2, device, kid=False, seed=self.seed,
+                                                        precision_recall_k=k if self.precision_recall == "dinov2" else None)
+            self._references(side, device)
             self._setup_for = (channels, side, device)
         if self._mode_set and self.mode == mode:
             return
@@ -161,23 +185,33 @@ class Evaluator:
             return by_name[spec].features(side)
         return build_features(spec, side, self.fid_weights, channels)
 
-    def _reference(self, side: int, device: torch.device) -> dict:
-        """Load cached real statistics, or compute them over all ranks and cache them (rank 0 writes)."""
-        key = reference_key(self.data_urls, self.extractor.feature_id, self.extractor.resize, side)
-        path = cache_path(key, self.cache_dir)
+    def _references(self, side: int, device: torch.device) -> None:
+        """Each feature space's real statistics: from the cache, or from one pass over the real images shared by every
+        space that lacks them, gathered over all ranks and cached (rank 0 writes). Either way the real side is then
+        taken from the statistics, so a first evaluation scores exactly as later, cached ones do."""
         rank, world = rank_world()
-        # Decide together: a rank that cannot see the file would otherwise skip collectives the others run.
-        if all_sum(int(path.is_file()), device) == world:
-            stats = ReferenceStats.load(path)
-            self.distances.load_reference(stats)
-            return {**describe(stats), "cache": str(path), "reused": True}
+        missing = []
+        for space in self.spaces.values():
+            key = reference_key(self.data_urls, space.extractor.feature_id, space.extractor.resize, side)
+            path = cache_path(key, self.cache_dir)
+            # Decide together: a rank that cannot see the file would otherwise skip collectives the others run.
+            if all_sum(int(path.is_file()), device) == world:
+                stats = ReferenceStats.load(path)
+                space.use_reference(stats, {**describe(stats), "cache": str(path), "reused": True})
+            else:
+                missing.append((space, key, path))
+        if not missing:
+            return
         for batch in real_loader(self.data_urls, side, self.batch_size, self.num_workers):
+            images = batch["image"].to(device)
             with torch.no_grad():
-                self.distances.update(self.extractor(batch["image"].to(device)), real=True)
-        stats = self.distances.gather_reference(key)
-        if rank == 0:
-            stats.save(path)
-        return {**describe(stats), "cache": str(path), "reused": False}
+                for space, _, _ in missing:
+                    space.update(images, real=True)
+        for space, key, path in missing:
+            stats = space.distances.gather_reference(key)
+            if rank == 0:
+                stats.save(path)
+            space.use_reference(stats, {**describe(stats), "cache": str(path), "reused": False})
 
     def _prompt_mode(self, model: Samplable) -> str | None:
         """None (unconditional), "data" (the shards' captions) or a suite's name."""
@@ -240,13 +274,15 @@ class Evaluator:
         return {"fake": str(folder.directory.resolve()), "num_samples": len(folder.files), **self._scores(world)}
 
     def _reset(self) -> None:
-        self.distances.reset_generated()
+        for space in self.spaces.values():
+            space.reset_generated()
         for metric in (self.attributes, self.clip):
             if metric is not None:
                 metric.reset()
 
     def _score(self, images: Tensor, captions: list[str] | None, attributes: list[dict] | None) -> None:
-        self.distances.update(self.extractor(images), real=False)
+        for space in self.spaces.values():
+            space.update(images)
         if self.clip is not None:
             self.clip.update(images, captions)
         if self.attributes is not None:
@@ -256,12 +292,23 @@ class Evaluator:
         """Every metric over what `_score` saw, with how each was computed (all ranks: `compute` is a collective)."""
         channels, side, _ = self._setup_for
         out: dict = {"resolution": side, "channels": channels, "world_size": world}
-        out.update(self.distances.compute())
-        out["feature_extractor"] = {
-            "id": self.extractor.feature_id, "resize": self.extractor.resize, "num_features": self.extractor.num_features,
-            "antialias": getattr(self.extractor, "antialias", None),
-        }
-        out["reference"] = self.reference
+        scores = {name: space.compute() for name, space in self.spaces.items()}
+        fid = self.spaces["fid"]
+        out.update({k: v for k, v in scores["fid"].items() if k != "precision_recall"})
+        out["feature_extractor"] = fid.extractor.describe()
+        out["reference"] = fid.reference
+        if "fd_dinov2" in self.spaces:
+            dinov2 = self.spaces["fd_dinov2"]
+            out["fd_dinov2"] = scores["fd_dinov2"]["fid"]
+            out["fd_dinov2_features"] = {**dinov2.extractor.describe(), "reference": dinov2.reference}
+        pr = next((s["precision_recall"] for s in scores.values() if "precision_recall" in s), None)
+        if pr is not None:
+            out.update(precision=pr.pop("precision"), recall=pr.pop("recall"))
+            space = self.spaces["fid" if self.precision_recall == "fid" else "fd_dinov2"]
+            out["precision_recall"] = {**pr, "features": space.extractor.feature_id,
+                                       "real": "the reference's cached feature sample (all real images up to "
+                                               f"{KID_REFERENCE_MAX}, else a seeded random subset)",
+                                       "ball": "k-th nearest neighbour distance, inclusive (Kynkaanniemi et al. 2019)"}
         out["prompts"] = self.mode
         if self.clip is not None:
             clip = self.clip.compute()

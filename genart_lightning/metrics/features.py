@@ -33,6 +33,11 @@ class FeatureExtractor(nn.Module):
         """Stay in eval mode: a metric's features must not depend on batch statistics or dropout."""
         return super().train(False)
 
+    def describe(self) -> dict:
+        """How the features are made, for metrics.json."""
+        return {"id": self.feature_id, "resize": self.resize, "num_features": self.num_features,
+                "antialias": getattr(self, "antialias", None)}
+
 
 def inception_weights_path(weights: str | Path | None = None) -> Path:
     """Where the Inception weights are: the explicit path, else the torch hub cache; one clear error if neither."""

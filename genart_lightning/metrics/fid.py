@@ -36,7 +36,9 @@ def all_sum(value: int, device: torch.device | str = "cpu") -> int:
 class FeatureDistances(nn.Module):
     """FID and KID between real and generated feature sets; every rank must call `compute` (it is a collective)."""
 
-    def __init__(self, num_features: int, kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0) -> None:
+    def __init__(self, num_features: int, kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0,
+                 kid: bool = True) -> None:
+        """`kid=False`: Frechet distance only (FD-DINOv2); the real features are still kept, for the reference cache."""
         super().__init__()
         self.fid = FrechetInceptionDistance(feature=Precomputed(num_features), reset_real_features=False)
         self.kid = KernelInceptionDistance(
@@ -45,13 +47,15 @@ class FeatureDistances(nn.Module):
         self.num_features = num_features
         self.kid_subset_size = kid_subset_size
         self.seed = seed
+        self.with_kid = kid
         self.fid.orig_dtype = torch.float64  # a rank that got no images still returns a value
 
     def update(self, features: Tensor, real: bool) -> None:
         """Add one batch of features (of real or generated images) on this rank."""
         features = features.detach().flatten(1)
         self.fid.update(features.double(), real=real)  # FID returns its value in this dtype
-        self.kid.update(features.float(), real=real)
+        if real or self.with_kid:
+            self.kid.update(features.float(), real=real)
 
     def _pack_kid(self) -> None:
         # KID's list states are gathered element by element: ranks holding different numbers of batches would
@@ -100,15 +104,17 @@ class FeatureDistances(nn.Module):
         self.kid.reset()
 
     def compute(self) -> dict[str, float]:
-        """FID, and KID mean/std over subsets; call on every rank.
+        """FID, and KID mean/std over subsets (unless kid=False); call on every rank.
 
         The subset size is capped at half the smaller set: subsets as large as a whole set are all the same
         set, and their std (float noise, ~1e-7) would claim a precision KID does not have.
         """
+        out = {"fid": float(self.fid.compute())}
+        if not self.with_kid:
+            return out
         device = self.fid.device
         num_fake = all_sum(int(self.fid.fake_features_num_samples), device)
         num_real_kid = all_sum(sum(len(f) for f in self.kid.real_features), device)  # the cache keeps fewer than FID's count
-        out = {"fid": float(self.fid.compute())}
         self.kid.subset_size = max(min(self.kid_subset_size, min(num_fake, num_real_kid) // 2), 2)
         self._pack_kid()
         # Same seed on every rank: the subsets, hence the reported KID, agree across ranks.
