@@ -62,14 +62,16 @@ class Report(L.Callback):
         (self.out / f"bytes-rank{trainer.global_rank}.json").write_text(json.dumps(nbytes))
 
 
-def fit(family: str, urls: str, out: Path, strategy: str, ckpt_path: str | None = None, sharded: bool = False) -> None:
+def fit(family: str, urls: str, out: Path, strategy: str, ckpt_path: str | None = None, sharded: bool = False,
+        hsdp_replicas: int | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(0)
     checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=STEPS // 2, save_top_k=-1)
     trainer = L.Trainer(
         max_steps=STEPS, accelerator="cpu", devices=2, logger=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        strategy=FSDP2Strategy(save_distributed_checkpoint=sharded) if strategy == "fsdp2" else "ddp", plugins=[AtomicCheckpointIO()],
+        strategy=FSDP2Strategy(save_distributed_checkpoint=sharded, hsdp_replicas=hsdp_replicas) if strategy == "fsdp2"
+        else "ddp", plugins=[AtomicCheckpointIO()],
         callbacks=[checkpoints, RankState(), Report(out)],  # RankState: per-rank RNG, as `genart fit` attaches
     )
     data = TextImageDataModule(urls, batch_size=4, num_workers=0, image_size=16)
@@ -84,8 +86,10 @@ def bf16_units(urls: str) -> dict:
     model = PixelDiffusion(image_size=16, process=Flow(), clip_x0=False, gradient_checkpointing=True,
                            backbone=DiTBackbone(patch_size=4, hidden_size=32, depth=2, num_heads=2))
     block = model.backbone.blocks[0]
-    dtypes, calls = set(), []
+    dtypes, calls, gathered = set(), [], set()
     block.register_forward_hook(lambda module, args, out: dtypes.add(str(out.dtype)))
+    linear = block.modulation[1]
+    linear.register_forward_pre_hook(lambda module, args: gathered.add(str(module.weight.dtype)))
     block.register_forward_pre_hook(lambda module, args: calls.append(1))  # a post hook misses early-stopped recomputes
     trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, strategy="fsdp2", precision="bf16-mixed",
                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
@@ -101,6 +105,7 @@ def bf16_units(urls: str) -> dict:
     return {"units": all(isinstance(b, FSDPModule) for b in model.backbone.blocks) and isinstance(model.ema.module, FSDPModule),
             "dtensor_fp32": type(weight).__name__ == "DTensor" and weight.dtype == torch.float32,
             "dtypes": sorted(dtypes), "calls": len(calls),  # 2 steps x (forward + recompute)
+            "gathered": sorted(gathered),  # the unsharded weights a forward sees: bf16 under the mixed-precision policy
             "pipeline_units": sum(isinstance(b, FSDPModule) for b in blocks),
             "pipeline_trained": not torch.equal(local(unet.conv_in.weight).detach(), before)}
 
@@ -115,9 +120,11 @@ def main() -> None:
     fit(family, urls, out / "fsdp", "fsdp2")
     half_way = f"epoch=0-step={STEPS // 2}.ckpt"
     fit(family, urls, out / "fsdp-resumed", "fsdp2", str(out / "fsdp" / "checkpoints" / half_way))
-    if "--sharded" in sys.argv:  # checkpoints as directories of per-rank shards
+    if "--sharded" in sys.argv:  # checkpoints as directories of per-rank shards; and HSDP on a 2 x 1 mesh
         fit(family, urls, out / "sharded", "fsdp2", sharded=True)
         fit(family, urls, out / "sharded-resumed", "fsdp2", str(out / "sharded" / "checkpoints" / half_way), sharded=True)
+        fit(family, urls, out / "hsdp", "fsdp2", hsdp_replicas=2)
+        fit(family, urls, out / "hsdp-resumed", "fsdp2", str(out / "hsdp" / "checkpoints" / half_way), hsdp_replicas=2)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,13 @@ def test_fsdp2_trains_resumes_exactly_matches_ddp_and_shards_the_state(family: s
         for run in ("sharded", "sharded-resumed"):
             weights = torch.load(tmp_path / run / "weights.pt")
             assert all(torch.equal(weights[key], fsdp[key]) for key in fsdp), run
+        # HSDP on a 2 x 1 (replicate, shard) mesh: resumes bit-identically, agrees with DDP (the 1 x 2 mesh is `fsdp`)
+        hsdp, hsdp_resumed = (torch.load(tmp_path / run / "weights.pt") for run in ("hsdp", "hsdp-resumed"))
+        for key in fsdp:
+            assert torch.equal(hsdp_resumed[key], hsdp[key]), key
+            torch.testing.assert_close(hsdp[key], ddp[key], rtol=0, atol=DDP_TOLERANCE)
+        hsdp_bytes = json.loads((tmp_path / "hsdp" / "bytes-rank0.json").read_text())
+        assert hsdp_bytes == json.loads((tmp_path / "ddp" / "bytes-rank0.json").read_text())  # 2 replicas of 1 shard
     for path in checkpoints:
         loaded = load_model(path).state_dict()
         assert all(torch.equal(loaded[key], fsdp[key]) for key in fsdp), path
@@ -79,4 +86,4 @@ def test_fsdp2_with_bf16_and_activation_checkpointing_per_block(shapes_shards_16
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report == {"units": True, "dtensor_fp32": True, "dtypes": ["torch.bfloat16"], "calls": 4,
-                      "pipeline_units": 4, "pipeline_trained": True}, report
+                      "gathered": ["torch.bfloat16"], "pipeline_units": 4, "pipeline_trained": True}, report

@@ -4,8 +4,8 @@ Every `every_n_steps` training steps it logs, over that window: `efficiency/step
 one batch's end to the next's, so the loader's wait is inside), `efficiency/data_wait_share` (the part of those
 seconds between a batch's end and the next batch's start, where Lightning fetches the next batch), `efficiency/mfu`
 (FLOPs per step / median step time / the device's peak) and `efficiency/peak_memory_gb` (CUDA: the allocator's peak;
-CPU: the process's peak resident set). FLOPs per step are counted once, on the second training step, with torch's
-`FlopCounterMode` (forward, backward and optimizer step of this rank); that step is left out of the timings.
+CPU: the process's peak resident set). FLOPs per step are counted once, on the first batch of global step 1, with
+torch's `FlopCounterMode` (forward, backward and optimizer step of this rank); that step is left out of the timings.
 
 The peak is a datasheet number for the GPUs people rent (dense, no sparsity: bf16 under a bf16 precision, fp32
 otherwise), else a measured matmul peak (CPU or an unknown device); which one is logged once. On CUDA the step
@@ -69,7 +69,10 @@ class Efficiency(L.Callback):
     """The panel above, every `every_n_steps` steps (0: off)."""
 
     COUNT_AT = 1
-    """The training step (0-based) whose FLOPs are counted: not the first, which builds kernels and optimizer state."""
+    """The global step whose (first) batch's FLOPs are counted: not the first step, which builds kernels and optimizer
+    state. A global step, not this process's n-th batch, and the count rides in the checkpoint: counting runs the step
+    under a dispatch mode, which may pick other kernels (bitwise, not in value), so a resumed run must count at the same
+    step as the uninterrupted one, or not at all, to stay bit-identical to it."""
 
     def __init__(self, every_n_steps: int = 50) -> None:
         self.every_n_steps = every_n_steps
@@ -82,7 +85,6 @@ class Efficiency(L.Callback):
         self._last_end: float | None = None
         self._start: float | None = None
         self._counter: Any = None
-        self._batches = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.every_n_steps:
@@ -93,7 +95,7 @@ class Efficiency(L.Callback):
         if not self.every_n_steps:
             return
         self._start = time.perf_counter()
-        if self._batches == self.COUNT_AT and self.flops_per_step is None:
+        if trainer.global_step == self.COUNT_AT and self.flops_per_step is None and self._counter is None:
             from torch.utils.flop_counter import FlopCounterMode
 
             self._counter = FlopCounterMode(display=False)
@@ -111,12 +113,18 @@ class Efficiency(L.Callback):
         if self._last_end is not None and self._start is not None and not counted:
             self.steps.append(now - self._last_end)
             self.waits.append(self._start - self._last_end)
-        self._last_end, self._batches = now, self._batches + 1
+        self._last_end = now
         if trainer.global_step % self.every_n_steps == 0 and self.steps:
             self._log(pl_module)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_end = None  # the gap around validation is not a training step
+
+    def state_dict(self) -> dict:
+        return {"flops_per_step": self.flops_per_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.flops_per_step = state_dict.get("flops_per_step")
 
     def _log(self, pl_module: L.LightningModule) -> None:
         steps = sorted(self.steps)

@@ -81,6 +81,12 @@ class EDM(Process):
     def level(self, log_snr: float) -> Level:
         return self.grid_at_sigmas([math.exp(-log_snr / 2)])[0]
 
+    def log_snr(self, u: Tensor, shape: tuple[int, ...]) -> Tensor:
+        return -2 * self.training_sigmas(u).log()
+
+    def quantile(self, log_snr: Tensor, shape: tuple[int, ...]) -> Tensor:
+        return torch.special.ndtr((-log_snr.double() / 2 - self.p_mean) / self.p_std)  # ln sigma = -log_snr / 2
+
     def grid_at_sigmas(self, sigmas: list[float]) -> NoiseGrid:
         """Levels at these sigmas, then clean data; `time` is c_noise (what the network sees)."""
         return NoiseGrid(alpha=(1.0,) * (len(sigmas) + 1), sigma=tuple(sigmas) + (0.0,),

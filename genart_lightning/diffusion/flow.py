@@ -85,6 +85,17 @@ class Flow(Process):
     def level(self, log_snr: float) -> Level:
         return self.grid_at_times([1 / (1 + math.exp(log_snr / 2)), 0.0])[0]  # (1 - t)^2 / t^2 = exp(log_snr)
 
+    def log_snr(self, u: Tensor, shape: tuple[int, ...]) -> Tensor:
+        t = self.training_times(u, shape)
+        return 2 * (torch.log1p(-t) - t.log())
+
+    def quantile(self, log_snr: Tensor, shape: tuple[int, ...]) -> Tensor:
+        # the shift adds ln(shift) to logit(t), and logit(t) = -log_snr / 2
+        logit = -log_snr.double() / 2 - math.log(self.effective_shift(shape))
+        if self.density == "uniform":
+            return torch.sigmoid(logit)
+        return torch.special.ndtr((logit - self.logit_mean) / self.logit_std)
+
     def grid_at_times(self, times: list[float]) -> NoiseGrid:
         """Levels at these flow times (the last must be 0); Heun integrates in t itself (frame 1)."""
         return NoiseGrid(alpha=tuple(1 - t for t in times), sigma=tuple(times), time=tuple(TIME_SCALE * t for t in times),

@@ -30,6 +30,10 @@ def normal_quantile(u: Tensor) -> Tensor:
     return math.sqrt(2.0) * torch.erfinv(2 * u.clamp(1e-6, 1 - 1e-6) - 1)
 
 
+BULK_SD = 3.0
+"""Validation's log-SNR bins span the central Phi(-3)..Phi(3) (99.73%) of a process's training levels: its bulk."""
+
+
 class Process:
     """Base class of diffusion processes; configs may name its subclasses only.
 
@@ -59,6 +63,25 @@ class Process:
     def level(self, log_snr: float) -> Level:
         """The level whose signal-to-noise ratio alpha^2 / sigma^2 is exp(log_snr): one axis to compare processes on."""
         raise NotImplementedError
+
+    def log_snr(self, u: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """log(alpha^2 / sigma^2) of the levels `loss` trains at for quantiles `u` [B] and data of `shape`."""
+        raise NotImplementedError
+
+    def quantile(self, log_snr: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """Quantiles u [B] (float64) at which `loss` trains at these log-SNRs, the inverse of `log_snr`."""
+        raise NotImplementedError
+
+    def log_snr_range(self, shape: tuple[int, ...]) -> tuple[float, float]:
+        """(lowest, highest) log-SNR of the central 99.73% of training levels (quantiles Phi(-3), Phi(3))."""
+        u = torch.special.ndtr(torch.tensor([BULK_SD, -BULK_SD], dtype=torch.float64))  # log-SNR falls as u grows
+        low, high = self.log_snr(u, shape).tolist()
+        return low, high
+
+    def log_snr_bins(self, bins: int, shape: tuple[int, ...]) -> list[float]:
+        """Edges of `bins` equal-width log-SNR bins over `log_snr_range`, noisiest first (bins + 1 floats)."""
+        low, high = self.log_snr_range(shape)
+        return torch.linspace(low, high, bins + 1, dtype=torch.float64).tolist()
 
     def check_sampler(self, sampler: str) -> None:
         """One line naming this process's samplers when `sampler` is not one of them."""

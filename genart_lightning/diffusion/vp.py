@@ -74,8 +74,12 @@ class VP(Process):
         self._log_sigmas = self.sigmas().log()
         self.samplers = ("ddim", "ddpm", "dpmpp_2m") + (() if zero_terminal_snr else KARRAS_SAMPLERS)
 
+    def training_timesteps(self, u: Tensor) -> Tensor:
+        """The training timestep of each quantile u: timesteps are drawn uniformly."""
+        return (u * self.timesteps).long().clamp(0, self.timesteps - 1)
+
     def loss(self, net: Network, x0: Tensor, noise: Tensor, u: Tensor, weighted: bool = True) -> Tensor:
-        t = (u * self.timesteps).long().clamp(0, self.timesteps - 1).to(x0.device)
+        t = self.training_timesteps(u).to(x0.device)
         if x0.device not in self._schedule_on:
             self._schedule_on[x0.device] = self.alphas_cumprod.to(x0.device)
         alpha_bar = self._schedule_on[x0.device][t]
@@ -108,6 +112,23 @@ class VP(Process):
 
     def level(self, log_snr: float) -> Level:
         return self.grid_at_sigmas([math.exp(-log_snr / 2)])[0]
+
+    def log_snr(self, u: Tensor, shape: tuple[int, ...]) -> Tensor:
+        return self.log_snrs()[self.training_timesteps(u.cpu())]
+
+    def quantile(self, log_snr: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """Quantiles of the training timesteps nearest in log-SNR: VP trains at those only."""
+        nearest = (self.log_snrs()[None, :] - log_snr.double().cpu()[:, None]).abs().argmin(1)
+        return (nearest.double() + 0.5) / self.timesteps
+
+    def log_snr_range(self, shape: tuple[int, ...]) -> tuple[float, float]:
+        low, high = super().log_snr_range(shape)
+        log_snrs = self.log_snrs()  # under zero_terminal_snr the last timestep's is -inf: stop at the last finite one
+        return max(low, float(log_snrs[log_snrs.isfinite()].min())), high
+
+    def log_snrs(self) -> Tensor:
+        """log(alpha_bar / (1 - alpha_bar)) of every training timestep (decreasing; -inf at SNR 0)."""
+        return (self.alphas_cumprod / (1 - self.alphas_cumprod)).log()
 
     def grid_at_timesteps(self, timesteps: list[int]) -> NoiseGrid:
         """Levels at these training timesteps, then clean data."""

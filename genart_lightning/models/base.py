@@ -199,9 +199,11 @@ class GenerativeModel(L.LightningModule):
                              f"{saved} but {now} was built now; point it at the weights it was trained with")
 
     def configure_model(self) -> None:
-        """Under `--trainer.strategy fsdp2` (Lightning sets a device mesh), shard the networks once; else nothing."""
+        """Under `--trainer.strategy fsdp2` (Lightning sets a device mesh), shard the networks once, over the
+        strategy's HSDP mesh where it has one; else nothing."""
         if self.device_mesh is not None and not getattr(self, "sharded", False):
-            self.shard(self.device_mesh["data_parallel"])
+            hsdp = getattr(self.trainer.strategy, "hsdp_mesh", None)
+            self.shard(hsdp or self.device_mesh["data_parallel"])
             self.sharded = True
 
     def shard(self, mesh: DeviceMesh) -> None:

@@ -8,11 +8,13 @@ conditioning and the optimizer live here, once.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from genart_lightning import UserError
@@ -39,7 +41,7 @@ from genart_lightning.nn.frozen import keep_out_of_state_dict, weights_digest
 from genart_lightning.nn.lora import LoRASettings, inject_lora, merge_lora
 from genart_lightning.nn.lora_files import AdaptedPart, backbone_part, load_lora, text_parts
 from genart_lightning.nn.pipelines import read_pipeline
-from genart_lightning.nn.sharding import shard_network
+from genart_lightning.nn.sharding import bf16_policy, shard_network
 from genart_lightning.nn.text_encoder import FrozenTextEncoder
 from genart_lightning.nn.unet import UNetBackbone
 
@@ -79,6 +81,15 @@ class DiffusionModel(GenerativeModel):
     top-left (top, left), target (h, w) in pixels: from an aspect-bucketed batch's `original_size` / `crop_top_left`
     and its own size (the image's size, and no crop, without buckets); at sampling `original_size = target = (H, W)`
     and crop (0, 0) unless given. Both guidance branches get the same ids, as diffusers' SDXL pipeline does.
+
+    Validation logs `val/loss`, the unweighted training loss at evenly spread quantiles of the training levels, and
+    per noise level `val/loss_logsnr_bin{i}` (`val_loss_bins` of them, 0: none): the unweighted loss at the centre of
+    bin i of equal-width log-SNR bins over the central 99.73% of the process's training levels (`Process.log_snr_bins`;
+    bin0 the noisiest; VP at the training timestep nearest the centre), so runs with other loss weights or training
+    densities compare level by level. Every bin sees the batch with val/loss's noise (one more forward pass each). The
+    edges are kept in the hyperparameters as `val_loss_bin_edges` (so in the checkpoint and every logger's
+    hyperparameters, and a model rebuilt from them keeps its bins); set them in a config to compare processes on one
+    set of bins.
 
     Subclasses say what is diffused (`to_diffusion_space`, `from_diffusion_space`, `diffusion_shape`) and call
     `build_backbone(channels)` at the end of their __init__.
@@ -120,10 +131,13 @@ class DiffusionModel(GenerativeModel):
         init_partial: bool = False,
         lora: dict | None = None,
         pipeline: str | None = None,
+        val_loss_bins: int = 5,
+        val_loss_bin_edges: list[float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # also collects the subclass's own arguments
         check_nonfinite_mode(nonfinite)
+        check_bin_edges(val_loss_bins, val_loss_bin_edges)
         self.pipeline = read_pipeline(pipeline) if pipeline else None
         if self.pipeline is not None:
             process, sampler = self._pipeline_process(process, sampler)
@@ -183,6 +197,7 @@ class DiffusionModel(GenerativeModel):
         is set), its EMA copy, and apply the large-model switches."""
         hp, text, spec = self.hparams, self.text_encoder, self.backbone_spec
         spec.check_input((channels, *self.diffusion_shape()[1:]))
+        self.record_val_loss_bins()
         tokens = text is not None and hp.conditioning in ("both", "tokens")
         pooled = text is not None and hp.conditioning in ("both", "pooled")
         settings, pretrained = part_config(spec), spec.pretrained_source()  # before build records a config
@@ -202,17 +217,37 @@ class DiffusionModel(GenerativeModel):
         self.text_ema = make_ema(text, hp.ema_decay, average_buffers=False) if self.learns_text else None
         compile_networks([self.backbone], hp.compile)
 
+    def record_val_loss_bins(self) -> None:
+        """The log-SNR bin edges of validation's per-level loss, as given or equal-width over the process's range at the
+        trained size (the flow's resolution shift depends on it), recorded; and the levels at their centres."""
+        bins, edges, shape = self.hparams.val_loss_bins, self.hparams.val_loss_bin_edges, (1, *self.diffusion_shape())
+        if not bins:
+            edges = []
+        elif edges is None:
+            edges = [round(edge, 6) for edge in self.process.log_snr_bins(bins, shape)]  # readable in dashboards
+        self.hparams["val_loss_bins"], self.hparams["val_loss_bin_edges"] = max(len(edges) - 1, 0), list(edges)
+        self.val_loss_levels = [(low + high) / 2 for low, high in pairwise(edges)]
+        levels = torch.tensor(self.val_loss_levels, dtype=torch.float64)
+        reached = self.process.log_snr(self.process.quantile(levels, shape), shape).tolist()
+        outside = [f"bin{i} ({low:.3g}, {high:.3g}) at {level:.3g}" for i, ((low, high), level)
+                   in enumerate(zip(pairwise(edges), reached, strict=True)) if not low <= level <= high]
+        if outside:  # VP trains at its timesteps only; EDM and flow stop at quantiles 1e-6 of their densities
+            rank_zero_warn(f"val_loss_bin_edges: the {self.process.name} process trains at no level inside "
+                           f"{', '.join(outside)}; val/loss_logsnr_bin* there is at its nearest level")
+
     def shard(self, mesh: DeviceMesh) -> None:
         """FSDP2: the backbone and its EMA copy, sharded alike unit by unit (`nn/sharding.py`), so the EMA update runs
-        shard by shard; the frozen text encoder and first stage stay whole on every rank (no gradients to reduce)."""
+        shard by shard; the frozen text encoder and first stage stay whole on every rank (no gradients to reduce).
+        Under `bf16-mixed` the weights are gathered in bf16 and gradients reduced in fp32 (`bf16_policy`)."""
         hp = self.hparams
         for switch, why in (("lora", "its adapters are small: replicate them"), ("train_text_encoder", "the text tower "
                             "is not sharded"), ("compile", "compiling sharded blocks is not tested here")):
             if hp.get(switch):
                 raise ValueError(f"{switch} is not supported under --trainer.strategy fsdp2 ({why}); use "
                                  f"--trainer.strategy ddp, or turn {switch} off")
-        shard_network(self.backbone, mesh)
-        shard_network(self.ema.module, mesh)
+        policy = bf16_policy() if "bf16" in str(self.trainer.precision) else None  # bf16-mixed: gather in bf16
+        shard_network(self.backbone, mesh, policy)
+        shard_network(self.ema.module, mesh, policy)
 
     def attach_lora(self, pretrained: str | None) -> set[str]:
         """Load the base weights (`init_from`, else the backbone's own `pretrained` ones), fingerprint them, then add
@@ -399,6 +434,19 @@ class DiffusionModel(GenerativeModel):
         self.log("train/loss", loss, prog_bar=True)
         return {"loss": loss, "noise": noise.detach(), "u": u}  # noise and u are for callbacks (per-level stats)
 
+    def on_train_start(self) -> None:
+        """The validation loss bins' edges to every logger: as hyperparameters (Lightning logs the arguments as given; the
+        edges exist once the model is built), and as text on TensorBoard, whose HParams view shows Lightning's only."""
+        edges = self.hparams.val_loss_bin_edges
+        if not edges or not self.trainer.is_global_zero:
+            return
+        text = "; ".join(f"val/loss_logsnr_bin{i}: log-SNR {low:g} to {high:g}"
+                         for i, (low, high) in enumerate(pairwise(edges)))
+        for logger in self.loggers:
+            logger.log_hyperparams({"val_loss_bin_edges": edges})
+            if hasattr(logger.experiment, "add_text"):  # TensorBoard's SummaryWriter
+                logger.experiment.add_text("val_loss_bin_edges", text, global_step=self.global_step)
+
     def optimizer_step(self, *args, **kwargs) -> None:
         # here, not in on_train_batch_end: once per real step under gradient accumulation, and before
         # ModelCheckpoint (a callback, called first at batch end) saves, so a checkpoint's EMA matches its weights
@@ -414,8 +462,13 @@ class DiffusionModel(GenerativeModel):
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         u = (torch.arange(b, device=x0.device, dtype=torch.float64) + 0.5) / b  # the same levels every validation
         cond = self.batch_conditioning(batch, drop=False)
-        loss = self.process.loss(self._bound(self.backbone, cond), x0, noise, u, weighted=False).mean()
+        net = self._bound(self.backbone, cond)
+        loss = self.process.loss(net, x0, noise, u, weighted=False).mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=b)
+        for i, level in enumerate(self.val_loss_levels):  # the same noise, every sample at the bin's centre level
+            at_level = self.process.quantile(torch.full((b,), level, dtype=torch.float64), tuple(x0.shape))
+            self.log(f"val/loss_logsnr_bin{i}", self.process.loss(net, x0, noise, at_level.to(x0.device), weighted=False)
+                     .mean(), sync_dist=True, batch_size=b)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -520,6 +573,16 @@ class DiffusionModel(GenerativeModel):
         x = check_sampler(sampler)(denoise, noise, grid, eta=settings["eta"], generator=generator)
         net.train(was_training)
         return self.from_diffusion_space(x, captions)
+
+
+def check_bin_edges(bins: int, edges: list[float] | None) -> None:
+    """One line when the validation loss bins cannot work."""
+    if bins < 0:
+        raise ValueError(f"val_loss_bins={bins} is out of range; use 0 (no per-level validation loss) or more")
+    if bins and edges is not None and not (len(edges) >= 2 and all(math.isfinite(e) for e in edges)
+                                           and all(a < b for a, b in pairwise(edges))):
+        raise ValueError(f"val_loss_bin_edges={list(edges)} are not bin edges; give at least 2 finite log-SNR values in "
+                         "increasing order, or leave them unset for equal-width bins over the process's range")
 
 
 def _nearest_multiples(size: int, step: int) -> list[int]:

@@ -8,6 +8,9 @@ blocks); what lies outside them (embeddings, the output head) forms the root uni
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import Tensor, nn
 
 
@@ -26,14 +29,24 @@ def shard_units(net: nn.Module) -> list[nn.Module]:
     return units
 
 
-def shard_network(net: nn.Module, mesh) -> None:
-    """Shard `net` in place over the 1-D data-parallel `mesh`: each unit, then the root. Under `bf16-mixed` autocast
-    casts the gathered fp32 weights per operation, as without sharding."""
-    from torch.distributed.fsdp import fully_shard
+def bf16_policy() -> Any:
+    """FSDP2's mixed precision for `bf16-mixed`: parameters gathered and computed in bf16 (half the all-gather bytes
+    and activation memory), gradients reduced in fp32, the sharded master weights and optimizer state kept in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def shard_network(net: nn.Module, mesh, mp_policy: Any = None) -> None:
+    """Shard `net` in place over `mesh`: each unit, then the root. A 1-D mesh shards over all its ranks (FSDP); a 2-D
+    (replicate, shard) mesh shards within a row and replicates across rows (HSDP). With `mp_policy` the gathered
+    weights take its dtype; without one they stay fp32 and autocast casts them per operation."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = mp_policy or MixedPrecisionPolicy()
     for unit in shard_units(net):
-        fully_shard(unit, mesh=mesh)
-    fully_shard(net, mesh=mesh)
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    fully_shard(net, mesh=mesh, mp_policy=policy)
 
 
 def local(tensor: Tensor) -> Tensor:

@@ -20,11 +20,35 @@ FSDP2 = "fsdp2"
 
 
 class FSDP2Strategy(ModelParallelStrategy):
-    """ModelParallelStrategy with a data-parallel mesh over all ranks; `model.device_mesh["data_parallel"]` shards."""
+    """ModelParallelStrategy with a data-parallel mesh over all ranks; `model.device_mesh["data_parallel"]` shards.
 
-    def __init__(self, save_distributed_checkpoint: bool = False, **kwargs: Any) -> None:
+    HSDP: with more than one node (or `hsdp_replicas` > 1), `hsdp_mesh` is a (replicate, shard) mesh: weights are
+    sharded over the ranks of a node and replicated across nodes, so the all-gathers of every layer stay on the fast
+    intra-node links and only the gradient all-reduce crosses nodes. `hsdp_replicas: 1` shards over all ranks.
+    """
+
+    def __init__(self, save_distributed_checkpoint: bool = False, hsdp_replicas: int | None = None, **kwargs: Any) -> None:
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
                          save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        self.hsdp_replicas = hsdp_replicas
+        self._hsdp_mesh: Any = None
+
+    @property
+    def hsdp_mesh(self) -> Any:
+        """The (replicate, shard) mesh, or None when all ranks shard (one node, or `hsdp_replicas: 1`)."""
+        replicas = self.hsdp_replicas or self.num_nodes
+        if replicas <= 1:
+            return None
+        if self._hsdp_mesh is None:
+            world = self.num_nodes * self.num_processes
+            if world % replicas:
+                raise ValueError(f"hsdp_replicas {replicas} does not divide the {world} ranks; choose a divisor (the "
+                                 "node count by default)")
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self._hsdp_mesh = init_device_mesh(self.root_device.type, (replicas, world // replicas),
+                                               mesh_dim_names=("replicate", "shard"))
+        return self._hsdp_mesh
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes  # all ranks shard; "auto" would mean nodes
