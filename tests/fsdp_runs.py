@@ -2,7 +2,8 @@
 fit resumed from that checkpoint, all from the same seed; rank 0 saves each run's final full weights, and every rank
 its parameter + optimizer bytes.
 
-    torchrun --nproc-per-node 2 tests/fsdp_runs.py FAMILY TRAIN_URLS OUT_DIR [--sharded]
+    torchrun --nproc-per-node 2 tests/fsdp_runs.py FAMILY[,FAMILY...] TRAIN_URLS OUT_DIR [--sharded]
+    (each family's runs in OUT_DIR/FAMILY; --sharded adds sharded checkpoints and HSDP runs for the first family)
     python tests/fsdp_runs.py bf16 TRAIN_URLS -     (one process: bf16 + checkpointing under FSDP2, and the SD pipeline
                                                      at $GENART_TEST_PIPELINE fine-tuned under FSDP2; JSON on stdout)
 
@@ -116,15 +117,18 @@ def main() -> None:
     if family == "bf16":
         print(json.dumps(bf16_units(urls)))
         return
-    fit(family, urls, out / "ddp", "ddp")
-    fit(family, urls, out / "fsdp", "fsdp2")
-    half_way = f"epoch=0-step={STEPS // 2}.ckpt"
-    fit(family, urls, out / "fsdp-resumed", "fsdp2", str(out / "fsdp" / "checkpoints" / half_way))
-    if "--sharded" in sys.argv:  # checkpoints as directories of per-rank shards; and HSDP on a 2 x 1 mesh
-        fit(family, urls, out / "sharded", "fsdp2", sharded=True)
-        fit(family, urls, out / "sharded-resumed", "fsdp2", str(out / "sharded" / "checkpoints" / half_way), sharded=True)
-        fit(family, urls, out / "hsdp", "fsdp2", hsdp_replicas=2)
-        fit(family, urls, out / "hsdp-resumed", "fsdp2", str(out / "hsdp" / "checkpoints" / half_way), hsdp_replicas=2)
+    for index, name in enumerate(family.split(",")):  # several families: one folder each, in one launch
+        runs = out / name
+        fit(name, urls, runs / "ddp", "ddp")
+        fit(name, urls, runs / "fsdp", "fsdp2")
+        half_way = f"epoch=0-step={STEPS // 2}.ckpt"
+        fit(name, urls, runs / "fsdp-resumed", "fsdp2", str(runs / "fsdp" / "checkpoints" / half_way))
+        if "--sharded" in sys.argv and index == 0:  # the first family: checkpoints as directories of per-rank shards,
+            fit(name, urls, runs / "sharded", "fsdp2", sharded=True)  # and HSDP on a 2 x 1 mesh
+            fit(name, urls, runs / "sharded-resumed", "fsdp2", str(runs / "sharded" / "checkpoints" / half_way),
+                sharded=True)
+            fit(name, urls, runs / "hsdp", "fsdp2", hsdp_replicas=2)
+            fit(name, urls, runs / "hsdp-resumed", "fsdp2", str(runs / "hsdp" / "checkpoints" / half_way), hsdp_replicas=2)
 
 
 if __name__ == "__main__":

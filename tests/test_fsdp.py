@@ -26,14 +26,21 @@ after 4 AdamW steps of lr 1e-3: 0 for the DiT, 1.1e-5 for the U-Net (its GroupNo
 rounding in small gradients into differences of that size."""
 
 
-@pytest.mark.parametrize("family", ["flow_dit", "vp_unet"])
-def test_fsdp2_trains_resumes_exactly_matches_ddp_and_shards_the_state(family: str, shapes_shards_16px: dict,
-                                                                       tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def two_process_runs(shapes_shards_16px: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Both families' runs in one torchrun launch (one pair of interpreters, not one per family)."""
+    out = tmp_path_factory.mktemp("fsdp")
     torchrun = Path(sys.executable).with_name("torchrun")
-    done = subprocess.run([str(torchrun), "--nproc-per-node", "2", str(HERE / "fsdp_runs.py"), family,
-                           shapes_shards_16px["train_urls"], str(tmp_path), *(["--sharded"] if family == "flow_dit" else [])],
+    done = subprocess.run([str(torchrun), "--nproc-per-node", "2", str(HERE / "fsdp_runs.py"), "flow_dit,vp_unet",
+                           shapes_shards_16px["train_urls"], str(out), "--sharded"],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("family", ["flow_dit", "vp_unet"])
+def test_fsdp2_trains_resumes_exactly_matches_ddp_and_shards_the_state(family: str, two_process_runs: Path) -> None:
+    tmp_path = two_process_runs / family
     fsdp, resumed, ddp = (torch.load(tmp_path / run / "weights.pt") for run in ("fsdp", "fsdp-resumed", "ddp"))
     assert fsdp.keys() == ddp.keys() and any(k.startswith("ema.module.") for k in fsdp)
     for key in fsdp:  # resumed from the half-way checkpoint: bit-identical to the uninterrupted FSDP run

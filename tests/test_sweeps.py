@@ -167,21 +167,21 @@ def test_slurm_dry_run_writes_array_whose_task_i_runs_config_i(tmp_path: Path, s
 
 
 @pytest.mark.slow
-def test_local_sweep_2x2_report_and_rerun_launches_nothing(tmp_path: Path, shapes_shards_16px: dict, sweep) -> None:
+def test_local_sweep_report_and_rerun_launches_nothing(tmp_path: Path, shapes_shards_16px: dict, sweep) -> None:
+    """Two settings x one seed run locally (the grid x seeds expansion and the seed-noise marks are tested above
+    without launching anything)."""
     path = write_spec(tmp_path, tiny_config(shapes_shards_16px), grid={"model.init_args.lr": [1e-3, 3e-3]},
-                      seeds=[1, 2], metric="train/loss")
+                      seeds=[1], metric="train/loss")
     first = sweep(str(path))
-    assert first.count(": running") == 4, first
+    assert first.count(": running") == 2, first
     report = sweep("report", str(path))
     with open(tmp_path / "runs" / "report.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 4 and all(float(r["train/loss"]) > 0 for r in rows)
-    assert {(r["model.init_args.lr"], r["seed"]) for r in rows} == {(a, b) for a in ("0.001", "0.003") for b in "12"}
+    assert len(rows) == 2 and all(float(r["train/loss"]) > 0 for r in rows)
+    assert {(r["model.init_args.lr"], r["seed"]) for r in rows} == {("0.001", "1"), ("0.003", "1")}
     table = (tmp_path / "runs" / "report.md").read_text().splitlines()
     assert table[0].startswith("| # | lr | runs | train/loss |") and table[0].endswith("within seed noise of |")
-    rows_md = table[2:4]  # header and rule, then one row per lr, then the note on seed noise
-    assert all(line.split(" | ")[2] == "2" for line in rows_md)  # two seeds per setting
-    assert {line.rstrip(" |").rsplit(" | ", 1)[1] for line in rows_md} <= {"none", "1", "2"} and "seed noise" in table[5]
+    assert all(line.split(" | ")[2] == "1" and line.endswith("(one seed: no spread) |") for line in table[2:4])
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     for row in rows:  # each run's hparams summary: its swept value and seed, with its final metrics
@@ -190,11 +190,10 @@ def test_local_sweep_2x2_report_and_rerun_launches_nothing(tmp_path: Path, shape
         start = accumulator.PluginTagToContent("hparams")["_hparams_/session_start_info"]  # the HParams plugin's record
         assert b"lr" in start and b"seed" in start and "final/train/loss" in accumulator.Tags()["scalars"]
     assert (tmp_path / "runs" / "report.png").stat().st_size > 1000 and "report.png" in report
-    losses = {r["run"]: r["train/loss"] for r in rows}
-    assert len(set(losses.values())) == 4  # the settings and seeds really differ
+    assert rows[0]["train/loss"] != rows[1]["train/loss"]  # the settings really differ
 
     second = sweep(str(path))
-    assert "running" not in second and second.count("finished, skipped") == 4
+    assert "running" not in second and second.count("finished, skipped") == 2
 
 
 @pytest.mark.slow
