@@ -16,6 +16,7 @@ import json
 import pytest
 import torch
 from helpers import save_untrained
+from tiny_pipelines import tiny_diffusers_unet, tiny_diffusers_vae
 
 from genart_lightning.commands.export import openclip_pipeline_blocker
 from genart_lightning.diffusion.flow import Flow
@@ -40,13 +41,7 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     UNet2DConditionModel cross-attending to the tiny OpenCLIP tower's 64-wide tokens, each saved by diffusers."""
     root = tmp_path_factory.mktemp("pretrained")
     torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
-                                  norm_num_groups=8, sample_size=SIZE, scaling_factor=0.6)
-    unet = diffusers.UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-                                          layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
-                                          attention_head_dim=8, norm_num_groups=8)
+    vae, unet = tiny_diffusers_vae(scaling_factor=0.6), tiny_diffusers_unet(cross_attention_dim=64)
     vae.save_pretrained(root / "vae")
     unet.save_pretrained(root / "unet")
     return {"vae": str(root / "vae"), "unet": str(root / "unet")}

@@ -26,16 +26,16 @@ def clip_text_config():
                                        projection_dim=TEXT_WIDTH)
 
 
-def tiny_vae():
-    """An AutoencoderKL taking 16px images to 4 x 8 x 8 latents."""
+def tiny_diffusers_vae(**settings):
+    """An AutoencoderKL taking 16px images to 4 x 8 x 8 latents; `settings` set its scaling and shift factors."""
     import diffusers
 
     return diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                                    up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
-                                   norm_num_groups=8, sample_size=16)
+                                   norm_num_groups=8, sample_size=16, **settings)
 
 
-def tiny_unet(**settings):
+def tiny_diffusers_unet(**settings):
     """A two-level UNet2DConditionModel over 4-channel latents, cross-attending at its first level; `settings` add
     the text width and SDXL's extra conditioning."""
     import diffusers
@@ -55,7 +55,7 @@ def tiny_sd_pipeline(root: Path, prediction_type: str = "epsilon") -> Path:
     torch.manual_seed(0)
     tokenizer = transformers.CLIPTokenizer.from_pretrained(write_clip_tokenizer_files(root / "clip_bpe"), model_max_length=77)
     text_encoder = transformers.CLIPTextModel(clip_text_config())
-    vae, unet = tiny_vae(), tiny_unet(cross_attention_dim=TEXT_WIDTH)
+    vae, unet = tiny_diffusers_vae(), tiny_diffusers_unet(cross_attention_dim=TEXT_WIDTH)
     scheduler = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                         clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                                         timestep_spacing="leading", prediction_type=prediction_type)
@@ -78,8 +78,8 @@ def tiny_sdxl_pipeline(root: Path) -> Path:
     tokenizer_2 = transformers.CLIPTokenizer.from_pretrained(root / "clip_bpe", model_max_length=77, pad_token="!")
     text_encoder = transformers.CLIPTextModel(clip_text_config())
     text_encoder_2 = transformers.CLIPTextModelWithProjection(clip_text_config())
-    vae = tiny_vae()
-    unet = tiny_unet(cross_attention_dim=2 * TEXT_WIDTH, addition_embed_type="text_time", addition_time_embed_dim=8,
+    vae = tiny_diffusers_vae()
+    unet = tiny_diffusers_unet(cross_attention_dim=2 * TEXT_WIDTH, addition_embed_type="text_time", addition_time_embed_dim=8,
                      projection_class_embeddings_input_dim=TEXT_WIDTH + 6 * 8)
     scheduler = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                                  steps_offset=1, timestep_spacing="leading")
@@ -111,7 +111,7 @@ def tiny_pixart_pipeline(root: Path, name: str = "PixArtSigmaPipeline") -> Path:
         patch_size=2, caption_channels=TEXT_WIDTH, cross_attention_dim=16, norm_num_groups=1)
     scheduler = diffusers.DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
                                                       timestep_spacing="trailing", final_sigmas_type="zero")
-    pipe = getattr(diffusers, name)(tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_vae(),
+    pipe = getattr(diffusers, name)(tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_diffusers_vae(),
                                     transformer=transformer, scheduler=scheduler)
     pipe.save_pretrained(root / "pixart")
     return root / "pixart"
