@@ -128,6 +128,11 @@ def test_efficiency_panel_sees_a_slow_loader_and_logs_mfu_as_flops_over_time_ove
             Linear(), DataLoader(SlowImages(delay), batch_size=BATCH))
         logged = panel.logged
         shares[delay] = logged["efficiency/data_wait_share"]
+        with open(next(tmp_path.glob("lightning_logs/version_*/metrics.csv"))) as f:  # at the panel's cadence, not
+            rows = [r for r in csv.DictReader(f) if r.get("efficiency/mfu")]  # only at log_every_n_steps (50)
+        assert [int(r["step"]) for r in rows] == [10]
+        for path in tmp_path.glob("lightning_logs/version_*/metrics.csv"):
+            path.unlink()
         assert panel.flops_per_step == 2 * 2 * BATCH * 192 * 64  # counted once, on one step
         assert logged["efficiency/mfu"] == pytest.approx(panel.flops_per_step / logged["efficiency/step_time_median"]
                                                          / panel.peak, rel=1e-12)

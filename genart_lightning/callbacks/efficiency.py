@@ -115,7 +115,7 @@ class Efficiency(L.Callback):
             self.waits.append(self._start - self._last_end)
         self._last_end = now
         if trainer.global_step % self.every_n_steps == 0 and self.steps:
-            self._log(pl_module)
+            self._log(trainer, pl_module)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_end = None  # the gap around validation is not a training step
@@ -126,7 +126,9 @@ class Efficiency(L.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.flops_per_step = state_dict.get("flops_per_step")
 
-    def _log(self, pl_module: L.LightningModule) -> None:
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Straight to the loggers (rank 0's window), at the panel's own cadence: `self.log` would keep only the
+        steps that fall on `log_every_n_steps`, and these timings do not belong in the run's final metrics."""
         steps = sorted(self.steps)
         median = statistics.median(steps)
         values = {"efficiency/step_time_median": median,
@@ -136,5 +138,7 @@ class Efficiency(L.Callback):
         if self.flops_per_step and self.peak:
             values["efficiency/mfu"] = self.flops_per_step / median / self.peak
         self.logged = values
-        pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=1)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=trainer.global_step)
         self.steps, self.waits = [], []
