@@ -8,13 +8,14 @@ CPU: the process's peak resident set). FLOPs per step are counted once, on the f
 torch's `FlopCounterMode` (forward, backward and optimizer step of this rank); that step is left out of the timings.
 
 The peak is a datasheet number for the GPUs people rent (dense, no sparsity: bf16 under a bf16 precision, fp32
-otherwise), else a measured matmul peak (CPU or an unknown device); which one is logged once. On CUDA the step
+otherwise), else a measured all-core fp32 matmul peak (CPU or an unknown device); which one is logged once. On CUDA the step
 boundaries are host times: with asynchronous kernels they are exact only where the step synchronises (a logged loss
 does), so read the panel over a window, not a single step.
 """
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import time
@@ -33,17 +34,24 @@ PEAK_TFLOPS = {  # (bf16 dense, fp32) from the vendors' datasheets, per GPU
 
 def measured_matmul_peak(device: torch.device, size: int = 512, repeats: int = 5) -> float:
     """FLOP/s of the best of `repeats` float32 `size` x `size` matmuls on `device`: the peak where no datasheet applies.
-    Its own generator: the training's random stream is not touched."""
+    On CPU with every core this process may use (the run's own thread count may change while it trains), the thread
+    count restored after; its own generator, so the training's random stream is not touched."""
     generator = torch.Generator(device).manual_seed(0)
     a = torch.randn(size, size, device=device, generator=generator)
     b = torch.randn(size, size, device=device, generator=generator)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
     best = float("inf")
-    for _ in range(repeats + 1):  # the first one warms up
-        start = time.perf_counter()
-        torch.mm(a, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
+    try:
+        for _ in range(repeats + 1):  # the first one warms up
+            start = time.perf_counter()
+            torch.mm(a, b)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
     return 2 * size**3 / best
 
 
