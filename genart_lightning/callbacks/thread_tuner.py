@@ -21,9 +21,13 @@ from lightning.pytorch import Callback, Trainer
 
 class ThreadTuner(Callback):
     """Try each of `candidates` threads (`start`, the count in use, among them) for `trial_steps` iterations after `warmup`, keep the fastest; re-tune when
-    the median of the last `window` iterations is `slowdown` times the tuned time (at most every `min_gap` steps)."""
+    the median of the last `window` iterations is `slowdown` times the tuned time (at most every `min_gap` steps).
 
-    def __init__(self, candidates: list[int], start: int, warmup: int = 3, trial_steps: int = 2, window: int = 10,
+    One warm-up iteration: the first (kernel set-up, optimizer state) is never timed, and every further one spent at a
+    losing count costs the run: on an idle 2-core machine the rule's 1 thread ran 0.4 s slower per step than 2, and
+    3 warm-up steps made the default 0.91x the best fixed count over 80 steps (benchmarks/bench_threads.py)."""
+
+    def __init__(self, candidates: list[int], start: int, warmup: int = 1, trial_steps: int = 2, window: int = 10,
                  slowdown: float = 1.5, min_gap: int = 100) -> None:
         self.candidates = sorted(set(candidates))
         self.current = start
