@@ -81,7 +81,7 @@ def test_gradient_checkpointing_recomputes_each_block_and_gives_the_same_gradien
 
 
 def test_a_patch_size_that_does_not_divide_the_space_is_one_line_naming_both():
-    with pytest.raises(ValueError, match="DiT backbone's patch_size 3 does not divide the diffused size 16x16"):
+    with pytest.raises(ValueError, match="the dit backbone cuts 3x3 patches .* divisible by 3; the space gives 16x16"):
         PixelDiffusion(image_size=16, process=Flow(), backbone=DiTBackbone(patch_size=3, hidden_size=32, depth=1, num_heads=2))
     with pytest.raises(ValueError, match="hidden_size 30 is not divisible by num_heads 4"):
         DiT(hidden_size=30, num_heads=4)

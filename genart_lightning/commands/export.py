@@ -9,7 +9,7 @@ import argparse
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # imported lazily below, so `genart --help` stays fast
     from genart_lightning.models.diffusion import DiffusionModel
@@ -119,7 +119,7 @@ def openclip_pipeline_blocker(model: DiffusionModel) -> str | None:
     from genart_lightning.nn.text_encoder import FrozenTextEncoder
 
     first_stage, net = getattr(model, "first_stage", None), model.ema.module
-    text = model.text_ema.module if getattr(model, "text_ema", None) is not None else model.text_encoder
+    text = model.sampling_text_encoder
     if first_stage is None:
         return "a pixel-space model has no VAE"
     if not isinstance(first_stage, DiffusersAutoencoder):
@@ -142,22 +142,35 @@ def export_openclip_pipeline(model: DiffusionModel, out: Path) -> Path:
     as a CLIPTextModel ending at the layer the model reads with a CLIP tokenizer giving OpenCLIP's ids, padding
     included (nn/openclip_export.py), and the scheduler that walks the model's process and sampler as `genart sample`
     does; in files transformers 4 reads too (`vocab.json` / `merges.txt`, `text_model.` keys)."""
-    from genart_lightning.diffusion.diffusers_schedulers import scheduler_for
     from genart_lightning.nn.diffusers_parts import require_diffusers
     from genart_lightning.nn.openclip_export import clip_text_model, clip_tokenizer
+
+    text = model.sampling_text_encoder
+    pipe = require_diffusers().StableDiffusionPipeline(
+        vae=model.first_stage.vae, text_encoder=clip_text_model(text), tokenizer=clip_tokenizer(text),
+        unet=model.ema.module.unet, scheduler=sampling_scheduler(model), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.save_pretrained(out)
+    readable_by_transformers_4(out, "text_encoder", "tokenizer")
+    return out
+
+
+def sampling_scheduler(model: DiffusionModel) -> Any:
+    """The diffusers scheduler that walks this model's process and sampler as `genart sample` does."""
+    from genart_lightning.diffusion.diffusers_schedulers import scheduler_for
+    from genart_lightning.nn.diffusers_parts import require_diffusers
+
+    name, config = scheduler_for(model.process, model.hparams.sampler)
+    return getattr(require_diffusers(), name).from_config(config)
+
+
+def readable_by_transformers_4(out: Path, encoder: str, tokenizer: str) -> None:
+    """A saved pipeline's text encoder and tokenizer folders as transformers 4 reads them too: CLIP tokenizers get
+    `vocab.json` / `merges.txt` beside `tokenizer.json`, CLIPTextModel keys the `text_model.` prefix."""
     from genart_lightning.nn.transformers_text import write_bpe_files, write_text_model_prefix
 
-    diffusers = require_diffusers()
-    scheduler_name, scheduler_config = scheduler_for(model.process, model.hparams.sampler)
-    text = model.text_ema.module if model.text_ema is not None else model.text_encoder
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=model.first_stage.vae, text_encoder=clip_text_model(text), tokenizer=clip_tokenizer(text),
-        unet=model.ema.module.unet, scheduler=getattr(diffusers, scheduler_name).from_config(scheduler_config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(out)
-    write_bpe_files(out / "tokenizer")
-    write_text_model_prefix(out / "text_encoder")
-    return out
+    write_bpe_files(out / tokenizer)
+    write_text_model_prefix(out / encoder)
 
 
 def export_pipeline(model: DiffusionModel, out: Path) -> Path:
@@ -166,16 +179,11 @@ def export_pipeline(model: DiffusionModel, out: Path) -> Path:
     `DiffusionPipeline.from_pretrained` reads it, in files transformers 4 reads too: tokenizer folders keep the
     source's files (T5's `spiece.model`) and CLIP's get `vocab.json` / `merges.txt`, CLIP text encoders' keys the
     `text_model.` prefix."""
-    from genart_lightning.diffusion.diffusers_schedulers import scheduler_for
     from genart_lightning.nn.diffusers_parts import require_diffusers
-    from genart_lightning.nn.transformers_text import write_bpe_files, write_text_model_prefix
 
-    diffusers = require_diffusers()
-    scheduler_name, scheduler_config = scheduler_for(model.process, model.hparams.sampler)
-    encoders = (model.text_ema.module if model.text_ema is not None else model.text_encoder).encoders()
-    pipe = diffusers.DiffusionPipeline.from_pretrained(
-        model.pipeline.path, vae=model.first_stage.vae,
-        scheduler=getattr(diffusers, scheduler_name).from_config(scheduler_config),
+    encoders = model.sampling_text_encoder.encoders()
+    pipe = require_diffusers().DiffusionPipeline.from_pretrained(
+        model.pipeline.path, vae=model.first_stage.vae, scheduler=sampling_scheduler(model),
         **{encoder.subfolder: encoder.model for encoder in encoders},
         **{model.pipeline.backbone_subfolder: getattr(model.ema.module, model.pipeline.backbone_subfolder)})
     pipe.save_pretrained(out)
@@ -184,8 +192,7 @@ def export_pipeline(model: DiffusionModel, out: Path) -> Path:
         for file in source.iterdir():  # transformers 5 writes tokenizer.json only; 4's slow tokenizers read the others
             if file.is_file() and not (written / file.name).exists():
                 shutil.copy2(file, written / file.name)
-        write_bpe_files(written)
-        write_text_model_prefix(out / encoder.subfolder)
+        readable_by_transformers_4(out, encoder.subfolder, encoder.tokenizer_subfolder)
     return out
 
 

@@ -180,6 +180,11 @@ class DiffusionModel(GenerativeModel):
         return VP()
 
     @property
+    def sampling_text_encoder(self) -> torch.nn.Module | None:
+        """The text encoder samples are drawn with: the EMA copy of one that trains (whole or through adapters)."""
+        return self.text_ema.module if self.text_ema is not None else self.text_encoder
+
+    @property
     def learns_text(self) -> bool:
         """Whether training changes the text encoder: trained whole (`train_text_encoder`) or through LoRA adapters."""
         return bool(self.hparams.train_text_encoder or (self.lora and self.lora.text_encoder))
@@ -279,7 +284,7 @@ class DiffusionModel(GenerativeModel):
         spec = self.backbone_spec
         parts = [backbone_part(self.ema.module if sampling else self.backbone, self.lora.target_modules or spec.lora_targets)]
         if self.lora.text_encoder:
-            parts += text_parts((self.text_ema.module if sampling else self.text_encoder).encoders())
+            parts += text_parts((self.sampling_text_encoder if sampling else self.text_encoder).encoders())
         return parts
 
     def without_lora(self) -> DiffusionModel:
@@ -290,7 +295,7 @@ class DiffusionModel(GenerativeModel):
         plain.load_state_dict(self.state_dict(), strict=False)  # what is not the backbone (a trained text tower, ...)
         pairs = [(self.backbone, plain.backbone), (self.ema.module, plain.ema.module)]
         if self.lora.text_encoder:  # the text encoder as sampled with (its EMA), adapters folded in
-            pairs.append((self.text_ema.module, plain.text_encoder))
+            pairs.append((self.sampling_text_encoder, plain.text_encoder))
         for adapted, target in pairs:
             merged = merge_lora(copy.deepcopy(adapted))  # a copy: the live and EMA networks share one base
             # by name, not state_dict(): the copy keeps the hook that leaves the base out of checkpoints
@@ -548,7 +553,7 @@ class DiffusionModel(GenerativeModel):
         net = self.ema.module
         was_training = net.training
         net.eval()
-        text = self.text_ema.module if self.text_ema is not None else None
+        text = self.sampling_text_encoder
         generator = torch.Generator().manual_seed(seed)  # CPU generator: a seed gives the same grid on any device
         noise = torch.randn((n, *shape), generator=generator).to(self.device)
         noise = noise * self.process.initial_noise_scale(grid)

@@ -30,13 +30,22 @@ class Backbone:
         return None
 
     def check_input(self, shape: tuple[int, int, int]) -> None:
-        """One line naming both parts when samples of `shape` [C, H, W] cannot go through this backbone."""
+        """One line naming both parts when samples of `shape` [C, H, W] cannot go through this backbone: here, when
+        the diffused height or width is not a multiple of `size_multiple()`, with `size_rule()` saying why."""
+        step = self.size_multiple()
+        if shape[-1] % step or shape[-2] % step:
+            raise ValueError(f"the {self.name} backbone {self.size_rule()}, so the diffused size must be divisible by "
+                             f"{step}; the space gives {shape[-2]}x{shape[-1]}")
 
     def size_multiple(self) -> int:
         """What the diffused height and width must be multiples of (patch size, 2 ** downsamplings; 1: any size).
 
         `check_input` judges a shape; this number lets a caller name the nearest sizes that would pass."""
         return 1
+
+    def size_rule(self) -> str:
+        """Why sizes must be multiples of `size_multiple()`, and what setting changes it (for `check_input`'s line)."""
+        return "takes any size"
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:

@@ -191,12 +191,8 @@ class DiffusersUNetBackbone(Backbone):
         # every down block but the last halves the input; unknown (1) until build has read the config
         return 2 ** (len(self.config["down_block_types"]) - 1) if self.config else 1
 
-    def check_input(self, shape: tuple[int, int, int]) -> None:
-        factor = self.size_multiple()
-        if shape[-1] % factor or shape[-2] % factor:
-            raise ValueError(f"the diffusers U-Net backbone ({self.path}) halves its input "
-                             f"{len(self.config['down_block_types']) - 1} times, so the diffused size must be divisible "
-                             f"by {factor}; the space gives {shape[-2]}x{shape[-1]}")
+    def size_rule(self) -> str:
+        return f"({self.path}) halves its input {len(self.config['down_block_types']) - 1} times"
 
     def _check_widths(self, config: Any, in_channels: int, context_dim: int | None, pooled_dim: int | None) -> None:
         source = f"the diffusers U-Net at {self.path}"

@@ -65,11 +65,8 @@ class PixArtBackbone(Backbone):
     def size_multiple(self) -> int:
         return int(self.config["patch_size"]) if self.config else 1
 
-    def check_input(self, shape: tuple[int, int, int]) -> None:
-        patch = self.size_multiple()
-        if shape[-1] % patch or shape[-2] % patch:
-            raise ValueError(f"the PixArt transformer ({self.path}) cuts {patch}x{patch} patches, so the diffused size "
-                             f"must be divisible by {patch}; the space gives {shape[-2]}x{shape[-1]}")
+    def size_rule(self) -> str:
+        return f"({self.path}) cuts {self.size_multiple()}x{self.size_multiple()} patches"
 
     def _check_widths(self, config: Any, in_channels: int, context_dim: int | None) -> None:
         source = f"the PixArt transformer at {self.path}"

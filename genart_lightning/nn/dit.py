@@ -159,7 +159,5 @@ class DiTBackbone(Backbone):
     def size_multiple(self) -> int:
         return self.patch_size
 
-    def check_input(self, shape: tuple[int, int, int]) -> None:
-        if shape[-1] % self.size_multiple() or shape[-2] % self.size_multiple():
-            raise ValueError(f"the DiT backbone's patch_size {self.patch_size} does not divide the diffused size "
-                             f"{shape[-2]}x{shape[-1]} given by the space; use a patch_size that divides it")
+    def size_rule(self) -> str:
+        return f"cuts {self.patch_size}x{self.patch_size} patches (patch_size: use one that divides the size)"

@@ -13,7 +13,9 @@ from genart_lightning.nn.sharding import local
 
 
 @torch.no_grad()
-def _ema_update(ema: list[Tensor], current: list[Tensor], num_averaged: Tensor, decay: float) -> None:
+def ema_update(ema: list[Tensor], current: list[Tensor], num_averaged: Tensor | None, decay: float) -> None:
+    """`ema = decay * ema + (1 - decay) * current` in one fused call per list (integer tensors copied), skipping tensors
+    the two share; AveragedModel's update, and the post-hoc EMA's at its own per-step decay."""
     # Sharded (FSDP2) networks: both copies are sharded alike, so the average is taken shard by shard, locally.
     ema, current = [local(e) for e in ema], [local(c) for c in current]
     pairs = [(e, c) for e, c in zip(ema, current, strict=True) if e.data_ptr() != c.data_ptr()]  # frozen ones are shared
@@ -39,6 +41,6 @@ def make_ema(net: nn.Module, decay: float, average_buffers: bool = True) -> Aver
     """
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"EMA decay {decay} is outside [0, 1]; use e.g. 0.999")
-    ema = AveragedModel(nn.Module(), multi_avg_fn=partial(_ema_update, decay=decay), use_buffers=average_buffers)
+    ema = AveragedModel(nn.Module(), multi_avg_fn=partial(ema_update, decay=decay), use_buffers=average_buffers)
     ema.module = copy.deepcopy(net, memo={id(p): p for p in net.parameters() if not p.requires_grad})
     return ema.requires_grad_(False)

@@ -59,7 +59,8 @@ class AdaptedPart:
         return {k.removeprefix(self.strip): v.detach().clone().contiguous() for k, v in state.items()}
 
     def modules(self) -> set[str]:
-        return {module_of(k) for k in self.tensors()}
+        """The adapted modules' paths (from the adapter names alone: nothing is copied)."""
+        return {module_of(k.removeprefix(self.strip)) for k in require_peft().get_peft_model_state_dict(self.net)}
 
     def kohya_name(self, module: str) -> str:
         return self.kohya_prefix + self.kohya_path(module).replace(".", "_")
@@ -167,9 +168,10 @@ def load_lora(parts: list[AdaptedPart], path: str, alpha: float, rank: int) -> i
     """Set the parts' adapters (rank `rank`, alpha `alpha`) to the file's; a file alpha different from `alpha` is folded
     into the up weights so each adapted network computes what the file's adapter computes. Returns the layers set."""
     tensors, alphas, _ = read_lora(path)
+    modules = {id(part): part.modules() for part in parts}
     names = {}  # a module's name in the file -> (part, module)
     for part in parts:
-        for module in part.modules():
+        for module in modules[id(part)]:
             names[part.kohya_name(module)] = names[f"{part.kohya_prefix}{module.replace('.', '_')}"] = (part, module)
             names[f"{part.component}.{module}"] = (part, module)
     states: dict[int, dict[str, Tensor]] = {id(part): {} for part in parts}
@@ -189,10 +191,10 @@ def load_lora(parts: list[AdaptedPart], path: str, alpha: float, rank: int) -> i
             tensor if down else tensor * (file_alpha / alpha))
     layers = 0
     for part in parts:
-        missing = part.modules() - {module_of(k.removeprefix(part.strip)) for k in states[id(part)]}
+        missing = modules[id(part)] - {module_of(k.removeprefix(part.strip)) for k in states[id(part)]}
         if missing:
             raise UserError(f"{path} has no adapter for {len(missing)} adapted layers of the {part.component} (e.g. "
                             f"{sorted(missing)[0]}); set lora.target_modules / lora.text_encoder as the file was trained")
         require_peft().set_peft_model_state_dict(part.net, states[id(part)])
-        layers += len(part.modules())
+        layers += len(modules[id(part)])
     return layers

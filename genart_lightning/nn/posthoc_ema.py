@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from genart_lightning.nn.ema import ema_update
+
 
 def gamma_of(sigma_rel: float) -> float:
     """The power exponent g >= 0 of a profile of relative width `sigma_rel` (by bisection: for g >= 0, sigma_rel falls
@@ -70,13 +72,15 @@ class PowerEMA:
 
     @torch.no_grad()
     def update(self, net: nn.Module, step: int) -> None:
-        """Fold in `net`'s weights after its `step`-th (1-based) optimizer step."""
+        """Fold in `net`'s weights after its `step`-th (1-based) optimizer step, with the EMA's own fused update
+        (`nn/ema.py`) at this step's power-function decay; integer tensors are copied."""
         current = net.state_dict()
         for gamma, average in zip(self.gammas, self.averages, strict=True):
-            beta = power_beta(gamma, step)
-            for name, value in average.items():
-                new = current[name].detach().float()
-                value.lerp_(new, 1 - beta) if value.is_floating_point() else value.copy_(new)
+            for floating in (True, False):
+                names = [k for k, v in average.items() if v.is_floating_point() == floating]
+                if names:
+                    ema_update([average[k] for k in names], [current[k].detach().to(average[k].dtype) for k in names],
+                               None, power_beta(gamma, step))
 
     def state_dict(self) -> dict:
         return {"sigma_rels": list(self.sigma_rels), "averages": self.averages}

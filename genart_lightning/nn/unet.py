@@ -209,9 +209,6 @@ class UNetBackbone(Backbone):
     def size_multiple(self) -> int:
         return 2 ** (len(self.channel_mult) - 1)  # each level after the first halves the input
 
-    def check_input(self, shape: tuple[int, int, int]) -> None:
-        factor = self.size_multiple()
-        if shape[-1] % factor or shape[-2] % factor:
-            raise ValueError(f"the U-Net backbone halves its input {len(self.channel_mult) - 1} times (channel_mult "
-                             f"{self.channel_mult}), so the diffused size must be divisible by {factor}; the space gives "
-                             f"{shape[-2]}x{shape[-1]}: change channel_mult or image_size")
+    def size_rule(self) -> str:
+        return (f"halves its input {len(self.channel_mult) - 1} times (channel_mult {self.channel_mult}: change it or "
+                "image_size)")
