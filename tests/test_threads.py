@@ -88,6 +88,42 @@ def test_tuner_keeps_the_fastest_count_and_retunes_when_the_load_changes(monkeyp
         torch.set_num_threads(threads)
 
 
+class SlowEvaluation:
+    """A callback that samples for 20 s after every 4th batch, as a periodic evaluation does."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock, self.batches = clock, 0
+
+    def on_train_batch_end(self, trainer) -> None:
+        self.batches += 1
+        if self.batches % 4 == 0:
+            self.clock.now += 20.0
+
+
+def test_tuner_does_not_time_what_other_callbacks_run_between_batches(monkeypatch):
+    from lightning.pytorch import Trainer
+
+    from genart_lightning.callbacks import thread_tuner
+
+    threads = torch.get_num_threads()
+    clock = FakeClock({1: 0.20, 2: 0.12})
+    monkeypatch.setattr(thread_tuner.time, "perf_counter", lambda: clock.now)
+    callbacks = [SlowEvaluation(clock)]
+    tuner = thread_tuner.ThreadTuner([1, 2], start=1, min_gap=10)
+    tuner.install(callbacks)
+    assert callbacks[0] is tuner and len(callbacks) == 3
+    trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    torch.set_num_threads(1)
+    try:
+        for _ in range(60):  # the evaluation after batch 4 falls in count 2's trial
+            clock.step()
+            for callback in callbacks:
+                callback.on_train_batch_end(trainer)
+        assert torch.get_num_threads() == 2 and tuner.tuned_at == 5  # tuned once, never re-tuned
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_fit_tunes_unless_the_count_is_fixed(no_thread_settings, shapes_shards_16px, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     config = tiny_config(shapes_shards_16px, max_steps=12)

@@ -4,7 +4,10 @@ The rule in `run/threads.py` (cores less loader workers) is safe, not best: ligh
 (32px shapes on an idle 2-core machine ran 0.62x as fast at the rule's 1 thread as at 2), and a process that starts
 beside ours turns 2 threads into a 10x slowdown. No static rule knows either, so the run times itself: a few
 iterations at each candidate count, the fastest kept, and a re-tune when the kept count's iterations slow down.
-An iteration is timed from one batch's end to the next, loader waits included: those are what the workers cost.
+An iteration is timed from the end of the previous one's work to its own batch's end, loader waits included (those
+are what the workers cost), but not the sampling, checkpoints or validation other callbacks run between batches: a
+periodic evaluation once looked like a 19 s iteration at the count being tried. So the tuner runs first among the
+callbacks and a clock-restarting marker last (`install`).
 
 Thread counts change float summation order, so a tuned CPU run is not bit-reproducible across runs; `--threads` or
 OMP_NUM_THREADS fixes the count (and turns this off), as the test suite does.
@@ -39,6 +42,15 @@ class ThreadTuner(Callback):
         self.recent: list[float] = []
         self.last_end: float | None = None
         self.steps = 0
+
+    def install(self, callbacks: list[Callback]) -> None:
+        """Put the tuner before every other callback and its marker after them, so neither sees the others' work."""
+        callbacks.insert(0, self)
+        callbacks.append(_RestartClock(self))
+
+    def restart_clock(self) -> None:
+        """The next iteration starts now: what ran since the tuner's hook was other callbacks' work."""
+        self.last_end = time.perf_counter()
 
     def on_train_batch_end(self, trainer: Trainer, *args) -> None:
         now = time.perf_counter()
@@ -86,3 +98,16 @@ class ThreadTuner(Callback):
     def _use(self, threads: int) -> None:
         self.current = threads
         torch.set_num_threads(threads)
+
+
+class _RestartClock(Callback):
+    """Runs after every other callback's batch-end and validation-end hooks and restarts the tuner's clock."""
+
+    def __init__(self, tuner: ThreadTuner) -> None:
+        self.tuner = tuner
+
+    def on_train_batch_end(self, *args) -> None:
+        self.tuner.restart_clock()
+
+    def on_validation_end(self, *args) -> None:
+        self.tuner.restart_clock()
