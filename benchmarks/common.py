@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import json
+import multiprocessing
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -315,3 +319,60 @@ def interleaved_fit(
     ours = interleave.ours[warmup:]
     return ours, interleave.theirs[warmup : warmup + len(ours)]
 
+
+
+STEP_TIMES_FILE = "GENART_BENCH_STEP_TIMES"
+"""Environment variable naming the file a `genart fit` under `fit_steps_per_second` writes its step timing to."""
+
+
+class StepTimer(L.Callback):
+    """Writes the wall seconds of the training steps after global step `warmup` to the file $GENART_BENCH_STEP_TIMES."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.start, self.steps = warmup, None, 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step == self.warmup and self.start is None:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if self.start is not None:
+            self.steps += 1
+
+    def on_train_end(self, trainer: L.Trainer, *args) -> None:
+        Path(os.environ[STEP_TIMES_FILE]).write_text(json.dumps({"steps": self.steps, "seconds": time.perf_counter() - self.start}))
+
+
+def _spin(stop) -> None:
+    while not stop.is_set():
+        sum(range(10_000))
+
+
+def fit_steps_per_second(config: str, data: dict, root: Path, steps: int, warmup: int, args: list[str],
+                         busy: bool = False) -> float:
+    """Training steps per wall second of one real `genart fit` of `config` (a fresh process, OMP_NUM_THREADS unset,
+    no logger, validation, grids or checkpoints), timed over `steps` steps after `warmup`; `busy`: next to one
+    process that keeps a core busy. Wall clock: loader workers run in other processes, and contention is the point."""
+    root.mkdir(parents=True, exist_ok=True)
+    times = root / "times.json"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | {STEP_TIMES_FILE: str(times), "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "genart_lightning.cli", "fit", "--config", str(REPO / config),
+           f"--data.init_args.train_urls={data['train_urls']}", f"--data.init_args.val_urls={data['val_urls']}",
+           f"--trainer.max_steps={warmup + steps}", f"--trainer.default_root_dir={root}", "--trainer.logger=false",
+           f"--trainer.callbacks=[{{class_path: benchmarks.common.StepTimer, init_args: {{warmup: {warmup}}}}}]",
+           "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--sample_grid.every_n_steps=0",
+           "--checkpoint.every_n_train_steps=0", *args]
+    stop = multiprocessing.Event()
+    competitor = multiprocessing.Process(target=_spin, args=(stop,)) if busy else None
+    if competitor:
+        competitor.start()
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
+    finally:
+        if competitor:
+            stop.set()
+            competitor.join()
+    if result.returncode != 0:
+        raise RuntimeError(f"genart fit exited {result.returncode}: {result.stderr[-1500:]}")
+    measured = json.loads(times.read_text())
+    return measured["steps"] / measured["seconds"]

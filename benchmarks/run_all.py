@@ -19,7 +19,7 @@ from pathlib import Path
 from benchmarks.bench_gpu import kept_section
 from benchmarks.common import CLOCK, THREADS, Comparison, machine_info
 
-BENCHMARKS = ("gan_overhead", "diffusion", "data", "sampling", "eval", "cli", "dit", "latent_cache", "threads")
+BENCHMARKS = ("gan_overhead", "diffusion", "data", "sampling", "eval", "cli", "dit", "latent_cache", "threads", "efficiency")
 """Module names (benchmarks/bench_<name>.py), in the order of the issue's list."""
 
 

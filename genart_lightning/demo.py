@@ -53,7 +53,7 @@ def main() -> None:
     print("\nDemo finished.")
     print(f"  data:          {DATA}/ (train-*.tar, val-*.tar; inspect with `genart shards info '{DATA}/val-000000.tar'`)")
     print(f"  checkpoint:    {ckpt}")
-    print(f"  prompt grid:   {grid}  (one column per prompt: {'; '.join(PROMPTS)})")
+    print(f"  prompt grid:   {grid}  (one column per prompt, its caption underneath)")
     print(f"  training grids: {RUN}/lightning_logs/version_*/samples/   dashboard: tensorboard --logdir {RUN}")
     print(f"  metrics:       {metrics}")
     for key, value in summary.items():
@@ -61,6 +61,16 @@ def main() -> None:
             print(f"    {key}: {value:.4g}")
         elif isinstance(value, dict) and value and all(isinstance(v, float) for v in value.values()):
             print(f"    {key}: " + ", ".join(f"{k} {v:.3g}" for k, v in value.items()))
+    print(reading(summary["attribute_accuracy"]))
+
+
+def reading(accuracy: float) -> str:
+    """What the attribute accuracy says, against what guessing would score."""
+    from genart_lightning.shapes.judge import ATTRIBUTES
+
+    chance = sum(1 / len(classes) for classes in ATTRIBUTES.values()) / len(ATTRIBUTES)
+    return (f"  reading: a judge trained on real shapes reads the prompted {', '.join(ATTRIBUTES)} back from "
+            f"{accuracy:.0%} of the samples' attributes (guessing: {chance:.0%}; 100%: every sample shows its prompt)")
 
 
 if __name__ == "__main__":

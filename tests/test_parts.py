@@ -11,7 +11,7 @@ from helpers import genart_in_process
 import genart_lightning.diffusion
 import genart_lightning.models
 import genart_lightning.nn
-from genart_lightning.commands.parts import KINDS
+from genart_lightning.commands.parts import KINDS, argument_docs, load, parameters, settings
 from genart_lightning.diffusion.process import Process
 from genart_lightning.models.base import GenerativeModel
 from genart_lightning.nn.backbone import Backbone
@@ -53,3 +53,21 @@ def test_settings_of_a_part_by_short_name(tmp_path):
     assert code == 2 and "no part named 'PixelDifusion'" in err and "PixelDiffusion" in err
     code, out, err = genart_in_process("fit", "--model.help", "PixelDiffusion", cwd=tmp_path)
     assert code == 0 and "--model.guidance_scale GUIDANCE_SCALE" in out, err[-2000:]
+
+
+def test_every_setting_of_every_part_has_a_description():
+    """Each setting `genart parts NAME` lists (a base's too, where **kwargs hands it on) has an Args entry in
+    the docstring of its class, its __init__ or a base (GenerativeModel's: the ones families share)."""
+    undocumented = {}
+    for _, paths in KINDS.values():
+        for dotted in paths:
+            cls = load(dotted)
+            docs = argument_docs(cls)
+            names = [param.name for param in parameters(cls)]
+            assert len(settings(cls)) == len(names) > 0, dotted
+            missing = [name for name in names if not docs.get(name, "").strip()]
+            if missing:
+                undocumented[dotted] = missing
+    assert not undocumented, f"add an Args entry (what it does, why change it) for {undocumented}"
+    inherited = {param.name for param in parameters(load("genart_lightning.models.diffusion.PixelDiffusion"))}
+    assert {"channels", "lr", "guidance_scale", "process"} <= inherited  # DiffusionModel's, via **kwargs

@@ -1,5 +1,5 @@
 """`genart sample --out-dir`: one PNG per sample whose pixels are the grid's tiles, samples.jsonl with the settings used,
-prompts from a file, batches; small grids also written enlarged for viewing; --height/--width off the trained square."""
+prompts from a file, batches; small grids also written enlarged for viewing, captions under the columns; --height/--width off the trained square."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import genart_in_process, save_untrained, tiny_unet
 from PIL import Image
 
 from genart_lightning.cli import main as genart
 from genart_lightning.diffusion.flow import Flow
 from genart_lightning.models.diffusion import PixelDiffusion
+from genart_lightning.models.grids import save_grid
 from genart_lightning.nn.dit import DiTBackbone
 
 CKPT = Path(__file__).parent / "fixtures" / "legacy" / "PixelDiffusion.ckpt"
@@ -33,14 +35,34 @@ def test_sample_files_are_the_grid_tiles(tmp_path):
     assert records[0]["settings"] == {"sampler": "ddim", "steps": 4, "guidance": 4.0, "guidance_interval": None, "eta": 0.0,
                                       "height": 16, "width": 16}
     grid = np.asarray(Image.open(grid_path))
-    side, nrow, pad = 16, 2, 2
+    side, nrow, pad = 16, 2, 2  # two prompts cycled: a column each
+    factor = -(-512 // (nrow * (side + pad) + pad))  # a captioned grid is enlarged to be read on a screen
     for i, record in enumerate(records):
         tile = np.asarray(Image.open(out_dir / record["file"]))
         r, c = divmod(i, nrow)
-        y, x = pad + r * (side + pad), pad + c * (side + pad)
-        np.testing.assert_array_equal(tile, grid[y : y + side, x : x + side])
-    large = Image.open(tmp_path / "grid_large.png")
-    assert large.width >= 512 and large.width % grid.shape[1] == 0  # nearest neighbour by an integer factor
+        y, x = (pad + r * (side + pad)) * factor, (pad + c * (side + pad)) * factor
+        np.testing.assert_array_equal(tile, grid[y : y + side * factor : factor, x : x + side * factor : factor])
+    strip = grid[(3 * (side + pad) + pad) * factor:]  # under the third and last row: each column's caption
+    assert all((strip[:, c * (side + pad) * factor : (c + 1) * (side + pad) * factor] < 128).any() for c in range(nrow))
+    assert not (tmp_path / "grid_large.png").exists()
+
+
+def test_small_grids_get_an_enlarged_copy_and_captions_go_under_columns_or_rows(tmp_path):
+    images = torch.zeros(4, 3, 8, 8)
+    plain = np.asarray(Image.open(save_grid(images, tmp_path / "plain.png")))
+    assert plain.shape[:2] == (2 * 10 + 2,) * 2  # make_grid's layout, exact pixels
+    large = Image.open(tmp_path / "plain_large.png")
+    assert large.width >= 512 and large.width % plain.shape[1] == 0  # nearest neighbour by an integer factor
+
+    def strips(captions: list[str], nrow: int) -> int:
+        """Rows of the captioned grid that hold text (dark pixels on the white strips; the images are mid-grey)."""
+        grid = np.asarray(Image.open(save_grid(images, tmp_path / "c.png", nrow=nrow, captions=captions)))
+        dark = (grid < 64).all(axis=2).any(axis=1)
+        return int(np.sum(dark[1:] & ~dark[:-1]) + dark[0])  # runs of text lines, counted by their starts
+
+    per_column = strips(["red", "blue"] * 2, nrow=2)
+    per_row = strips(["red", "blue", "green", "grey"], nrow=2)
+    assert per_column == 1 and per_row == 2  # one-word captions: one text line per strip
 
 
 def test_same_seed_same_files(tmp_path):

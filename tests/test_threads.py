@@ -54,13 +54,21 @@ def test_fit_sets_the_threads_and_says_so(no_thread_settings, shapes_shards_16px
 
 
 class FakeClock:
-    """perf_counter for the tuner: each iteration takes what `seconds_per_step[threads]` says for torch's threads."""
+    """perf_counter and /proc/stat for the tuner: each iteration takes what `seconds_per_step[threads]` says for
+    torch's threads, with `idle_cores` of this process's cores idle meanwhile."""
 
-    def __init__(self, seconds_per_step: dict[int, float]) -> None:
-        self.now, self.seconds_per_step = 0.0, seconds_per_step
+    def __init__(self, seconds_per_step: dict[int, float], idle_cores: float = 1.0) -> None:
+        self.now, self.seconds_per_step, self.idle_cores = 0.0, seconds_per_step, idle_cores
+        self.jiffies = (0, 0)
 
     def step(self) -> None:
         self.now += self.seconds_per_step[torch.get_num_threads()]
+        cores = len(os.sched_getaffinity(0))
+        self.jiffies = (self.jiffies[0] + round(100 * self.idle_cores), self.jiffies[1] + 100 * cores)
+
+    def install(self, monkeypatch, thread_tuner) -> None:
+        monkeypatch.setattr(thread_tuner.time, "perf_counter", lambda: self.now)
+        monkeypatch.setattr(thread_tuner, "cpu_jiffies", lambda: self.jiffies)
 
 
 def test_tuner_keeps_the_fastest_count_and_retunes_when_the_load_changes(monkeypatch):
@@ -70,7 +78,7 @@ def test_tuner_keeps_the_fastest_count_and_retunes_when_the_load_changes(monkeyp
 
     threads = torch.get_num_threads()
     clock = FakeClock({1: 0.20, 2: 0.12})  # idle: 2 threads win although the rule started at 1
-    monkeypatch.setattr(thread_tuner.time, "perf_counter", lambda: clock.now)
+    clock.install(monkeypatch, thread_tuner)
     tuner = thread_tuner.ThreadTuner([1, 2], start=1, min_gap=50)
     trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
     torch.set_num_threads(1)
@@ -79,11 +87,33 @@ def test_tuner_keeps_the_fastest_count_and_retunes_when_the_load_changes(monkeyp
             clock.step()
             tuner.on_train_batch_end(trainer)
         assert torch.get_num_threads() == 2
-        clock.seconds_per_step = {1: 0.20, 2: 3.0}  # a busy process arrives: 2 threads now spin-wait
+        clock.seconds_per_step, clock.idle_cores = {1: 0.20, 2: 3.0}, 0.0  # a busy process arrives: 2 threads spin-wait
         for _ in range(80):
             clock.step()
             tuner.on_train_batch_end(trainer)
         assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_tuner_does_not_try_more_threads_when_no_core_is_idle(monkeypatch, capsys):
+    from lightning.pytorch import Trainer
+
+    from genart_lightning.callbacks import thread_tuner
+
+    threads = torch.get_num_threads()
+    clock = FakeClock({1: 0.20, 2: 3.0}, idle_cores=0.1)  # another process keeps the other core busy from the start
+    clock.install(monkeypatch, thread_tuner)
+    used = []
+    monkeypatch.setattr(thread_tuner.torch, "set_num_threads", used.append)
+    tuner = thread_tuner.ThreadTuner([1, 2], start=1)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    try:
+        for _ in range(20):
+            clock.step()
+            tuner.on_train_batch_end(trainer)
+        assert tuner.tuned is not None and 2 not in used and list(tuner.times) == [1]
+        assert "2 not tried: 0.10 cores idle" in capsys.readouterr().out
     finally:
         torch.set_num_threads(threads)
 
@@ -107,7 +137,7 @@ def test_tuner_does_not_time_what_other_callbacks_run_between_batches(monkeypatc
 
     threads = torch.get_num_threads()
     clock = FakeClock({1: 0.20, 2: 0.12})
-    monkeypatch.setattr(thread_tuner.time, "perf_counter", lambda: clock.now)
+    clock.install(monkeypatch, thread_tuner)
     callbacks = [SlowEvaluation(clock)]
     tuner = thread_tuner.ThreadTuner([1, 2], start=1, min_gap=10)
     tuner.install(callbacks)
@@ -125,7 +155,10 @@ def test_tuner_does_not_time_what_other_callbacks_run_between_batches(monkeypatc
 
 
 def test_fit_tunes_unless_the_count_is_fixed(no_thread_settings, shapes_shards_16px, tmp_path, capsys, monkeypatch):
+    from genart_lightning.callbacks import thread_tuner
+
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(thread_tuner, "cpu_jiffies", lambda: None)  # whatever else the suite runs, try both counts
     config = tiny_config(shapes_shards_16px, max_steps=12)
     config["trainer"]["default_root_dir"] = str(tmp_path / "run")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))

@@ -52,13 +52,14 @@ class SampleGrid(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         started = time.perf_counter()
-        images = pl_module.sample(self.num_samples, captions=self._captions(pl_module), seed=self.seed)
+        captions = self._captions(pl_module)
+        images = pl_module.sample(self.num_samples, captions=captions, seed=self.seed)
         pl_module.train(was_training)
         log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask, not rank 0 alone
         if not trainer.is_global_zero:
             return None
         path = Path(log_dir or trainer.default_root_dir) / "samples" / f"step{step:08d}.png"
-        self.last_path = publish_grid(trainer, "samples", images_to_grid(images), step, path)
+        self.last_path = publish_grid(trainer, "samples", images_to_grid(images, captions=captions), step, path)
         rank_zero_info(f"[genart] sample grid at step {step}: {self.last_path} ({self.num_samples} samples in "
                        f"{time.perf_counter() - started:.0f} s)")
         return self.last_path

@@ -8,6 +8,9 @@ An iteration is timed from the end of the previous one's work to its own batch's
 are what the workers cost), but not the sampling, checkpoints or validation other callbacks run between batches: a
 periodic evaluation once looked like a 19 s iteration at the count being tried. So the tuner runs first among the
 callbacks and a clock-restarting marker last (`install`).
+More threads than the start are tried only when the start's own iterations left a core idle (Linux's /proc/stat,
+over the cores this process may use): next to a busy process one 2-thread iteration of a 32px U-Net took several
+times a 1-thread one, and that single trial cost the default 9% of an 80-step run.
 
 Thread counts change float summation order, so a tuned CPU run is not bit-reproducible across runs; `--threads` or
 OMP_NUM_THREADS fixes the count (and turns this off), as the test suite does.
@@ -15,8 +18,10 @@ OMP_NUM_THREADS fixes the count (and turns this off), as the test suite does.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, Trainer
@@ -31,7 +36,7 @@ class ThreadTuner(Callback):
     3 warm-up steps made the default 0.91x the best fixed count over 80 steps (benchmarks/bench_threads.py)."""
 
     def __init__(self, candidates: list[int], start: int, warmup: int = 1, trial_steps: int = 2, window: int = 10,
-                 slowdown: float = 1.5, min_gap: int = 100) -> None:
+                 slowdown: float = 1.5, min_gap: int = 100, min_idle_cores: float = 0.5) -> None:
         self.candidates = sorted(set(candidates))
         self.current = start
         self.warmup, self.trial_steps, self.window, self.slowdown, self.min_gap = warmup, trial_steps, window, slowdown, min_gap
@@ -42,6 +47,9 @@ class ThreadTuner(Callback):
         self.recent: list[float] = []
         self.last_end: float | None = None
         self.steps = 0
+        self.min_idle_cores = min_idle_cores
+        self.idle: dict[int, list[float]] = {}
+        self.last_jiffies = cpu_jiffies()
 
     def install(self, callbacks: list[Callback]) -> None:
         """Put the tuner before every other callback and its marker after them, so neither sees the others' work."""
@@ -50,34 +58,39 @@ class ThreadTuner(Callback):
 
     def restart_clock(self) -> None:
         """The next iteration starts now: what ran since the tuner's hook was other callbacks' work."""
-        self.last_end = time.perf_counter()
+        self.last_end, self.last_jiffies = time.perf_counter(), cpu_jiffies()
 
     def on_train_batch_end(self, trainer: Trainer, *args) -> None:
-        now = time.perf_counter()
+        now, jiffies = time.perf_counter(), cpu_jiffies()
         elapsed, self.last_end = (None if self.last_end is None else now - self.last_end), now
+        idle, self.last_jiffies = idle_cores(self.last_jiffies, jiffies), jiffies
         self.steps += 1
         if elapsed is None or self.steps <= self.warmup:
             return
         if self.steps == self.warmup + 1:
             self._start_trials()
         if self.queue:
-            self._trial(elapsed, trainer)
+            self._trial(elapsed, idle, trainer)
         else:
             self._watch(elapsed)
 
     def _start_trials(self) -> None:
         """Trials begin at the current count, so a run whose rule was right loses nothing until the others are tried."""
-        self.times = {}
+        self.times, self.idle = {}, {}
         self.queue = [self.current] + [c for c in self.candidates if c != self.current]
         self.recent = []
 
-    def _trial(self, elapsed: float, trainer: Trainer) -> None:
+    def _trial(self, elapsed: float, idle: float | None, trainer: Trainer) -> None:
         threads = self.queue[0]
         self.times.setdefault(threads, []).append(elapsed)
+        if idle is not None:
+            self.idle.setdefault(threads, []).append(idle)
         best = min((statistics.median(v) for c, v in self.times.items() if c != threads), default=None)
         hopeless = best is not None and elapsed > 1.5 * best  # one iteration far slower than the best: stop trying it
         if len(self.times[threads]) >= self.trial_steps or hopeless:
             self.queue.pop(0)
+            if threads in self.idle and statistics.median(self.idle[threads]) < self.min_idle_cores:
+                self.queue = [c for c in self.queue if c < threads]  # no core to spare: more threads would wait
         if self.queue:
             self._use(self.queue[0])
             return
@@ -86,8 +99,11 @@ class ThreadTuner(Callback):
         self.tuned, self.tuned_at = medians[self.current], self.steps
         if trainer.is_global_zero:
             tried = ", ".join(f"{c}: {t:.3f} s" for c, t in sorted(medians.items()))
+            idle = {c: statistics.median(v) for c, v in self.idle.items()}
+            untried = [c for c in self.candidates if c not in medians]
+            skipped = f"; {', '.join(map(str, untried))} not tried: {min(idle.values()):.2f} cores idle" if untried else ""
             print(f"[genart] CPU threads: {self.current} for torch (tuned at step {trainer.global_step}, "
-                  f"median s/iteration {tried})", flush=True)
+                  f"median s/iteration {tried}{skipped})", flush=True)
 
     def _watch(self, elapsed: float) -> None:
         self.recent = (self.recent + [elapsed])[-self.window:]
@@ -111,3 +127,26 @@ class _RestartClock(Callback):
 
     def on_validation_end(self, *args) -> None:
         self.tuner.restart_clock()
+
+
+def cpu_jiffies() -> tuple[int, int] | None:
+    """(idle, total) jiffies summed over the cores this process may use, from /proc/stat; None where unreadable."""
+    try:
+        cores = {f"cpu{c}" for c in os.sched_getaffinity(0)}
+        idle = total = 0
+        for line in Path("/proc/stat").read_text().splitlines():
+            fields = line.split()
+            if fields and fields[0] in cores:
+                values = [int(v) for v in fields[1:]]
+                idle, total = idle + values[3] + values[4], total + sum(values[:8])  # idle + iowait; up to steal
+        return (idle, total) if total else None
+    except (OSError, AttributeError, ValueError, IndexError):
+        return None
+
+
+def idle_cores(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """Cores that sat idle on average between two `cpu_jiffies` readings (this process's cores)."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    cores = len(os.sched_getaffinity(0))
+    return cores * (after[0] - before[0]) / (after[1] - before[1])

@@ -92,13 +92,28 @@ def args_section(doc: str) -> dict[str, str]:
     return entries
 
 
+def parameters(cls: type) -> list[inspect.Parameter]:
+    """The constructor's named arguments, then those its `**kwargs` hands on to the bases' constructors, as
+    jsonargparse reads them: PixelDiffusion(channels, **kwargs) also takes DiffusionModel's lr, ..."""
+    found: dict[str, inspect.Parameter] = {}
+    for owner in cls.__mro__:
+        init = owner.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        for param in params:
+            if param.name != "self" and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                found.setdefault(param.name, param)
+        if not any(param.kind is param.VAR_KEYWORD for param in params):
+            break
+    return list(found.values())
+
+
 def settings(cls: type) -> list[str]:
-    """One line per constructor argument: name, type, default, description."""
+    """One line per constructor argument (`parameters`): name, type, default, description."""
     docs = argument_docs(cls)
     lines = []
-    for param in inspect.signature(cls.__init__).parameters.values():
-        if param.name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            continue
+    for param in parameters(cls):
         kind = param.annotation if isinstance(param.annotation, str) else getattr(param.annotation, "__name__", "")
         default = "required" if param.default is param.empty else f"default {param.default!r}"
         lines.append(f"  {param.name}: {kind} ({default})" + (f"  {docs[param.name]}" if param.name in docs else ""))

@@ -128,6 +128,6 @@ def run(args: argparse.Namespace) -> None:
                                     "settings": settings}) + "\n")
         print(f"wrote {len(files)} PNGs and samples.jsonl to {args.out_dir}")
     if args.out or not args.out_dir:
-        grid = save_grid(images, args.out or "grid.png")
+        grid = save_grid(images, args.out or "grid.png", captions=captions)
         large = enlarged_path(grid)
         print(f"wrote {grid} ({args.num} samples)" + (f" and {large} (enlarged for viewing)" if large.is_file() else ""))

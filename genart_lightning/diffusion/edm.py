@@ -39,6 +39,18 @@ class EDM(Process):
         sigma_max: float = 80.0,
         rho: float = 7.0,
     ) -> None:
+        """
+        Args:
+            sigma_data: standard deviation of the clean data (0.5 for images in [-1, 1]); sets the
+                preconditioning, so it should match what is diffused.
+            p_mean: mean of ln(sigma) in training; lower trains more at low noise (the paper's CIFAR-10:
+                -1.2).
+            p_std: standard deviation of ln(sigma) in training; wider covers more noise levels (the paper's:
+                1.2).
+            sigma_min: lowest noise level sampling walks to before clean data.
+            sigma_max: highest noise level, where sampling starts (its noise is sigma_max times unit noise).
+            rho: spacing of the Karras sigmas samplers walk; higher puts more steps near sigma_min.
+        """
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"EDM needs 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
         self.sigma_data, self.p_mean, self.p_std = sigma_data, p_mean, p_std

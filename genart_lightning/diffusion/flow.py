@@ -44,6 +44,19 @@ class Flow(Process):
         shift: float = 1.0,
         shift_base_size: int | None = None,
     ) -> None:
+        """
+        Args:
+            density: how training times are drawn, "logit_normal" (SD3's best: more of them mid-path) or
+                "uniform".
+            logit_mean: mean m of the logit-normal times t = sigmoid(m + s n); above 0 trains more at high
+                noise.
+            logit_std: spread s of the logit-normal times; wider covers the ends of the path more.
+            shift: SD3's timestep shift, in training and sampling; above 1 spends more time at high noise,
+                which larger images need (SD3: 3).
+            shift_base_size: when set, the shift grows with sqrt(H * W) / this, H and W the diffused height
+                and width (latent positions in LatentDiffusion), so one config suits every size; None: shift
+                as is.
+        """
         if density not in DENSITIES:
             raise ValueError(f"unknown flow timestep density {density!r}; choose one of {', '.join(DENSITIES)}")
         if shift <= 0:

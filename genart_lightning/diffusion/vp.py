@@ -60,6 +60,29 @@ class VP(Process):
         beta_end: float | None = None,
         steps_offset: int = 0,
     ) -> None:
+        """
+        Args:
+            schedule: the noise schedule, "cosine" (improved DDPM; pixels), "linear" (DDPM's) or
+                "scaled_linear" (latent diffusion's, for unit-variance latents; what pretrained SD models
+                use).
+            timesteps: number of discrete training timesteps T (1000 is usual); ddpm, ddim and dpmpp_2m take
+                at most this many sampling steps.
+            zero_terminal_snr: rescale the schedule so the last timestep is pure noise (Lin et al. 2024),
+                which lets samples get as dark or bright as the data; needs prediction "v" or "x0"; no euler /
+                heun then.
+            prediction: what the network predicts, "eps" (the noise), "v" (Salimans & Ho 2022) or "x0" (clean
+                data); a pretrained backbone needs the one it was trained with.
+            min_snr_gamma: Min-SNR-gamma (Hang et al. 2023): caps the loss weight of low-noise levels so they
+                stop dominating training; None: plain MSE.
+            rho: spacing of the Karras sigmas euler / heun walk; higher puts more steps at low noise.
+            timestep_spacing: how ddpm / ddim / dpmpp_2m pick their timesteps, "trailing" (starts at the
+                last), "linspace" or "leading" (SD 1.x); match a pretrained model's scheduler config.
+            beta_start: first beta of the linear schedules (default: DDPM's 1e-4, scaled_linear's 0.00085);
+                not for cosine. Set it as a pretrained model's scheduler config does.
+            beta_end: last beta of the linear schedules (default: DDPM's 0.02, scaled_linear's 0.012); not for
+                cosine.
+            steps_offset: added to every "leading" timestep (SD 1.x's scheduler config uses 1).
+        """
         check_prediction(prediction)
         spaced_timesteps(timestep_spacing, 1, timesteps)  # an unknown name fails here, when the config is read
         if zero_terminal_snr and prediction == "eps":

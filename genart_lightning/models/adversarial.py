@@ -99,6 +99,34 @@ class AdversarialModel(GenerativeModel):
         `diversity_weight`: the mode-seeking term of MSGAN (Mao et al. 2019) in G's loss, weight / (mean |G(z1, c) -
         G(z2, c)| / mean |z1 - z2| + 1e-5), at the cost of a second G forward per G step. A conditional G can learn to
         ignore its noise (digits: |G(z1, c) - G(z2, c)| was 0.04 against 0.46 between captions); this makes it pay.
+
+        Args:
+            loss: the GAN objective, "nonsaturating" (DCGAN's log-loss) or "hinge" (SAGAN / BigGAN's).
+            r1_gamma: weight of the R1 penalty on D's input gradient at real images (0: off); raise it when D
+                overfits or training diverges.
+            r1_interval: lazy R1: the penalty every this many D steps, scaled up by it (fewer double
+                backwards).
+            n_critic: D steps per G step; more gives G a better-trained D to learn from, at more cost per G
+                step.
+            lr_g: Adam learning rate of the generator.
+            lr_d: Adam learning rate of the discriminator.
+            betas_g: Adam (beta1, beta2) of the generator; DCGAN's beta1 0.5 keeps momentum short, as GANs
+                need.
+            betas_d: Adam (beta1, beta2) of the discriminator.
+            accumulate_grad_batches: micro-batches whose gradients one D step averages (a larger batch in the
+                same memory); set it here, as the Trainer's does not work under manual optimization.
+            nonfinite_check_every: check loss and gradient norm for NaN / inf every this many optimizer steps
+                (0: never); each check waits for the device once.
+            reuse_fakes: let the G step score the fakes the D step drew (one G forward per iteration); False
+                draws fresh noise.
+            augment: ops applied to every image D sees, any of color, translation, cutout (DiffAugment: all
+                three); for small datasets, where D memorises the real images.
+            augment_p: probability of each op per image, when augment_target is unset.
+            augment_target: ADA: adapt p so the mean sign of D's logits on real images stays at this (ADA:
+                0.6); None: p fixed at augment_p.
+            augment_speed_images: ADA: images over which p can move by 1; fewer adapt faster (ADA: 500k).
+            diversity_weight: weight of MSGAN's mode-seeking term in G's loss (0: off); for a G that ignores
+                its noise, at one more G forward per G step.
         """
         super().__init__()
         check_loss(loss)

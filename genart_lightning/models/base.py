@@ -72,7 +72,32 @@ class FirstStage(Protocol):
 
 
 class GenerativeModel(L.LightningModule):
-    """Base class of all families; configs may only name its subclasses (LightningCLI subclass mode)."""
+    """Base class of all families; configs may only name its subclasses (LightningCLI subclass mode).
+
+    The settings below mean the same in every family that takes them, so they are described once, here; a
+    family that means more by one describes it in its own docstring, and `genart parts NAME` shows that.
+
+    Args:
+        image_size: side in pixels of the square images trained on and sampled; match
+            --data.init_args.image_size.
+        channels: channels of the images trained on and drawn; 3, as TextImageDataModule gives RGB.
+        caption_dropout: share of training captions replaced by "", so the model also learns the uncaptioned
+            case (what diffusion's classifier-free guidance extrapolates from; 0: never, and guidance has no
+            baseline).
+        text_encoder: OpenCLIP model name of the frozen text encoder that reads captions ("genart-tiny": a
+            random-init tower that ships with the package, for offline runs); None: an unconditional model.
+        text_pretrained: OpenCLIP tag (e.g. laion2b_s32b_b79k) or local checkpoint file of the text encoder's
+            weights; None: random init (seeded, so it rebuilds the same).
+        text_cache_dir: where OpenCLIP downloads pretrained text weights to (None: the Hugging Face cache).
+        ema_decay: decay of the moving average of the weights that sampling uses; nearer 1 averages over more
+            steps (0.999: about the last 1000) and smooths more, but follows training later.
+        nonfinite: what a non-finite loss does: "raise" stops with DivergenceError, "skip" drops that step,
+            warns and counts it (for rare spikes in long runs).
+        gradient_checkpointing: recompute activations in backward instead of keeping them: less memory for
+            about one more forward pass, for large images or batches.
+        compile: torch.compile the family's large networks: true (inductor) or a backend name (e.g.
+            aot_eager); the first steps are slow while it compiles.
+    """
 
     conditional: bool = False
     """True when `sample` uses captions."""

@@ -37,7 +37,15 @@ class TextConditionalGAN(DCGAN):
         """`text_encoder`/`text_pretrained`: an OpenCLIP name and tag or local checkpoint path (None: random init);
         `text_features`: the caption vector, "token_moments" (mean and position-weighted mean of the final token
         states, see `encode`) or "pooled" (CLIP's projected end-of-text embedding); `text_model`: deprecated name of
-        `text_encoder`."""
+        `text_encoder`.
+
+        Args:
+            text_encoder: OpenCLIP model name of the frozen text encoder whose caption vector conditions G and
+                D ("genart-tiny": the random-init tower that ships with the package, for offline runs).
+            text_features: the caption vector, "token_moments" (keeps word order, so which colour goes where)
+                or "pooled" (CLIP's projected end-of-text embedding).
+            text_model: deprecated name of text_encoder (still read, with a warning).
+        """
         if text_features not in ("token_moments", "pooled"):
             raise ValueError(
                 f"unknown text_features {text_features!r} (from --model.init_args.text_features); use token_moments or pooled"

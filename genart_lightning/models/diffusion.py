@@ -134,6 +134,58 @@ class DiffusionModel(GenerativeModel):
         val_loss_bins: int = 5,
         val_loss_bin_edges: list[float] | None = None,
     ) -> None:
+        """Settings of every diffusion family; for image_size, caption_dropout, ... see GenerativeModel.
+
+        Args:
+            process: the diffusion process (VP, EDM, Flow: `genart parts processes`), which owns noising,
+                training target and sampling grid; None: VP (cosine schedule; scaled_linear in
+                LatentDiffusion) or the pipeline's scheduler.
+            backbone: the denoising network (UNetBackbone, DiTBackbone, ...: `genart parts backbones`); None:
+                a UNetBackbone with its defaults, or the pipeline's.
+            conditioning: what the backbone reads of a caption: "tokens" (cross-attention), "pooled" (added to
+                the time embedding) or "both"; None: both, or what the pipeline's backbone reads.
+            cond_drop_prob: deprecated name of caption_dropout (still read, with a warning).
+            text_layer: the text layer whose token states the backbone reads, "final" or "penultimate" (SD 2.x
+                and SDXL read the penultimate); None: final, or the pipeline's.
+            train_text_encoder: train the text tower along with the backbone (then it is in checkpoints);
+                helps most when the tower is random-init, as the tiny one is.
+            text_lr_multiplier: the trained text tower's learning rate is lr times this (prompts were followed
+                best at 0.1 in the tiny-config runs of the class docstring).
+            lr: AdamW learning rate of the backbone, constant after warmup_steps.
+            weight_decay: AdamW's decoupled weight decay (0: none).
+            warmup_steps: optimizer steps over which the learning rate ramps up linearly to lr (0: none); a
+                gentler start for large learning rates and fine-tunes.
+            sampler: default sampler of `genart sample` and grids, one of the process's (VP: ddim, ddpm,
+                dpmpp_2m, euler, heun; EDM: heun, euler, dpmpp_2m; Flow: euler, heun); None: the first of
+                those.
+            sample_steps: default number of sampling steps: more is slower and usually closer to the model's
+                best.
+            guidance_scale: default classifier-free guidance scale of captioned samples; 1 is the plain
+                conditional model, higher follows the prompt more closely at the cost of variety.
+            guidance_interval: default noise levels (LO, HI), as sigma / alpha, between which guidance applies
+                (None: all); leaving out high noise keeps samples of a prompt varied and saves forward passes.
+            clip_x0: clamp clean-data estimates to [-1, 1] while sampling; None: on in pixel space, off for
+                latents (which are unbounded; True is refused there).
+            channels_last: keep the backbone's weights and inputs in channels_last memory format; convolutions
+                under mixed precision often run faster so on tensor-core GPUs (measure it).
+            init_from: start from these weights only (a genart .ckpt, a `genart export` .safetensors or a
+                diffusers U-Net directory): optimizer and step start fresh, unlike --ckpt_path; under lora,
+                the frozen base.
+            init_strict: with init_from, fail unless every tensor matches by name and shape (default: load the
+                ones that match and report the rest).
+            init_partial: with init_from, also accept weights of another family and load the tensors that
+                match.
+            lora: train LoRA adapters over frozen base weights instead of the whole backbone: {rank, alpha,
+                target_modules, dropout, weights, text_encoder}; needs init_from or a pretrained backbone.
+            pipeline: a diffusers pipeline directory (or hub id): backbone, text encoder(s), process, sampler
+                and first stage come from it unless named here (text_encoder / text_pretrained are then
+                unused); LatentDiffusion only.
+            val_loss_bins: number of log-SNR bins with their own validation loss (val/loss_logsnr_bin{i}), to
+                see which noise levels a change helps; each costs one forward pass per validation batch (0:
+                none).
+            val_loss_bin_edges: those bins' log-SNR edges, increasing; None: equal-width over the process's
+                central 99.73% of training levels. Give the same edges to compare processes level by level.
+        """
         super().__init__()
         self.save_hyperparameters()  # also collects the subclass's own arguments
         check_nonfinite_mode(nonfinite)

@@ -34,7 +34,21 @@ class DCGAN(AdversarialModel):
         """Net sizes here; `loss`, `r1_gamma`, `n_critic`, `lr_g`, `lr_d`, `ema_decay`, ... see AdversarialModel.
         `gradient_checkpointing` recomputes each generator and discriminator stage in backward (BatchNorm statistics
         and spectral norm updated once, as without it); `compile` compiles both nets (true: inductor, or a backend
-        name), not with `r1_gamma` > 0: torch.compile cannot take R1's gradient of a gradient."""
+        name), not with `r1_gamma` > 0: torch.compile cannot take R1's gradient of a gradient.
+
+        Args:
+            image_size: side in pixels of the square images: 8, 16, 32, 64, 128 or 256 (4x4, doubled per G
+                block).
+            z_dim: length of G's input noise vector.
+            g_channels: G's width at its last, full-resolution block, doubled per block towards the 4x4 start;
+                the main lever on G's size.
+            d_channels: D's width at its first conv, doubled at each further stride-2 conv.
+            g_norm: G's normalisation, "batch" or "none"; a conditional G needs "batch" (the caption sets its
+                gains).
+            d_norm: D's normalisation after every conv but the first, "none" or "batch".
+            spectral_norm: spectral normalisation of D's layers (Miyato et al. 2018): bounds how sharply D's
+                output can change with its input, which steadies training that diverges.
+        """
         super().__init__(**kwargs)
         self.save_hyperparameters()
         if compile and self.r1_gamma > 0:

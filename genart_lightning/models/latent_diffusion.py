@@ -40,6 +40,18 @@ class LatentDiffusion(DiffusionModel):
         first_stage: DiffusersAutoencoder | dict | None = None,
         **kwargs,
     ) -> None:
+        """The first stage; for the rest (process, backbone, text, optimizer, sampling) see DiffusionModel.
+
+        Args:
+            first_stage_ckpt: a genart VAE checkpoint (written by `genart fit`) whose latents are diffused;
+                read once, its weights then live in this model's checkpoints.
+            first_stage_family: the VAE's class path, recorded from first_stage_ckpt so a checkpoint rebuilds
+                its first stage without that file; not set by hand.
+            first_stage_hparams: the VAE's hyperparameters, recorded with first_stage_family; not set by hand.
+            first_stage: a pretrained first stage instead of first_stage_ckpt ({class_path:
+                ...DiffusersAutoencoder, init_args: {path: ...}}), rebuilt from its path and fingerprinted;
+                None: the pipeline's VAE, if any.
+        """
         super().__init__(**kwargs)
         if self.pipeline is not None and first_stage is None and not first_stage_ckpt and first_stage_hparams is None:
             first_stage = self.pipeline.first_stage()

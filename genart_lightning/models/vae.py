@@ -91,6 +91,39 @@ class VAE(GenerativeModel):
         gradient_checkpointing: bool = False,
         compile: bool | str = False,
     ) -> None:
+        """For the settings shared with other families (image_size, text_encoder, ...) see GenerativeModel.
+
+        Args:
+            in_channels: channels of the images encoded and decoded; 3, as TextImageDataModule gives RGB.
+            latent: "spatial": a latent map [latent_channels, H/f, W/f], usable as latent diffusion's first
+                stage; "flat": a vector of latent_dim behind a fully connected bottleneck (a plain VAE, not a
+                first stage).
+            latent_channels: channels of the latent map (4, as Stable Diffusion's VAE); with latent="flat",
+                those of the map the bottleneck flattens.
+            latent_dim: length of the latent vector with latent="flat" (unused for "spatial").
+            base_channels: encoder and decoder width at full resolution; level i has base_channels x
+                channel_mults[i].
+            channel_mults: width multiplier per level; each level after the first halves the resolution, so
+                the downsampling f is 2 ** (len - 1) and image_size must be a multiple of it.
+            num_res_blocks: residual blocks per level in encoder and decoder.
+            recon_loss: reconstruction error summed over pixels, "l1" (Laplace likelihood) or "l2" (Gaussian).
+            beta: weight of the KL term; small (the default) keeps reconstructions sharp for a first stage; 1
+                is the plain ELBO, whose samples from the prior are better and reconstructions blurrier.
+            kl_warmup_steps: optimizer steps over which beta ramps up linearly from 0 (0: full from the
+                start), so the encoder learns to reconstruct before the KL pulls its latents towards the
+                prior.
+            adv_weight: weight of the patch-GAN term in the autoencoder loss (0: no discriminator is built);
+                it sharpens textures that a pixel loss blurs.
+            adv_start_step: optimizer step from which the adversarial term enters the autoencoder loss (the
+                discriminator trains from the first step); lets reconstructions settle first.
+            disc_channels: the patch discriminator's first width, doubled per further layer.
+            disc_layers: stride-2 conv layers of the patch discriminator; more see larger patches.
+            lr: Adam learning rate (betas 0.5, 0.9) of the autoencoder and its discriminator.
+            latent_scale_decay: decay of the moving average of the latents' moments behind `scaling` (updated
+                every step); nearer 1 averages over more batches.
+            num_logged_reconstructions: images of the first validation batch shown beside their
+                reconstructions.
+        """
         super().__init__()
         check_nonfinite_mode(nonfinite)
         if latent not in ("spatial", "flat"):

@@ -94,6 +94,14 @@ class DiffusersAutoencoder(nn.Module):
     """
 
     def __init__(self, path: str, subfolder: str | None = None, sample_posterior: bool = False) -> None:
+        """
+        Args:
+            path: an `AutoencoderKL` save_pretrained directory (or hub id where the network allows); read
+                every time the model is built, as its weights are not in checkpoints.
+            subfolder: the folder of path that holds it (e.g. vae of a pipeline directory).
+            sample_posterior: encode to a sample of the posterior instead of its mean; the mean (default)
+                gives the same latent for the same image every time.
+        """
         super().__init__()
         self.path, self.subfolder, self.sample_posterior = path, subfolder, sample_posterior
         self.vae = load_pretrained("AutoencoderKL", path, subfolder).eval().requires_grad_(False)
@@ -172,6 +180,16 @@ class DiffusersUNetBackbone(Backbone):
 
     def __init__(self, path: str | None = None, subfolder: str | None = None, attention_mask: bool = False,
                  config: dict | None = None) -> None:
+        """
+        Args:
+            path: a `UNet2DConditionModel` save_pretrained directory (or hub id where the network allows); its
+                weights are read when the model is first built.
+            subfolder: the folder of path that holds it (e.g. unet of a pipeline directory).
+            attention_mask: pass the caption's padding mask to cross-attention; off for Stable Diffusion,
+                which was trained attending to all 77 positions.
+            config: the network's diffusers config, recorded at first build so a checkpoint rebuilds the
+                network without path; not set by hand.
+        """
         if path is None and config is None:
             raise ValueError("DiffusersUNetBackbone needs path (a UNet2DConditionModel save_pretrained directory)")
         self.path, self.subfolder, self.attention_mask, self.config = path, subfolder, attention_mask, config

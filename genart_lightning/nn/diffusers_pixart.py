@@ -47,6 +47,14 @@ class PixArtBackbone(Backbone):
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
 
     def __init__(self, path: str | None = None, subfolder: str | None = None, config: dict | None = None) -> None:
+        """
+        Args:
+            path: a `PixArtTransformer2DModel` save_pretrained directory (or hub id where the network allows);
+                its weights are read when the model is first built.
+            subfolder: the folder of path that holds it (e.g. transformer of a pipeline directory).
+            config: the network's diffusers config, recorded at first build so a checkpoint rebuilds the
+                network without path; not set by hand.
+        """
         if path is None and config is None:
             raise ValueError("PixArtBackbone needs path (a PixArtTransformer2DModel save_pretrained directory)")
         self.path, self.subfolder, self.config = path, subfolder, config

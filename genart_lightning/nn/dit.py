@@ -147,6 +147,15 @@ class DiTBackbone(Backbone):
         num_heads: int = 6,
         mlp_ratio: float = 4.0,
     ) -> None:
+        """
+        Args:
+            patch_size: side of the square patches that become tokens; (H / p) x (W / p) tokens, so a smaller
+                one costs more and sees finer detail. The diffused size must be a multiple of it.
+            hidden_size: token width (DiT-S 384, DiT-B 768); a multiple of num_heads and of 4.
+            depth: number of transformer blocks.
+            num_heads: attention heads per block (hidden_size / num_heads channels each).
+            mlp_ratio: width of each block's MLP as a multiple of hidden_size.
+        """
         self.patch_size, self.hidden_size, self.depth = patch_size, hidden_size, depth
         self.num_heads, self.mlp_ratio = num_heads, mlp_ratio
 

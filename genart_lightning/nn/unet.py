@@ -193,6 +193,22 @@ class UNetBackbone(Backbone):
         attention_block: str | None = None,
         dropout: float = 0.0,
     ) -> None:
+        """
+        Args:
+            base_channels: width of the first level (level i has base_channels x channel_mult[i]); the main
+                lever on the network's size, cost growing about with its square.
+            channel_mult: width multiplier per level; each level after the first halves the resolution, so the
+                diffused size must be a multiple of 2 ** (len - 1).
+            num_res_blocks: residual blocks per level on the way down (one more on the way up).
+            attention_levels: levels (indices into channel_mult) with attention after every residual block;
+                the middle block always has it. Attention at high resolution costs the most.
+            head_channels: channels per attention head (a block of width w has w / head_channels heads).
+            attention_block: "transformer" (self-attention, cross-attention to text tokens, MLP) or "plain"
+                (DDPM's self-attention, no text tokens); None: transformer when the backbone reads text
+                tokens, else plain.
+            dropout: dropout inside the residual blocks; for small datasets, where the model starts to
+                memorise.
+        """
         self.base_channels, self.channel_mult, self.num_res_blocks = base_channels, list(channel_mult), num_res_blocks
         self.attention_levels, self.head_channels = list(attention_levels), head_channels
         self.attention_block, self.dropout = attention_block, dropout
