@@ -326,21 +326,28 @@ STEP_TIMES_FILE = "GENART_BENCH_STEP_TIMES"
 
 
 class StepTimer(L.Callback):
-    """Writes the wall seconds of the training steps after global step `warmup` to the file $GENART_BENCH_STEP_TIMES."""
+    """Writes to the file $GENART_BENCH_STEP_TIMES the wall and main-process CPU seconds of the training steps after
+    global step `warmup`, and the wall seconds of every step from batch start to batch end."""
 
     def __init__(self, warmup: int) -> None:
-        self.warmup, self.start, self.steps = warmup, None, 0
+        self.warmup, self.start, self.cpu_start, self.steps = warmup, None, None, 0
+        self.step_seconds: list[float] = []
+        self.batch_start = 0.0
 
     def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
+        self.batch_start = time.perf_counter()
         if trainer.global_step == self.warmup and self.start is None:
-            self.start = time.perf_counter()
+            self.start, self.cpu_start = self.batch_start, time.process_time()
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        self.step_seconds.append(time.perf_counter() - self.batch_start)
         if self.start is not None:
             self.steps += 1
 
     def on_train_end(self, trainer: L.Trainer, *args) -> None:
-        Path(os.environ[STEP_TIMES_FILE]).write_text(json.dumps({"steps": self.steps, "seconds": time.perf_counter() - self.start}))
+        Path(os.environ[STEP_TIMES_FILE]).write_text(json.dumps({
+            "steps": self.steps, "seconds": time.perf_counter() - self.start,
+            "cpu_seconds": time.process_time() - self.cpu_start, "step_seconds": self.step_seconds}))
 
 
 def _spin(stop) -> None:
@@ -350,9 +357,17 @@ def _spin(stop) -> None:
 
 def fit_steps_per_second(config: str, data: dict, root: Path, steps: int, warmup: int, args: list[str],
                          busy: bool = False) -> float:
-    """Training steps per wall second of one real `genart fit` of `config` (a fresh process, OMP_NUM_THREADS unset,
-    no logger, validation, grids or checkpoints), timed over `steps` steps after `warmup`; `busy`: next to one
-    process that keeps a core busy. Wall clock: loader workers run in other processes, and contention is the point."""
+    """Training steps per wall second of one real `genart fit` (see `fit_step_times`). Wall clock: loader workers
+    run in other processes, and contention is the point."""
+    measured = fit_step_times(config, data, root, steps, warmup, args, busy)
+    return measured["steps"] / measured["seconds"]
+
+
+def fit_step_times(config: str, data: dict, root: Path, steps: int, warmup: int, args: list[str],
+                   busy: bool = False) -> dict:
+    """What `StepTimer` measured in one real `genart fit` of `config` (a fresh process, OMP_NUM_THREADS unset, no
+    logger, validation, grids or checkpoints) over `steps` steps after `warmup`; `busy`: next to one process that
+    keeps a core busy."""
     root.mkdir(parents=True, exist_ok=True)
     times = root / "times.json"
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | {STEP_TIMES_FILE: str(times), "PYTHONPATH": str(REPO)}
@@ -374,5 +389,4 @@ def fit_steps_per_second(config: str, data: dict, root: Path, steps: int, warmup
             competitor.join()
     if result.returncode != 0:
         raise RuntimeError(f"genart fit exited {result.returncode}: {result.stderr[-1500:]}")
-    measured = json.loads(times.read_text())
-    return measured["steps"] / measured["seconds"]
+    return json.loads(times.read_text())
