@@ -64,9 +64,11 @@ def test_genart_sample_draws_the_prompts_from_a_fit_checkpoint(trained: dict) ->
     prompt_args = [arg for prompt in PROMPTS for arg in ("--prompt", prompt)]
     genart_main(["sample", "--ckpt", str(trained["ckpt"]), *prompt_args, "--num", "16", "--seed", "0", "--out", str(grid_path)])
 
-    grid = read_image(str(grid_path)).float() / 127.5 - 1  # 4x4 tiles of 16px with 2px padding
-    assert grid.shape == (3, 4 * 18 + 2, 4 * 18 + 2)
-    tiles = torch.stack([grid[:, 2 + 18 * r : 18 * (r + 1), 2 + 18 * c : 18 * (c + 1)] for r in range(4) for c in range(4)])
+    grid = read_image(str(grid_path)).float() / 127.5 - 1  # 4x4 tiles of 16px with 2px padding, enlarged, captioned
+    f = -(-512 // (4 * 18 + 2))
+    assert grid.shape[2] == (4 * 18 + 2) * f and grid.shape[1] > (4 * 18 + 2) * f  # the captions under the columns
+    tiles = torch.stack([grid[:, (2 + 18 * r) * f : 18 * (r + 1) * f : f, (2 + 18 * c) * f : 18 * (c + 1) * f : f]
+                         for r in range(4) for c in range(4)])
     # The command cycles the prompts over the images and samples the checkpoint's EMA generator with the given seed.
     expected = load_model(trained["ckpt"]).sample(16, captions=[PROMPTS[i % 4] for i in range(16)], seed=0)
     torch.testing.assert_close(tiles, expected, atol=1.5 / 127.5, rtol=0)
