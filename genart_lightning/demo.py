@@ -69,7 +69,7 @@ def reading(accuracy: float) -> str:
     from genart_lightning.shapes.judge import ATTRIBUTES
 
     chance = sum(1 / len(classes) for classes in ATTRIBUTES.values()) / len(ATTRIBUTES)
-    return (f"  reading: a judge trained on real shapes reads the prompted {', '.join(ATTRIBUTES)} back from "
+    return (f"  reading: a judge trained on the dataset's own pictures reads the prompted {', '.join(ATTRIBUTES)} back from "
             f"{accuracy:.0%} of the samples' attributes (guessing: {chance:.0%}; 100%: every sample shows its prompt)")
 
 
