@@ -49,7 +49,7 @@ class ThreadTuner(Callback):
         self.steps = 0
         self.min_idle_cores = min_idle_cores
         self.idle: dict[int, list[float]] = {}
-        self.last_jiffies = cpu_jiffies()
+        self.last_jiffies = cpu_jiffies() if self._next_is_trial() else None
 
     def install(self, callbacks: list[Callback]) -> None:
         """Put the tuner before every other callback and its marker after them, so neither sees the others' work."""
@@ -58,21 +58,27 @@ class ThreadTuner(Callback):
 
     def restart_clock(self) -> None:
         """The next iteration starts now: what ran since the tuner's hook was other callbacks' work."""
-        self.last_end, self.last_jiffies = time.perf_counter(), cpu_jiffies()
+        self.last_end = time.perf_counter()
+        self.last_jiffies = cpu_jiffies() if self._next_is_trial() else None
+
+    def _next_is_trial(self) -> bool:
+        """Whether the coming iteration is timed as a trial: only those read /proc/stat."""
+        return bool(self.queue) or self.steps == self.warmup
 
     def on_train_batch_end(self, trainer: Trainer, *args) -> None:
-        now, jiffies = time.perf_counter(), cpu_jiffies()
+        now = time.perf_counter()
+        jiffies = cpu_jiffies() if self.last_jiffies is not None else None
         elapsed, self.last_end = (None if self.last_end is None else now - self.last_end), now
-        idle, self.last_jiffies = idle_cores(self.last_jiffies, jiffies), jiffies
+        idle = idle_cores(self.last_jiffies, jiffies)
         self.steps += 1
-        if elapsed is None or self.steps <= self.warmup:
-            return
-        if self.steps == self.warmup + 1:
-            self._start_trials()
-        if self.queue:
-            self._trial(elapsed, idle, trainer)
-        else:
-            self._watch(elapsed)
+        if elapsed is not None and self.steps > self.warmup:
+            if self.steps == self.warmup + 1:
+                self._start_trials()
+            if self.queue:
+                self._trial(elapsed, idle, trainer)
+            else:
+                self._watch(elapsed)
+        self.last_jiffies = (jiffies or cpu_jiffies()) if self._next_is_trial() else None
 
     def _start_trials(self) -> None:
         """Trials begin at the current count, so a run whose rule was right loses nothing until the others are tried."""
