@@ -33,8 +33,8 @@ def images_to_grid(images: Tensor, nrow: int | None = None, captions: list[str] 
 def captioned(grid: Tensor, cell: tuple[int, int], nrow: int, captions: list[str]) -> Tensor:
     """`grid` (make_grid's layout of `cell`-sized images, `nrow` per row) enlarged to VIEW_WIDTH with its captions:
     one strip under the last row when every column shares one caption, else a strip under every row."""
-    factor = max(1, -(-VIEW_WIDTH // grid.shape[-1]))
-    image = to_pil_image(grid).resize((grid.shape[-1] * factor, grid.shape[-2] * factor), Image.NEAREST)
+    image = to_pil_image(enlarged(grid).mul(255).add_(0.5).clamp_(0, 255).byte())  # rounded as save_image rounds
+    factor = image.width // grid.shape[-1]
     rows = [captions[i:i + nrow] for i in range(0, len(captions), nrow)]
     per_column = all(row == rows[0] for row in rows[:-1]) and rows[-1] == rows[0][:len(rows[-1])]
     pitch_y, pitch_x = (cell[0] + PADDING) * factor, (cell[1] + PADDING) * factor
@@ -87,11 +87,15 @@ def write_png(grid: Tensor, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(grid, path)
-    width = grid.shape[-1]
-    if width < VIEW_WIDTH:
-        factor = -(-VIEW_WIDTH // width)
-        save_image(F.interpolate(grid[None], scale_factor=factor, mode="nearest")[0], enlarged_path(path))
+    if grid.shape[-1] < VIEW_WIDTH:
+        save_image(enlarged(grid), enlarged_path(path))
     return path
+
+
+def enlarged(grid: Tensor) -> Tensor:
+    """`grid` enlarged by the integer factor (nearest neighbour) that makes it at least VIEW_WIDTH wide."""
+    factor = max(1, -(-VIEW_WIDTH // grid.shape[-1]))
+    return F.interpolate(grid[None], scale_factor=factor, mode="nearest")[0]
 
 
 def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, captions: list[str] | None = None) -> Path:
