@@ -65,7 +65,7 @@ def main() -> None:
             metrics = evaluate(ckpt, sampler, steps, args.num_samples, data, work / config / f"eval_{sampler}_{steps}.json")
             cells.append(f"{metrics['attribute_accuracy']:.2f} / {metrics['fid']:.2f}")
         lines.append(f"| {label} | {sampler} | {minutes:.0f} min | " + " | ".join(cells) + " |")
-        write_section(args.out, lines, "quality_shapes")  # after every row: a cut-off run keeps what it measured
+        write_section(args.out, lines, f"quality_shapes_{args.train_steps}")  # after every row: a cut-off run keeps what it measured
     print(f"quality table: {args.out}")
 
 
