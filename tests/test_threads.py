@@ -9,6 +9,8 @@ import pytest
 import torch
 import yaml
 from helpers import tiny_config
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from genart_lightning.cli import entry
 from genart_lightning.run.threads import choose_threads, usable_cores
@@ -66,89 +68,105 @@ class FakeClock:
         cores = len(os.sched_getaffinity(0))
         self.jiffies = (self.jiffies[0] + round(100 * self.idle_cores), self.jiffies[1] + 100 * cores)
 
-    def install(self, monkeypatch, thread_tuner) -> None:
-        monkeypatch.setattr(thread_tuner.time, "perf_counter", lambda: self.now)
+    def install(self, monkeypatch) -> None:
+        from genart_lightning.callbacks import step_clock, thread_tuner
+
+        monkeypatch.setattr(step_clock.time, "perf_counter", lambda: self.now)
         monkeypatch.setattr(thread_tuner, "cpu_jiffies", lambda: self.jiffies)
 
 
-def test_tuner_keeps_the_fastest_count_and_retunes_when_the_load_changes(monkeypatch):
+def tuner_trainer(tuner, *callbacks):
+    """A trainer holding `tuner` (and `callbacks`) set up as a fit sets it up: with the shared step clock installed."""
     from lightning.pytorch import Trainer
 
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[tuner, *callbacks], enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks))
+    tuner.setup(trainer, None, "fit")
+    return trainer
+
+
+def run_iterations(trainer, clock: FakeClock, count: int) -> None:
+    """`count` training iterations as the loop calls the callbacks: batch start, the step, batch end."""
+    for _ in range(count):
+        for callback in trainer.callbacks:
+            callback.on_train_batch_start(trainer, None, None, 0)
+        clock.step()
+        for callback in trainer.callbacks:
+            callback.on_train_batch_end(trainer, None, None, None, 0)
+
+
+def test_tuner_keeps_the_fastest_count_and_retunes_when_the_load_changes(monkeypatch):
     from genart_lightning.callbacks import thread_tuner
 
     threads = torch.get_num_threads()
     clock = FakeClock({1: 0.20, 2: 0.12})  # idle: 2 threads win although the rule started at 1
-    clock.install(monkeypatch, thread_tuner)
-    tuner = thread_tuner.ThreadTuner([1, 2], start=1, min_gap=50)
-    trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    clock.install(monkeypatch)
+    trainer = tuner_trainer(thread_tuner.ThreadTuner([1, 2], start=1, min_gap=50))
     torch.set_num_threads(1)
     try:
-        for _ in range(40):
-            clock.step()
-            tuner.on_train_batch_end(trainer)
+        run_iterations(trainer, clock, 40)
         assert torch.get_num_threads() == 2
         clock.seconds_per_step, clock.idle_cores = {1: 0.20, 2: 3.0}, 0.0  # a busy process arrives: 2 threads spin-wait
-        for _ in range(80):
-            clock.step()
-            tuner.on_train_batch_end(trainer)
+        run_iterations(trainer, clock, 80)
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
 
 
 def test_tuner_does_not_try_more_threads_when_no_core_is_idle(monkeypatch, capsys):
-    from lightning.pytorch import Trainer
-
     from genart_lightning.callbacks import thread_tuner
 
     threads = torch.get_num_threads()
     clock = FakeClock({1: 0.20, 2: 3.0}, idle_cores=0.1)  # another process keeps the other core busy from the start
-    clock.install(monkeypatch, thread_tuner)
+    clock.install(monkeypatch)
     used = []
     monkeypatch.setattr(thread_tuner.torch, "set_num_threads", used.append)
     tuner = thread_tuner.ThreadTuner([1, 2], start=1)
-    trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = tuner_trainer(tuner)
     try:
-        for _ in range(20):
-            clock.step()
-            tuner.on_train_batch_end(trainer)
+        run_iterations(trainer, clock, 20)
         assert tuner.tuned is not None and 2 not in used and list(tuner.times) == [1]
         assert "2 not tried: 0.10 cores idle" in capsys.readouterr().out
     finally:
         torch.set_num_threads(threads)
 
 
-class SlowEvaluation:
-    """A callback that samples for 20 s after every 4th batch, as a periodic evaluation does."""
+class SlowEvaluation(Callback):
+    """Samples for 20 s after every 4th batch, as a periodic evaluation does."""
 
     def __init__(self, clock: FakeClock) -> None:
         self.clock, self.batches = clock, 0
 
-    def on_train_batch_end(self, trainer) -> None:
+    def on_train_batch_end(self, *args) -> None:
         self.batches += 1
         if self.batches % 4 == 0:
             self.clock.now += 20.0
 
 
-def test_tuner_does_not_time_what_other_callbacks_run_between_batches(monkeypatch):
-    from lightning.pytorch import Trainer
+class SlowCheckpoint(ModelCheckpoint):
+    """Saves for 20 s after every 3rd batch; Lightning puts checkpoint callbacks after every other one."""
 
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__()
+        self.clock, self.batches = clock, 0
+
+    def on_train_batch_end(self, *args) -> None:
+        self.batches += 1
+        if self.batches % 3 == 0:
+            self.clock.now += 20.0
+
+
+def test_tuner_does_not_time_what_other_callbacks_run_between_batches(monkeypatch):
     from genart_lightning.callbacks import thread_tuner
 
     threads = torch.get_num_threads()
     clock = FakeClock({1: 0.20, 2: 0.12})
-    clock.install(monkeypatch, thread_tuner)
-    callbacks = [SlowEvaluation(clock)]
+    clock.install(monkeypatch)
     tuner = thread_tuner.ThreadTuner([1, 2], start=1, min_gap=10)
-    tuner.install(callbacks)
-    assert callbacks[0] is tuner and len(callbacks) == 3
-    trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = tuner_trainer(tuner, SlowCheckpoint(clock), SlowEvaluation(clock))
     torch.set_num_threads(1)
     try:
-        for _ in range(60):  # the evaluation after batch 4 falls in count 2's trial
-            clock.step()
-            for callback in callbacks:
-                callback.on_train_batch_end(trainer)
+        run_iterations(trainer, clock, 60)  # the pauses after batches 3 and 4 fall in count 2's trial
         assert torch.get_num_threads() == 2 and tuner.tuned_at == 5  # tuned once, never re-tuned
     finally:
         torch.set_num_threads(threads)

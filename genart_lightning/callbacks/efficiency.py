@@ -1,8 +1,8 @@
 """An efficiency panel: step time, the share of it spent waiting for data, model FLOPs utilisation, peak memory.
 
-Every `every_n_steps` training steps it logs, over that window: `efficiency/step_time_median` and `_p90` (seconds from
-one batch's end to the next's, so the loader's wait is inside), `efficiency/data_wait_share` (the part of those
-seconds between a batch's end and the next batch's start, where Lightning fetches the next batch), `efficiency/mfu`
+Every `every_n_steps` training steps it logs, over that window: `efficiency/step_time_median` and `_p90` (seconds of
+an iteration on the shared `StepClock`: the wait for the batch and the step, not what other callbacks run between
+batches), `efficiency/data_wait_share` (the part of those seconds spent waiting for the batch), `efficiency/mfu`
 (FLOPs per step / median step time / the device's peak) and `efficiency/peak_memory_gb` (CUDA: the allocator's peak;
 CPU: the process's peak resident set). FLOPs per step are counted once, on the first batch of global step 1, with
 torch's `FlopCounterMode` (forward, backward and optimizer step of this rank); that step is left out of the timings.
@@ -24,6 +24,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+
+from genart_lightning.callbacks.step_clock import StepClock
 
 PEAK_TFLOPS = {  # (bf16 dense, fp32) from the vendors' datasheets, per GPU
     "H200": (989.0, 67.0), "H100": (989.0, 67.0), "A100": (312.0, 19.5), "L40S": (362.0, 91.6),
@@ -90,9 +92,12 @@ class Efficiency(L.Callback):
         self.peak: float | None = None
         self.peak_source = ""
         self.logged: dict[str, float] = {}
-        self._last_end: float | None = None
-        self._start: float | None = None
+        self.clock = StepClock()
         self._counter: Any = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.every_n_steps:
+            self.clock = StepClock.of(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.every_n_steps:
@@ -100,10 +105,7 @@ class Efficiency(L.Callback):
             rank_zero_info(f"efficiency panel: peak {self.peak / 1e12:.3g} TFLOP/s per device ({self.peak_source})")
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        if not self.every_n_steps:
-            return
-        self._start = time.perf_counter()
-        if trainer.global_step == self.COUNT_AT and self.flops_per_step is None and self._counter is None:
+        if self.every_n_steps and trainer.global_step == self.COUNT_AT and self.flops_per_step is None and self._counter is None:
             from torch.utils.flop_counter import FlopCounterMode
 
             self._counter = FlopCounterMode(display=False)
@@ -113,20 +115,15 @@ class Efficiency(L.Callback):
                            batch_idx: int) -> None:
         if not self.every_n_steps:
             return
-        now = time.perf_counter()
-        counted = self._counter is not None
-        if counted:
+        iteration = self.clock.iteration()
+        if self._counter is not None:  # the counted step is not timed
             self._counter.__exit__(None, None, None)
             self.flops_per_step, self._counter = float(self._counter.get_total_flops()), None
-        if self._last_end is not None and self._start is not None and not counted:
-            self.steps.append(now - self._last_end)
-            self.waits.append(self._start - self._last_end)
-        self._last_end = now
+        elif iteration is not None:
+            self.waits.append(iteration[0])
+            self.steps.append(iteration[1])
         if trainer.global_step % self.every_n_steps == 0 and self.steps:
             self._log(trainer, pl_module)
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last_end = None  # the gap around validation is not a training step
 
     def state_dict(self) -> dict:
         return {"flops_per_step": self.flops_per_step}

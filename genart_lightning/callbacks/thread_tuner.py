@@ -4,10 +4,8 @@ The rule in `run/threads.py` (cores less loader workers) is safe, not best: ligh
 (32px shapes on an idle 2-core machine ran 0.62x as fast at the rule's 1 thread as at 2), and a process that starts
 beside ours turns 2 threads into a 10x slowdown. No static rule knows either, so the run times itself: a few
 iterations at each candidate count, the fastest kept, and a re-tune when the kept count's iterations slow down.
-An iteration is timed from the end of the previous one's work to its own batch's end, loader waits included (those
-are what the workers cost), but not the sampling, checkpoints or validation other callbacks run between batches: a
-periodic evaluation once looked like a 19 s iteration at the count being tried. So the tuner runs first among the
-callbacks and a clock-restarting marker last (`install`).
+An iteration is timed by the shared `StepClock`: loader waits included (those are what the workers cost), but not the
+sampling, checkpoints or validation other callbacks run between batches.
 More threads than the start are tried only when the start's own iterations left a core idle (Linux's /proc/stat,
 over the cores this process may use): next to a busy process one 2-thread iteration of a 32px U-Net took several
 times a 1-thread one, and that single trial cost the default 9% of an 80-step run.
@@ -20,11 +18,12 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from genart_lightning.callbacks.step_clock import StepClock
 
 
 class ThreadTuner(Callback):
@@ -45,20 +44,18 @@ class ThreadTuner(Callback):
         self.tuned: float | None = None
         self.tuned_at = 0
         self.recent: list[float] = []
-        self.last_end: float | None = None
         self.steps = 0
         self.min_idle_cores = min_idle_cores
         self.idle: dict[int, list[float]] = {}
-        self.last_jiffies = cpu_jiffies() if self._next_is_trial() else None
+        self.last_jiffies: tuple[int, int] | None = None
+        self.clock = StepClock()
 
-    def install(self, callbacks: list[Callback]) -> None:
-        """Put the tuner before every other callback and its marker after them, so neither sees the others' work."""
-        callbacks.insert(0, self)
-        callbacks.append(_RestartClock(self))
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.clock = StepClock.of(trainer)
+        if self._iteration_starts not in self.clock.restart_hooks:
+            self.clock.restart_hooks.append(self._iteration_starts)
 
-    def restart_clock(self) -> None:
-        """The next iteration starts now: what ran since the tuner's hook was other callbacks' work."""
-        self.last_end = time.perf_counter()
+    def _iteration_starts(self) -> None:
         self.last_jiffies = cpu_jiffies() if self._next_is_trial() else None
 
     def _next_is_trial(self) -> bool:
@@ -66,19 +63,16 @@ class ThreadTuner(Callback):
         return bool(self.queue) or self.steps == self.warmup
 
     def on_train_batch_end(self, trainer: Trainer, *args) -> None:
-        now = time.perf_counter()
-        jiffies = cpu_jiffies() if self.last_jiffies is not None else None
-        elapsed, self.last_end = (None if self.last_end is None else now - self.last_end), now
-        idle = idle_cores(self.last_jiffies, jiffies)
+        iteration = self.clock.iteration()
+        idle = idle_cores(self.last_jiffies, cpu_jiffies() if self.last_jiffies is not None else None)
         self.steps += 1
-        if elapsed is not None and self.steps > self.warmup:
+        if iteration is not None and self.steps > self.warmup:
             if self.steps == self.warmup + 1:
                 self._start_trials()
             if self.queue:
-                self._trial(elapsed, idle, trainer)
+                self._trial(iteration[1], idle, trainer)
             else:
-                self._watch(elapsed)
-        self.last_jiffies = (jiffies or cpu_jiffies()) if self._next_is_trial() else None
+                self._watch(iteration[1])
 
     def _start_trials(self) -> None:
         """Trials begin at the current count, so a run whose rule was right loses nothing until the others are tried."""
@@ -120,19 +114,6 @@ class ThreadTuner(Callback):
     def _use(self, threads: int) -> None:
         self.current = threads
         torch.set_num_threads(threads)
-
-
-class _RestartClock(Callback):
-    """Runs after every other callback's batch-end and validation-end hooks and restarts the tuner's clock."""
-
-    def __init__(self, tuner: ThreadTuner) -> None:
-        self.tuner = tuner
-
-    def on_train_batch_end(self, *args) -> None:
-        self.tuner.restart_clock()
-
-    def on_validation_end(self, *args) -> None:
-        self.tuner.restart_clock()
 
 
 def cpu_jiffies() -> tuple[int, int] | None:

@@ -122,7 +122,7 @@ class GenartCLI(LightningCLI):
             trainer.callbacks[trainer.callbacks.index(bar)] = TQDMProgressBar()
         candidates = self.threads.tuning_candidates() if self.threads else []
         if self.subcommand == "fit" and len(candidates) > 1 and trainer.world_size == 1:  # ranks would time each other
-            ThreadTuner(candidates, self.threads.threads).install(trainer.callbacks)
+            trainer.callbacks.append(ThreadTuner(candidates, self.threads.threads))
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # keep a CheckpointIO the config chose
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
