@@ -132,28 +132,20 @@ def test_tuner_does_not_try_more_threads_when_no_core_is_idle(monkeypatch, capsy
 
 
 class SlowEvaluation(Callback):
-    """Samples for 20 s after every 4th batch, as a periodic evaluation does."""
+    """Works for 20 s after every `every`-th batch, as a periodic evaluation does."""
 
-    def __init__(self, clock: FakeClock) -> None:
-        self.clock, self.batches = clock, 0
-
-    def on_train_batch_end(self, *args) -> None:
-        self.batches += 1
-        if self.batches % 4 == 0:
-            self.clock.now += 20.0
-
-
-class SlowCheckpoint(ModelCheckpoint):
-    """Saves for 20 s after every 3rd batch; Lightning puts checkpoint callbacks after every other one."""
-
-    def __init__(self, clock: FakeClock) -> None:
+    def __init__(self, clock: FakeClock, every: int = 4) -> None:
         super().__init__()
-        self.clock, self.batches = clock, 0
+        self.clock, self.every, self.batches = clock, every, 0
 
     def on_train_batch_end(self, *args) -> None:
         self.batches += 1
-        if self.batches % 3 == 0:
+        if self.batches % self.every == 0:
             self.clock.now += 20.0
+
+
+class SlowCheckpoint(SlowEvaluation, ModelCheckpoint):
+    """The same pauses from a checkpoint callback, which Lightning runs after every other one."""
 
 
 def test_tuner_does_not_time_what_other_callbacks_run_between_batches(monkeypatch):
@@ -163,7 +155,7 @@ def test_tuner_does_not_time_what_other_callbacks_run_between_batches(monkeypatc
     clock = FakeClock({1: 0.20, 2: 0.12})
     clock.install(monkeypatch)
     tuner = thread_tuner.ThreadTuner([1, 2], start=1, min_gap=10)
-    trainer = tuner_trainer(tuner, SlowCheckpoint(clock), SlowEvaluation(clock))
+    trainer = tuner_trainer(tuner, SlowCheckpoint(clock, every=3), SlowEvaluation(clock))
     torch.set_num_threads(1)
     try:
         run_iterations(trainer, clock, 60)  # the pauses after batches 3 and 4 fall in count 2's trial
