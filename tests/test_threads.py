@@ -106,9 +106,12 @@ def test_tuner_keeps_the_fastest_count_and_retunes_when_the_load_changes(monkeyp
     try:
         run_iterations(trainer, clock, 40)
         assert torch.get_num_threads() == 2
-        clock.seconds_per_step, clock.idle_cores = {1: 0.20, 2: 3.0}, 0.0  # a busy process arrives: 2 threads spin-wait
+        clock.seconds_per_step, clock.idle_cores = {1: 0.40, 2: 3.0}, 0.0  # a busy process arrives: 2 threads spin-wait
         run_iterations(trainer, clock, 80)
         assert torch.get_num_threads() == 1
+        clock.seconds_per_step, clock.idle_cores = {1: 0.20, 2: 0.12}, 1.0  # it ends: the core is free again
+        run_iterations(trainer, clock, 80)
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
 
