@@ -13,7 +13,7 @@ from datamodules.synthetic import COLOURS, caption_with_colour, dominant_shape_c
 from datamodules.webdataset import TextImageDataModule
 from genart_lightning.cli import main as genart_main
 from genart_lightning.models.cgan import TextConditionalGAN
-from genart_lightning.models.grids import save_grid
+from genart_lightning.models.grids import VIEW_WIDTH, save_grid
 from genart_lightning.models.loading import load_model
 
 G_STEPS = 600
@@ -65,7 +65,7 @@ def test_genart_sample_draws_the_prompts_from_a_fit_checkpoint(trained: dict) ->
     genart_main(["sample", "--ckpt", str(trained["ckpt"]), *prompt_args, "--num", "16", "--seed", "0", "--out", str(grid_path)])
 
     grid = read_image(str(grid_path)).float() / 127.5 - 1  # 4x4 tiles of 16px with 2px padding, enlarged, captioned
-    f = -(-512 // (4 * 18 + 2))
+    f = -(-VIEW_WIDTH // (4 * 18 + 2))
     assert grid.shape[2] == (4 * 18 + 2) * f and grid.shape[1] > (4 * 18 + 2) * f  # the captions under the columns
     tiles = torch.stack([grid[:, (2 + 18 * r) * f : 18 * (r + 1) * f : f, (2 + 18 * c) * f : 18 * (c + 1) * f : f]
                          for r in range(4) for c in range(4)])

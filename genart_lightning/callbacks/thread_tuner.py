@@ -110,9 +110,9 @@ class ThreadTuner(Callback):
 
     def _watch(self, elapsed: float) -> None:
         self.recent = (self.recent + [elapsed])[-self.window:]
-        median = statistics.median(self.recent) if len(self.recent) == self.window else self.tuned
-        changed = not self.tuned / self.slowdown <= median <= self.slowdown * self.tuned
-        if changed and self.steps - self.tuned_at >= self.min_gap:
+        if len(self.recent) < self.window or self.steps - self.tuned_at < self.min_gap:
+            return
+        if not self.tuned / self.slowdown <= statistics.median(self.recent) <= self.slowdown * self.tuned:
             self._start_trials()
 
     def _use(self, threads: int) -> None:
