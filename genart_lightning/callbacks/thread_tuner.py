@@ -4,7 +4,7 @@ The rule in `run/threads.py` (cores less loader workers) is safe, not best: ligh
 (32px shapes on an idle 2-core machine ran 0.62x as fast at the rule's 1 thread as at 2), and a process that starts
 beside ours turns 2 threads into a 10x slowdown. No static rule knows either, so the run times itself: a few
 iterations at each candidate count, the fastest kept, and a re-tune when the kept count's iterations slow down or
-speed up.
+speed up, or when a count below the most leaves a core idle (the process beside ours ended).
 An iteration is timed by the shared `StepClock`: loader waits included (those are what the workers cost), but not the
 sampling, checkpoints or validation other callbacks run between batches.
 More threads than the start are tried only when the start's own iterations left a core idle (Linux's /proc/stat,
@@ -29,9 +29,12 @@ from genart_lightning.callbacks.step_clock import StepClock
 
 class ThreadTuner(Callback):
     """Try each of `candidates` threads (`start`, the count in use, among them) for `trial_steps` iterations after `warmup`, keep the fastest; re-tune when
-    the median of the last `window` iterations is `slowdown` times the tuned time or faster by that factor (at most
-    every `min_gap` steps): a process beside ours started, or ended. Without the second, a run tuned down while a
-    test suite ran beside it kept 1 thread after the suite ended (32px shapes: 1.0 s per iteration, 0.74 s at 2).
+    the median of the last `window` iterations is `slowdown` times the tuned time or faster by that factor, or when
+    fewer threads than the most leave `min_idle_cores` idle over those iterations (at most every `min_gap` steps): a
+    process beside ours started, or ended. Without the last two, a run tuned down while a test suite ran beside it
+    kept 1 thread after the suite ended (32px shapes: 1.0 s per iteration, 0.74 s at 2); the idle cores are what
+    tells, as a 1-thread iteration hardly slows beside a busy process and so hardly speeds up when it ends (flow at
+    32px: 0.95 s at 1 thread under load and after it, 0.64 s at 2 idle).
 
     One warm-up iteration: the first (kernel set-up, optimizer state) is never timed, and every further one spent at a
     losing count costs the run: on an idle 2-core machine the rule's 1 thread ran 0.4 s slower per step than 2, and
@@ -47,6 +50,7 @@ class ThreadTuner(Callback):
         self.tuned: float | None = None
         self.tuned_at = 0
         self.recent: list[float] = []
+        self.recent_idle: list[float] = []
         self.steps = 0
         self.min_idle_cores = min_idle_cores
         self.idle: dict[int, list[float]] = {}
@@ -59,11 +63,11 @@ class ThreadTuner(Callback):
             self.clock.restart_hooks.append(self._iteration_starts)
 
     def _iteration_starts(self) -> None:
-        self.last_jiffies = cpu_jiffies() if self._next_is_trial() else None
+        self.last_jiffies = cpu_jiffies() if self._reads_idle() else None
 
-    def _next_is_trial(self) -> bool:
-        """Whether the coming iteration is timed as a trial: only those read /proc/stat."""
-        return bool(self.queue) or self.steps == self.warmup
+    def _reads_idle(self) -> bool:
+        """Whether the coming iteration reads /proc/stat: a trial's, or one at fewer threads than the most."""
+        return bool(self.queue) or self.steps == self.warmup or (self.tuned is not None and self.current < self.candidates[-1])
 
     def on_train_batch_end(self, trainer: Trainer, *args) -> None:
         iteration = self.clock.iteration()
@@ -75,13 +79,13 @@ class ThreadTuner(Callback):
             if self.queue:
                 self._trial(iteration[1], idle, trainer)
             else:
-                self._watch(iteration[1])
+                self._watch(iteration[1], idle)
 
     def _start_trials(self) -> None:
         """Trials begin at the current count, so a run whose rule was right loses nothing until the others are tried."""
         self.times, self.idle = {}, {}
         self.queue = [self.current] + [c for c in self.candidates if c != self.current]
-        self.recent = []
+        self.recent, self.recent_idle = [], []
 
     def _trial(self, elapsed: float, idle: float | None, trainer: Trainer) -> None:
         threads = self.queue[0]
@@ -108,11 +112,13 @@ class ThreadTuner(Callback):
             print(f"[genart] CPU threads: {self.current} for torch (tuned at step {trainer.global_step}, "
                   f"median s/iteration {tried}{skipped})", flush=True)
 
-    def _watch(self, elapsed: float) -> None:
+    def _watch(self, elapsed: float, idle: float | None) -> None:
         self.recent = (self.recent + [elapsed])[-self.window:]
+        self.recent_idle = (self.recent_idle + [idle] if idle is not None else [])[-self.window:]
         if len(self.recent) < self.window or self.steps - self.tuned_at < self.min_gap:
             return
-        if not self.tuned / self.slowdown <= statistics.median(self.recent) <= self.slowdown * self.tuned:
+        spare_core = len(self.recent_idle) == self.window and statistics.median(self.recent_idle) >= self.min_idle_cores
+        if spare_core or not self.tuned / self.slowdown <= statistics.median(self.recent) <= self.slowdown * self.tuned:
             self._start_trials()
 
     def _use(self, threads: int) -> None:
