@@ -125,3 +125,24 @@ def test_bad_configuration_and_input_size_are_named():
         UNet(attention_block="plain", context_dim=12)
     with pytest.raises(ValueError, match="must be divisible by 2"):
         tiny_unet()(torch.randn(1, 3, 15, 15), torch.tensor([1]))
+
+
+@pytest.mark.parametrize("coordinates", [False, True])
+def test_coordinates_let_the_unet_tell_left_from_right_far_from_the_borders(coordinates):
+    """A constant input, a target of +1 on the left half and -1 on the right: the centre columns are further from
+    every border than this net sees, so only the coordinate channels can tell them apart."""
+    torch.manual_seed(0)
+    net = UNet(in_channels=1, base_channels=8, channel_mult=(1,), num_res_blocks=1, attention_levels=(), head_channels=8,
+               coordinates=coordinates)
+    x, t = torch.zeros(4, 1, 32, 32), torch.zeros(4)
+    target = torch.ones(4, 1, 32, 32)
+    target[..., 16:] = -1
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        (net(x, t) - target).square().mean().backward()
+        opt.step()
+    with torch.no_grad():
+        centre = net(x, t)[0, 0, 13:19, 13:19]  # 12 3x3 convs: these see no border
+    right_side = (centre.sign() == target[0, 0, 13:19, 13:19]).float().mean().item()
+    assert right_side == 1.0 if coordinates else right_side <= 0.5

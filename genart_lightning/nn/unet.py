@@ -81,13 +81,23 @@ class Layer(nn.ModuleList):
         return h
 
 
+def with_coordinates(x: Tensor) -> Tensor:
+    """x with two more channels, the column and row of each pixel from -1 to 1 (CoordConv, Liu et al. 2018):
+    convolutions are translation-equivariant and learn where they are only from the zero padding at the borders."""
+    b, _, h, w = x.shape
+    rows = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)[:, None].expand(h, w)
+    cols = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)[None, :].expand(h, w)
+    return torch.cat([x, torch.stack([cols, rows]).expand(b, 2, h, w)], dim=1)
+
+
 class UNet(nn.Module):
     """Predicts eps / v / x0 from a noisy image, its timestep and (optionally) text tokens and a pooled text vector.
 
     Level i of `channel_mult` runs at 1/2**i of the input resolution with base_channels * mult channels;
     `attention_levels` lists the levels that get attention; the middle block always has it.
     `attention_block` picks its kind: "transformer" (self-attention, cross-attention to text when
-    `context_dim` is set, MLP) or "plain" (DDPM's self-attention block, no text tokens).
+    `context_dim` is set, MLP) or "plain" (DDPM's self-attention block, no text tokens). `coordinates` feeds each
+    pixel's column and row to the first conv (`with_coordinates`).
     """
 
     def __init__(
@@ -104,6 +114,7 @@ class UNet(nn.Module):
         pooled_dim: int | None = None,
         dropout: float = 0.0,
         gradient_checkpointing: bool = False,
+        coordinates: bool = False,
     ) -> None:
         super().__init__()
         bad = [lv for lv in attention_levels if not 0 <= lv < len(channel_mult)]
@@ -122,7 +133,8 @@ class UNet(nn.Module):
             return SpatialTransformer(ch, context_dim, head_channels)
 
         ch = base_channels
-        self.input_conv = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.coordinates = coordinates
+        self.input_conv = nn.Conv2d(in_channels + (2 if coordinates else 0), ch, 3, padding=1)
         skips, self.down = [ch], nn.ModuleList()
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
@@ -165,7 +177,7 @@ class UNet(nn.Module):
         emb = self.time_embed(timestep_embedding(t, self.base_channels).to(x.dtype))
         if self.pooled_embed is not None and pooled is not None:
             emb = emb + self.pooled_embed(pooled.to(emb.dtype))
-        h = self.input_conv(x)
+        h = self.input_conv(with_coordinates(x) if self.coordinates else x)
         hs = [h]
         for layer in self.down:
             h = self._run(layer, h, emb, context, context_mask)
@@ -192,6 +204,7 @@ class UNetBackbone(Backbone):
         head_channels: int = 32,
         attention_block: str | None = None,
         dropout: float = 0.0,
+        coordinates: bool = False,
     ) -> None:
         """
         Args:
@@ -208,10 +221,13 @@ class UNetBackbone(Backbone):
                 tokens, else plain.
             dropout: dropout inside the residual blocks; for small datasets, where the model starts to
                 memorise.
+            coordinates: give the first conv each pixel's column and row (-1 to 1 across the picture, whatever
+                its size) as two more input channels, so prompts that name a place ("on the left") can be
+                followed from the start; without them the convs learn where they are only from the borders.
         """
         self.base_channels, self.channel_mult, self.num_res_blocks = base_channels, list(channel_mult), num_res_blocks
         self.attention_levels, self.head_channels = list(attention_levels), head_channels
-        self.attention_block, self.dropout = attention_block, dropout
+        self.attention_block, self.dropout, self.coordinates = attention_block, dropout, coordinates
 
     def build(self, in_channels: int, context_dim: int | None, pooled_dim: int | None,
               gradient_checkpointing: bool = False) -> UNet:
@@ -220,7 +236,8 @@ class UNetBackbone(Backbone):
         return UNet(in_channels=in_channels, base_channels=self.base_channels, channel_mult=tuple(self.channel_mult),
                     num_res_blocks=self.num_res_blocks, attention_levels=tuple(self.attention_levels),
                     head_channels=self.head_channels, attention_block=self.attention_block, context_dim=context_dim,
-                    pooled_dim=pooled_dim, dropout=self.dropout, gradient_checkpointing=gradient_checkpointing)
+                    pooled_dim=pooled_dim, dropout=self.dropout, gradient_checkpointing=gradient_checkpointing,
+                    coordinates=self.coordinates)
 
     def size_multiple(self) -> int:
         return 2 ** (len(self.channel_mult) - 1)  # each level after the first halves the input
