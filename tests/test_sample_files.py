@@ -65,6 +65,17 @@ def test_small_grids_get_an_enlarged_copy_and_captions_go_under_columns_or_rows(
     assert per_column == 1 and per_row == 2  # one-word captions: one text line per strip
 
 
+def test_a_caption_word_wider_than_its_column_does_not_run_into_the_next(tmp_path):
+    images = torch.zeros(8, 3, 8, 8)  # eight columns of 8px tiles: each column is 70 px wide when enlarged
+    captions = [f"a small red circle on the {where}, black background," for where in "abcdefgh"]
+    grid = np.asarray(Image.open(save_grid(images, tmp_path / "c.png", nrow=8, captions=captions)))
+    factor = -(-512 // (8 * 10 + 2))
+    pitch = 10 * factor
+    strip = grid[10 * factor + 2 * factor:]  # under the row of tiles
+    for column in range(1, 8):  # the 4 px before each caption's start belong to no caption
+        assert (strip[:, column * pitch - 1: column * pitch + 4] > 200).all(), column
+
+
 def test_same_seed_same_files(tmp_path):
     for name in ("a", "b"):
         genart(["sample", "--ckpt", str(CKPT), "--num", "3", "--batch-size", "2", "--prompt", "a red circle",
