@@ -59,8 +59,8 @@ def main() -> None:
     shards = (f"{data}/train-{{000000..000005}}.tar", f"{data}/val-000000.tar")
     lines = [f"Shapes at 32px on CPU, {args.train_steps} training steps of batch 32 per row, guidance 4, "
              f"{args.num_samples} samples per cell (`python -m benchmarks.quality_table --train-steps {args.train_steps} "
-             f"--num-samples {args.num_samples} --rows {args.rows}`). Accuracy: all attributes, as `genart eval` "
-             f"reports it; by attribute at {BY_ATTRIBUTE_STEPS} sampling steps.", "",
+             f"--num-samples {args.num_samples} --rows {args.rows}`). Accuracy: all attributes (as `genart eval` "
+             f"reports it: the mean over the five attributes); by attribute at {BY_ATTRIBUTE_STEPS} sampling steps.", "",
              "| process + backbone | sampler | training | " + " | ".join(f"{s} steps: accuracy / FID" for s in SAMPLE_STEPS)
              + " | " + " / ".join(ATTRIBUTES) + " |",
              "|---|---|---|" + "---|" * (len(SAMPLE_STEPS) + 1)]
