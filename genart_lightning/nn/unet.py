@@ -222,8 +222,9 @@ class UNetBackbone(Backbone):
             dropout: dropout inside the residual blocks; for small datasets, where the model starts to
                 memorise.
             coordinates: give the first conv each pixel's column and row (-1 to 1 across the picture, whatever
-                its size) as two more input channels, so prompts that name a place ("on the left") can be
-                followed from the start; without them the convs learn where they are only from the borders.
+                its size) as two more input channels; without them the convs learn where they are only from the
+                borders, so a place a prompt names ("on the left") is learned later (32px shapes, 1,000 steps:
+                position 0.58 with, 0.20 without; 1.00 either way at 3,000: benchmarks/QUALITY.md).
         """
         self.base_channels, self.channel_mult, self.num_res_blocks = base_channels, list(channel_mult), num_res_blocks
         self.attention_levels, self.head_channels = list(attention_levels), head_channels
