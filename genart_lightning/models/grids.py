@@ -17,6 +17,8 @@ VIEW_WIDTH = 512
 PADDING = 2
 CAPTION_FONT_SIZE = 12
 MIN_CAPTION_FONT_SIZE = 8
+CAPTION_INSET = 6
+"""Pixels of a column that caption text leaves free (4 before it, 2 after), so neighbouring captions never touch."""
 
 
 def images_to_grid(images: Tensor, nrow: int | None = None, captions: list[str] | None = None) -> Tensor:
@@ -39,7 +41,7 @@ def captioned(grid: Tensor, cell: tuple[int, int], nrow: int, captions: list[str
     rows = [captions[i:i + nrow] for i in range(0, len(captions), nrow)]
     per_column = all(row == rows[0] for row in rows[:-1]) and rows[-1] == rows[0][:len(rows[-1])]
     pitch_y, pitch_x = (cell[0] + PADDING) * factor, (cell[1] + PADDING) * factor
-    font = caption_font(captions, pitch_x - 6)
+    font = caption_font(captions, pitch_x - CAPTION_INSET)
     pieces = []
     for index, row in enumerate(rows):
         last = index == len(rows) - 1
@@ -58,16 +60,16 @@ def caption_font(captions: list[str], width: int) -> ImageFont.ImageFont:
     """The default font at CAPTION_FONT_SIZE, or smaller (down to MIN_CAPTION_FONT_SIZE) until every word fits in
     `width` pixels: a word wider than its column ran into the next column's caption ("backgroundbackground")."""
     words = {word for caption in captions for word in caption.split()}
-    for size in range(CAPTION_FONT_SIZE, MIN_CAPTION_FONT_SIZE, -1):
+    for size in range(CAPTION_FONT_SIZE, MIN_CAPTION_FONT_SIZE - 1, -1):
         font = ImageFont.load_default(size=size)
         if all(font.getlength(word) <= width for word in words):
-            return font
-    return ImageFont.load_default(size=MIN_CAPTION_FONT_SIZE)
+            break
+    return font
 
 
 def caption_strip(captions: list[str], width: int, pitch: int, font: ImageFont.ImageFont) -> Image.Image:
     """A white strip with each caption word-wrapped in its column (`pitch` pixels apart), black text."""
-    wrapped = [wrap(caption, pitch - 6, font) for caption in captions]
+    wrapped = [wrap(caption, pitch - CAPTION_INSET, font) for caption in captions]
     line_height = round(font.size) + 3
     strip = Image.new("RGB", (width, max(len(lines) for lines in wrapped) * line_height + 6), "white")
     draw = ImageDraw.Draw(strip)
